@@ -1,0 +1,287 @@
+//! The admin commands: log in to the server and ask it things.
+//!
+//! An admin connection is a WebSocket like an agent's, opened with `admin_login` instead of
+//! `hello`. It never appears in the session table.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use changeover_protocol::{
+    ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, StatusReport,
+};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+use crate::agent::{next_message, send};
+use crate::dial::{AgentStream, Dialer};
+
+/// The environment variable admin commands read the password from.
+pub const ADMIN_PASSWORD_ENV: &str = "CHANGEOVER_ADMIN_PASSWORD";
+
+/// How long an admin request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no admin password: set {ADMIN_PASSWORD_ENV} or pass --password-file")]
+    NoPassword,
+    #[error("cannot read the password file {path}: {source}")]
+    PasswordFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the server: {0:#}")]
+    Connect(anyhow::Error),
+    #[error("login refused: {message}")]
+    LoginRefused { message: String },
+    #[error("login refused: {message}")]
+    Throttled {
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
+    #[error("the server refused the request ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("the connection to the server failed: {reason}")]
+    ConnectionLost { reason: String },
+    #[error("the server did not answer within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("unexpected answer from the server: {0}")]
+    Unexpected(String),
+}
+
+/// Finds the admin password: `--password-file` first, then the environment.
+pub fn admin_password(password_file: Option<&Path>) -> Result<String, AdminError> {
+    if let Some(path) = password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| AdminError::PasswordFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    std::env::var(ADMIN_PASSWORD_ENV)
+        .ok()
+        .filter(|password| !password.is_empty())
+        .ok_or(AdminError::NoPassword)
+}
+
+/// A logged-in admin connection.
+#[derive(Debug)]
+pub struct AdminSession {
+    ws: WebSocketStream<AgentStream>,
+    pub server_version: String,
+}
+
+impl AdminSession {
+    /// Connects and logs in.
+    pub async fn login(dialer: &Dialer, password: String) -> Result<AdminSession, AdminError> {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(64 * 1024)
+            .max_message_size(Some(changeover_protocol::MAX_STATUS_MESSAGE_BYTES))
+            .max_frame_size(Some(changeover_protocol::MAX_STATUS_MESSAGE_BYTES));
+        let mut ws = dialer.connect(config).await.map_err(AdminError::Connect)?;
+        let login = ClientMessage::AdminLogin {
+            protocol_version: PROTOCOL_VERSION,
+            password,
+        };
+        send(&mut ws, &login)
+            .await
+            .map_err(|err| AdminError::ConnectionLost {
+                reason: format!("{err:#}"),
+            })?;
+        match request_answer(&mut ws).await? {
+            ServerMessage::AdminWelcome { server_version, .. } => {
+                Ok(AdminSession { ws, server_version })
+            }
+            ServerMessage::Error {
+                code: ErrorCode::Throttled,
+                message,
+                retry_after_secs,
+                ..
+            } => Err(AdminError::Throttled {
+                message,
+                retry_after_secs,
+            }),
+            ServerMessage::Error {
+                code: ErrorCode::Unauthorized,
+                message,
+                ..
+            } => Err(AdminError::LoginRefused { message }),
+            ServerMessage::Error { code, message, .. } => {
+                Err(AdminError::Refused { code, message })
+            }
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Asks for the server's status.
+    pub async fn status(&mut self) -> Result<StatusReport, AdminError> {
+        send(&mut self.ws, &ClientMessage::StatusRequest)
+            .await
+            .map_err(|err| AdminError::ConnectionLost {
+                reason: format!("{err:#}"),
+            })?;
+        match request_answer(&mut self.ws).await? {
+            ServerMessage::Status(report) => Ok(report),
+            ServerMessage::Error { code, message, .. } => {
+                Err(AdminError::Refused { code, message })
+            }
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Ends the connection politely.
+    pub async fn close(mut self) {
+        let frame = CloseFrame {
+            code: WsCloseCode::Normal,
+            reason: "admin command done".into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(Some(frame))).await;
+    }
+}
+
+async fn request_answer(
+    ws: &mut WebSocketStream<AgentStream>,
+) -> Result<ServerMessage, AdminError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next_message(ws)).await {
+        Err(_elapsed) => Err(AdminError::Timeout),
+        Ok(Err(reason)) => Err(AdminError::ConnectionLost { reason }),
+        Ok(Ok(message)) => Ok(message),
+    }
+}
+
+/// `admin status`: one JSON document, or a table for people.
+pub async fn status_command(dialer: &Dialer, password: String, json: bool) -> anyhow::Result<()> {
+    let mut session = AdminSession::login(dialer, password).await?;
+    let report = session.status().await?;
+    session.close().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("cannot print the status")?
+        );
+    } else {
+        print!("{}", render_status(&report, SystemTime::now()));
+    }
+    Ok(())
+}
+
+/// The status as a human reads it.
+pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
+    let mut out = String::new();
+    let available = report
+        .available_version
+        .as_deref()
+        .unwrap_or("none newer than installed");
+    out.push_str(&format!("server version     {}\n", report.server_version));
+    out.push_str(&format!("available release  {available}\n"));
+    out.push_str(&format!("changeover phase   {}\n", report.phase));
+    out.push_str(&format!("sessions           {}\n", report.sessions.len()));
+    if report.sessions.is_empty() {
+        return out;
+    }
+    let header = [
+        "USER",
+        "HOST",
+        "AGENT",
+        "PLATFORM",
+        "ADDRESS",
+        "CONNECTED SINCE",
+    ];
+    let rows: Vec<[String; 6]> = report
+        .sessions
+        .iter()
+        .map(|session| {
+            let age = now
+                .duration_since(session.connected_since)
+                .unwrap_or_default();
+            [
+                session.user.clone(),
+                session.host.clone(),
+                session.agent_version.clone(),
+                session.platform.clone(),
+                session.address.clone(),
+                format!(
+                    "{} ({} ago)",
+                    humantime::format_rfc3339_seconds(session.connected_since),
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                ),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    out.push('\n');
+    let mut push_row = |cells: &[&str]| {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    };
+    push_row(&header);
+    for row in &rows {
+        push_row(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use changeover_protocol::{ChangeoverPhase, SessionView};
+
+    #[test]
+    fn the_table_lists_every_session_aligned() {
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let session = |user: &str, host: &str| SessionView {
+            session_id: 1,
+            agent_id: "id".to_owned(),
+            user: user.to_owned(),
+            host: host.to_owned(),
+            platform: "linux-x86_64".to_owned(),
+            agent_version: "1.2.0".to_owned(),
+            protocol_version: 1,
+            address: "10.0.0.7:50000".to_owned(),
+            connected_since: since,
+        };
+        let report = StatusReport {
+            server_version: "1.2.0".to_owned(),
+            available_version: None,
+            phase: ChangeoverPhase::Idle,
+            sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
+        };
+        let text = render_status(&report, since + Duration::from_secs(125));
+        assert!(text.contains("changeover phase   idle"), "{text}");
+        assert!(text.contains("sessions           2"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("USER")).unwrap();
+        assert!(
+            lines[header + 1].starts_with("alice  ws-1            1.2.0"),
+            "{text}"
+        );
+        assert!(lines[header + 2].contains("(2m 5s ago)"), "{text}");
+    }
+
+    #[test]
+    fn the_password_file_wins_and_loses_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(admin_password(Some(&file)).unwrap(), "s3cret");
+        let missing = admin_password(Some(&dir.path().join("nope"))).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("cannot read the password file")
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The background agent: stays connected to the server, whatever happens to the network
+//! or the server.
+//!
+//! One loop: connect, say hello, wait for the welcome, then listen until the connection
+//! ends; back off with full jitter and do it again, forever. Every state change is logged
+//! at info, so the user (or support) can read from the log what the agent went through.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use changeover_protocol::{ClientMessage, CloseCode, ErrorCode, ServerMessage};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
+use crate::dial::{AgentStream, Dialer};
+use crate::identity::Identity;
+
+/// How long to wait for the welcome after sending the hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Extra patience on top of two heartbeat intervals before the server counts as silent.
+const SILENCE_SLACK: Duration = Duration::from_secs(5);
+
+/// What `changeover-agent run` was given.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub server_url: String,
+    pub user: Option<String>,
+    pub state_dir: PathBuf,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let identity = Identity::load_or_create(&options.state_dir, options.user.clone())?;
+    let dialer = Dialer::new(&options.server_url, options.ca_file.as_deref())?;
+    info!(
+        server = %dialer.url(),
+        agent_id = %identity.agent_id,
+        user = %identity.user,
+        version = %identity.agent_version,
+        "agent starting"
+    );
+    let mut backoff = Backoff::new(BASE_DELAY, MAX_DELAY);
+    loop {
+        info!(server = %dialer.url(), "connecting");
+        let ending = tokio::select! {
+            ending = session(&dialer, &identity, &shutdown) => ending,
+            () = shutdown.cancelled() => SessionEnd::Stopped,
+        };
+        match ending {
+            SessionEnd::Stopped => {
+                info!("agent stopped");
+                return Ok(());
+            }
+            SessionEnd::ConnectFailed(err) => {
+                warn!(cause = %format!("{err:#}"), "cannot reach the server");
+            }
+            SessionEnd::Lost { reason } => {
+                // It worked until now: the next retry may be quick again.
+                backoff.reset();
+                info!(%reason, "disconnected");
+            }
+            SessionEnd::Refused { code, message } => {
+                error!(?code, %message, "the server refused this agent");
+                if code == ErrorCode::UnsupportedProtocol {
+                    backoff.give_up_quick_retries();
+                }
+            }
+        }
+        let delay = backoff.next_delay();
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after a pause"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => {
+                info!("agent stopped");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// How one connection ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The agent was asked to stop.
+    Stopped,
+    /// No session came about: network, TLS or handshake failure.
+    ConnectFailed(anyhow::Error),
+    /// The session was up and then ended.
+    Lost { reason: String },
+    /// The server refused the hello.
+    Refused { code: ErrorCode, message: String },
+}
+
+/// The agent's WebSocket settings: small buffers, the protocol's size limits.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
+}
+
+async fn session(dialer: &Dialer, identity: &Identity, shutdown: &CancellationToken) -> SessionEnd {
+    let mut ws = match dialer.connect(websocket_config()).await {
+        Ok(ws) => ws,
+        Err(err) => return SessionEnd::ConnectFailed(err),
+    };
+    let hello = ClientMessage::Hello(identity.hello());
+    if let Err(err) = send(&mut ws, &hello).await {
+        return SessionEnd::ConnectFailed(err);
+    }
+    let heartbeat = match tokio::time::timeout(WELCOME_TIMEOUT, next_message(&mut ws)).await {
+        Err(_elapsed) => {
+            return SessionEnd::ConnectFailed(anyhow::anyhow!(
+                "no welcome within {} s of the hello",
+                WELCOME_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(Err(reason)) => return SessionEnd::ConnectFailed(anyhow::anyhow!(reason)),
+        Ok(Ok(ServerMessage::Welcome {
+            session_id,
+            server_version,
+            heartbeat_secs,
+            protocol_version,
+        })) => {
+            info!(session_id, %server_version, protocol_version, "connected");
+            Duration::from_secs(heartbeat_secs.max(1))
+        }
+        Ok(Ok(ServerMessage::Error { code, message, .. })) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            return SessionEnd::Refused { code, message };
+        }
+        Ok(Ok(other)) => {
+            return SessionEnd::ConnectFailed(anyhow::anyhow!(
+                "the server answered the hello with {other:?}"
+            ));
+        }
+    };
+
+    // The server pings every heartbeat; two intervals of silence mean it is gone even if
+    // the TCP connection never says so (a pulled cable, a dead NAT entry).
+    let silence_limit = heartbeat * 2 + SILENCE_SLACK;
+    let mut silent_since = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let frame = CloseFrame { code: WsCloseCode::Normal, reason: "agent stopping".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                return SessionEnd::Stopped;
+            }
+            () = tokio::time::sleep_until(silent_since + silence_limit) => {
+                return SessionEnd::Lost {
+                    reason: format!("nothing heard from the server for {} s", silence_limit.as_secs()),
+                };
+            }
+            frame = ws.next() => {
+                silent_since = Instant::now();
+                match frame {
+                    None => return SessionEnd::Lost { reason: "connection closed".to_owned() },
+                    Some(Err(err)) => return SessionEnd::Lost { reason: err.to_string() },
+                    Some(Ok(Message::Close(frame))) => {
+                        return SessionEnd::Lost { reason: describe_close(frame.as_ref()) };
+                    }
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text) {
+                        Ok(ServerMessage::Error { code, message, .. }) => {
+                            warn!(?code, %message, "the server reported an error");
+                        }
+                        Ok(other) => debug!(message = ?other, "message not handled in this state"),
+                        Err(err) => warn!(cause = %err, "unreadable message from the server"),
+                    },
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Reads the next protocol message, skipping control frames.
+pub(crate) async fn next_message(
+    ws: &mut WebSocketStream<AgentStream>,
+) -> Result<ServerMessage, String> {
+    loop {
+        match ws.next().await {
+            None => return Err("the server closed the connection".to_owned()),
+            Some(Err(err)) => return Err(format!("connection failed: {err}")),
+            Some(Ok(Message::Text(text))) => {
+                return serde_json::from_str(&text)
+                    .map_err(|err| format!("unreadable message from the server: {err}"));
+            }
+            Some(Ok(Message::Close(frame))) => return Err(describe_close(frame.as_ref())),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+pub(crate) async fn send(
+    ws: &mut WebSocketStream<AgentStream>,
+    message: &ClientMessage,
+) -> anyhow::Result<()> {
+    let text = serde_json::to_string(message)?;
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+/// A close frame in words: our name for the code, and the server's reason.
+pub(crate) fn describe_close(frame: Option<&CloseFrame>) -> String {
+    match frame {
+        None => "the server closed the connection".to_owned(),
+        Some(frame) => {
+            let number = u16::from(frame.code);
+            let code = CloseCode::from_code(number)
+                .map(|code| code.to_string())
+                .unwrap_or_else(|| number.to_string());
+            format!(
+                "the server closed the connection: {code}: {}",
+                frame.reason.as_str()
+            )
+        }
+    }
+}

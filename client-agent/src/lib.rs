@@ -1,0 +1,12 @@
+//! The changeover agent: the background process on each workstation that keeps a session
+//! with the server, and the admin commands that talk to the server on an admin's behalf.
+//!
+//! `main.rs` only parses the command line; [`agent::run`] is the background agent and
+//! [`admin`] the admin commands.
+
+pub mod admin;
+pub mod agent;
+pub mod backoff;
+pub mod dial;
+pub mod identity;
+pub mod version;

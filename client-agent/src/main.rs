@@ -1,0 +1,168 @@
+//! `changeover-agent`: parses the command line, sets up logging, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use changeover_agent::{admin, agent, dial::Dialer};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+/// The workstation agent of a changeover server, and the admin commands.
+#[derive(Debug, Parser)]
+#[command(name = "changeover-agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr; RUST_LOG filters (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the background agent: stay connected to the server, reconnecting forever.
+    Run(RunArgs),
+    /// Admin commands (need the admin password).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The server, ws://host:port or wss://host:port.
+    #[arg(long)]
+    server: String,
+    /// The user name shown to the admin [default: the login name].
+    #[arg(long)]
+    user: Option<String>,
+    /// Where the agent keeps its id [default: the user's state folder].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for wss:// besides the public ones.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Show the server's version, changeover phase and connected sessions.
+    Status {
+        #[command(flatten)]
+        connection: AdminConnectionArgs,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AdminConnectionArgs {
+    /// The server, ws://host:port or wss://host:port.
+    #[arg(long)]
+    server: String,
+    /// Read the admin password from this file [default: $CHANGEOVER_ADMIN_PASSWORD].
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for wss:// besides the public ones.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    // The version is the installed release's, known only at run time.
+    let version: &'static str =
+        Box::leak(changeover_agent::version::running_version().into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    init_logging(cli.log_format, matches!(cli.command, Command::Admin(_)));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            let state_dir = match args.state_dir {
+                Some(dir) => dir,
+                None => default_state_dir()?,
+            };
+            let options = agent::AgentOptions {
+                server_url: args.server,
+                user: args.user,
+                state_dir,
+                ca_file: args.ca_file,
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            agent::run(options, shutdown).await
+        }
+        Command::Admin(AdminCommand::Status { connection, json }) => {
+            let password = admin::admin_password(connection.password_file.as_deref())?;
+            let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
+            admin::status_command(&dialer, password, json).await
+        }
+    }
+}
+
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    dirs::state_dir()
+        .or_else(dirs::data_local_dir)
+        .map(|dir| dir.join("changeover-agent"))
+        .ok_or_else(|| anyhow::anyhow!("no state folder known for this user; pass --state-dir"))
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    shutdown.cancel();
+}
+
+// Admin commands print results on stdout; their log stays quiet unless RUST_LOG asks.
+fn init_logging(format: LogFormat, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

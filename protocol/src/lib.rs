@@ -1,0 +1,27 @@
+//! What travels between a changeover server and its agents.
+//!
+//! This crate is the only place that defines bytes on the wire: the WebSocket messages
+//! ([`messages`]), the close codes a side ends a connection with ([`close`]) and the rule
+//! for which protocol versions can talk to each other ([`version`]). Both the server and the
+//! agent depend on it; it depends on neither, and it does no I/O.
+
+pub mod close;
+pub mod messages;
+pub mod version;
+
+pub use close::CloseCode;
+pub use messages::{
+    AgentHello, ChangeoverPhase, ClientMessage, DecodeError, ErrorCode, ServerMessage, SessionView,
+    StatusReport,
+};
+pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// The largest WebSocket message either side accepts, in bytes.
+///
+/// Every message of protocol 1 fits in a few hundred bytes; a status report with
+/// thousands of sessions is the exception, which is why only the agent side (which
+/// receives status reports) raises its own limit, see [`MAX_STATUS_MESSAGE_BYTES`].
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The largest message an admin client accepts: a status report listing every session.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

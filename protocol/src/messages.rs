@@ -1,0 +1,303 @@
+//! The messages of protocol version 1, both ways.
+//!
+//! Every message is one JSON object in one WebSocket text frame, with a `type` field naming
+//! it. [`ClientMessage`] is what agents and admin clients send, [`ServerMessage`] what the
+//! server sends. PROTOCOL.md shows each with an example; the `protocol_md` test keeps the
+//! two in step.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::version::ProtocolRange;
+
+/// A message from an agent or an admin client to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// The first message of an agent: who it is. Answered by [`ServerMessage::Welcome`].
+    Hello(AgentHello),
+    /// The first message of an admin client. Answered by [`ServerMessage::AdminWelcome`],
+    /// or by an error and a close when the password is wrong or the address is throttled.
+    AdminLogin {
+        protocol_version: u32,
+        password: String,
+    },
+    /// Admin only: asks for a [`ServerMessage::Status`].
+    StatusRequest,
+}
+
+/// What an agent says about itself when it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// The protocol version the agent speaks.
+    pub protocol_version: u32,
+    /// A stable id the agent keeps in its state folder, so a reconnect is recognised.
+    pub agent_id: String,
+    /// The user logged in at the workstation.
+    pub user: String,
+    /// The workstation's host name.
+    pub host: String,
+    /// Operating system and architecture, such as `linux-x86_64`.
+    pub platform: String,
+    /// The version of the agent release that is running.
+    pub agent_version: String,
+}
+
+/// A message from the server to an agent or an admin client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The answer to a hello: the session is registered.
+    Welcome {
+        /// The protocol version both sides speak from now on.
+        protocol_version: u32,
+        server_version: String,
+        /// The server's id for this session, unique while the server process runs.
+        session_id: u64,
+        /// The server pings this often; an agent that hears nothing for two intervals
+        /// treats the connection as dead and reconnects.
+        heartbeat_secs: u64,
+    },
+    /// The answer to a correct admin login.
+    AdminWelcome {
+        protocol_version: u32,
+        server_version: String,
+    },
+    /// The answer to a status request.
+    Status(StatusReport),
+    /// Something the peer sent was refused. Followed by a close unless stated otherwise.
+    Error {
+        code: ErrorCode,
+        /// A sentence for the human reading the agent's log.
+        message: String,
+        /// For [`ErrorCode::Throttled`]: seconds until a login is accepted again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
+        /// For [`ErrorCode::UnsupportedProtocol`]: the versions the server speaks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        supported_protocol: Option<ProtocolRange>,
+    },
+}
+
+impl ServerMessage {
+    /// An error without the optional details.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+        ServerMessage::Error {
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+            supported_protocol: None,
+        }
+    }
+}
+
+/// Why the server refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The text was not JSON, or not a message of this protocol.
+    MalformedMessage,
+    /// The JSON had a `type` this server does not know.
+    UnknownMessageType,
+    /// A known message at the wrong moment: a request before hello, a second hello.
+    UnexpectedMessage,
+    /// The protocol version is outside the range the server speaks.
+    UnsupportedProtocol,
+    /// A wrong admin password, or an admin request without an admin login.
+    Unauthorized,
+    /// Too many failed logins from this address within a minute.
+    Throttled,
+    /// A message above the size limit.
+    MessageTooLarge,
+    /// A binary frame; this protocol is JSON text only.
+    BinaryNotSupported,
+    /// The server holds as many sessions as it is configured for.
+    ServerFull,
+    /// The server could not do what was asked because of its own failure.
+    Internal,
+    /// A code this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+/// The server's state as an admin sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub server_version: String,
+    /// The newest release in the feed when it is newer than the installed one, else null.
+    pub available_version: Option<String>,
+    pub phase: ChangeoverPhase,
+    /// Every connected agent session, oldest first.
+    pub sessions: Vec<SessionView>,
+}
+
+/// Where the server is in a changeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeoverPhase {
+    /// No changeover is scheduled or running.
+    Idle,
+    /// A phase this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for ChangeoverPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChangeoverPhase::Idle => "idle",
+            ChangeoverPhase::Unknown => "unknown",
+        })
+    }
+}
+
+/// One connected agent, as listed in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub session_id: u64,
+    pub agent_id: String,
+    pub user: String,
+    pub host: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub protocol_version: u32,
+    /// The agent's address as the server sees it.
+    pub address: String,
+    /// When the session began, RFC 3339 in UTC.
+    #[serde(with = "rfc3339")]
+    pub connected_since: SystemTime,
+}
+
+/// Why a text frame could not be read as a [`ClientMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON object: {reason}")]
+    NotJson { reason: String },
+    #[error("unknown message type {message_type:?}")]
+    UnknownType { message_type: String },
+    #[error("invalid {message_type:?} message: {reason}")]
+    InvalidFields {
+        message_type: String,
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// The error code to answer this with.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            DecodeError::UnknownType { .. } => ErrorCode::UnknownMessageType,
+            DecodeError::NotJson { .. } | DecodeError::InvalidFields { .. } => {
+                ErrorCode::MalformedMessage
+            }
+        }
+    }
+}
+
+impl ClientMessage {
+    /// The message's `type` name, for logs.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientMessage::Hello(_) => "hello",
+            ClientMessage::AdminLogin { .. } => "admin_login",
+            ClientMessage::StatusRequest => "status_request",
+        }
+    }
+
+    /// Reads one text frame, telling apart broken JSON, an unknown type and bad fields.
+    pub fn decode(text: &str) -> Result<ClientMessage, DecodeError> {
+        match serde_json::from_str(text) {
+            Ok(message) => Ok(message),
+            Err(first_error) => Err(Self::classify(text, first_error)),
+        }
+    }
+
+    // Only on the error path: parse again loosely to say what exactly was wrong.
+    fn classify(text: &str, first_error: serde_json::Error) -> DecodeError {
+        #[derive(Deserialize)]
+        struct Envelope {
+            #[serde(rename = "type")]
+            message_type: String,
+        }
+        const KNOWN_TYPES: [&str; 3] = ["hello", "admin_login", "status_request"];
+
+        let value: serde_json::Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(err) => {
+                return DecodeError::NotJson {
+                    reason: err.to_string(),
+                };
+            }
+        };
+        match Envelope::deserialize(&value) {
+            Ok(envelope) if KNOWN_TYPES.contains(&envelope.message_type.as_str()) => {
+                DecodeError::InvalidFields {
+                    message_type: envelope.message_type,
+                    reason: first_error.to_string(),
+                }
+            }
+            Ok(envelope) => DecodeError::UnknownType {
+                message_type: envelope.message_type,
+            },
+            Err(_) => DecodeError::NotJson {
+                reason: "expected an object with a string field \"type\"".to_owned(),
+            },
+        }
+    }
+}
+
+/// Timestamps on the wire: RFC 3339, UTC, whole seconds.
+pub mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_seconds(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_tells_broken_json_from_unknown_types_and_bad_fields() {
+        assert!(matches!(
+            ClientMessage::decode("{not json"),
+            Err(DecodeError::NotJson { .. })
+        ));
+        assert!(matches!(
+            ClientMessage::decode("[1,2]"),
+            Err(DecodeError::NotJson { .. })
+        ));
+        assert_eq!(
+            ClientMessage::decode(r#"{"type":"launch_rockets"}"#),
+            Err(DecodeError::UnknownType {
+                message_type: "launch_rockets".to_owned()
+            })
+        );
+        let bad_fields = ClientMessage::decode(r#"{"type":"hello","user":"x"}"#).unwrap_err();
+        assert!(matches!(bad_fields, DecodeError::InvalidFields { .. }));
+        assert_eq!(bad_fields.error_code(), ErrorCode::MalformedMessage);
+        assert_eq!(
+            ClientMessage::decode(r#"{"type":"status_request"}"#),
+            Ok(ClientMessage::StatusRequest)
+        );
+    }
+
+    #[test]
+    fn unknown_codes_and_phases_from_a_newer_server_still_parse() {
+        let message: ServerMessage =
+            serde_json::from_str(r#"{"type":"error","code":"brand_new","message":"m"}"#).unwrap();
+        assert_eq!(message, ServerMessage::error(ErrorCode::Unknown, "m"));
+        let phase: ChangeoverPhase = serde_json::from_str(r#""warp_drive""#).unwrap();
+        assert_eq!(phase, ChangeoverPhase::Unknown);
+    }
+}

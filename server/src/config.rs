@@ -1,0 +1,243 @@
+//! The server's configuration file, `<root>/server/config/changeover.toml`.
+//!
+//! Every key is optional: a missing file is created from [`DEFAULT_CONFIG`] (which documents
+//! each key), and a file holding only some keys takes the defaults for the rest. Keys this
+//! build does not know are reported as warnings, not errors, so a config written for a newer
+//! release still starts an older one (which a rollback needs).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// The file written when none exists. Keep it in step with the `Default` impls below;
+/// the `default_file_matches_defaults` test checks that.
+pub const DEFAULT_CONFIG: &str = r#"# Changeover server configuration.
+# Every key is optional; a key left out takes the default shown here.
+
+[server]
+# Address to listen on when `run` is given no --listen.
+listen = "127.0.0.1:7600"
+# The server pings each agent this often (each connection at its own random phase);
+# an agent silent for two intervals is dropped from the session table.
+heartbeat_secs = 25
+# A connection must finish its TLS and WebSocket handshake and send its hello within this time.
+handshake_timeout_secs = 10
+# Handshakes in progress at once; further connections wait in the listen backlog.
+max_concurrent_handshakes = 1024
+# Length of the kernel's listen backlog (capped by net.core.somaxconn).
+listen_backlog = 4096
+# Agent sessions held at once; further agents are refused with "server full".
+max_sessions = 100000
+# Seconds a write to one agent may take before it is dropped as a slow consumer.
+write_timeout_secs = 10
+
+[tls]
+# Serve wss:// with this certificate chain and private key (PEM). Relative paths are
+# relative to the install folder, so certificates in certs/ move with each changeover.
+# cert = "certs/server.crt"
+# key = "certs/server.key"
+"#;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+}
+
+/// `[server]`: listening and connection handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerSection {
+    pub listen: SocketAddr,
+    pub heartbeat_secs: u64,
+    pub handshake_timeout_secs: u64,
+    pub max_concurrent_handshakes: usize,
+    pub listen_backlog: u32,
+    pub max_sessions: usize,
+    pub write_timeout_secs: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7600)),
+            heartbeat_secs: 25,
+            handshake_timeout_secs: 10,
+            max_concurrent_handshakes: 1024,
+            listen_backlog: 4096,
+            max_sessions: 100_000,
+            write_timeout_secs: 10,
+        }
+    }
+}
+
+impl ServerSection {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
+}
+
+/// `[tls]`: both keys set means wss://.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A loaded config and what was odd about it.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// Keys this build ignored, as dotted paths (`mail.smtp_url`).
+    pub unknown_keys: Vec<String>,
+    /// Whether the file was missing and has just been written with the defaults.
+    pub created: bool,
+}
+
+impl Config {
+    /// Reads the config file, creating it with the documented defaults if missing.
+    pub fn load_or_create(path: &Path) -> anyhow::Result<LoadedConfig> {
+        let created = match std::fs::metadata(path) {
+            Ok(_) => false,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                write_default(path)?;
+                true
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot read {}", path.display()));
+            }
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (config, unknown_keys) =
+            Config::parse(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(LoadedConfig {
+            config,
+            unknown_keys,
+            created,
+        })
+    }
+
+    /// Parses config text, collecting the keys it ignored.
+    pub fn parse(text: &str) -> anyhow::Result<(Config, Vec<String>)> {
+        let deserializer = toml::Deserializer::parse(text)?;
+        let mut unknown_keys = Vec::new();
+        let config = serde_ignored::deserialize(deserializer, |path| {
+            unknown_keys.push(path.to_string());
+        })?;
+        Ok((config, unknown_keys))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let server = &self.server;
+        anyhow::ensure!(
+            server.heartbeat_secs >= 1,
+            "server.heartbeat_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            server.handshake_timeout_secs >= 1,
+            "server.handshake_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            server.max_concurrent_handshakes >= 1,
+            "server.max_concurrent_handshakes must be at least 1"
+        );
+        anyhow::ensure!(
+            server.max_sessions >= 1,
+            "server.max_sessions must be at least 1"
+        );
+        anyhow::ensure!(
+            server.write_timeout_secs >= 1,
+            "server.write_timeout_secs must be at least 1"
+        );
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), Some(_)) | (None, None) => Ok(()),
+            _ => anyhow::bail!("tls.cert and tls.key must be given together"),
+        }
+    }
+}
+
+// Written beside the target and renamed, so a crash never leaves half a config.
+fn write_default(path: &Path) -> anyhow::Result<()> {
+    let dir = path.parent().context("config path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let temporary = path.with_extension("toml.tmp");
+    std::fs::write(&temporary, DEFAULT_CONFIG)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_defaults() {
+        let (parsed, unknown) = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let defaults = ServerSection::default();
+        assert_eq!(parsed.server.listen, defaults.listen);
+        assert_eq!(parsed.server.heartbeat_secs, defaults.heartbeat_secs);
+        assert_eq!(
+            parsed.server.handshake_timeout_secs,
+            defaults.handshake_timeout_secs
+        );
+        assert_eq!(
+            parsed.server.max_concurrent_handshakes,
+            defaults.max_concurrent_handshakes
+        );
+        assert_eq!(parsed.server.listen_backlog, defaults.listen_backlog);
+        assert_eq!(parsed.server.max_sessions, defaults.max_sessions);
+        assert_eq!(
+            parsed.server.write_timeout_secs,
+            defaults.write_timeout_secs
+        );
+        assert!(parsed.tls.cert.is_none() && parsed.tls.key.is_none());
+    }
+
+    #[test]
+    fn partial_file_takes_defaults_and_reports_unknown_keys() {
+        let text = "[server]\nheartbeat_secs = 3\n[mail]\nsmtp_url = \"smtp://x\"\n";
+        let (config, unknown) = Config::parse(text).unwrap();
+        assert_eq!(config.server.heartbeat_secs, 3);
+        assert_eq!(config.server.max_sessions, 100_000);
+        assert_eq!(unknown, vec!["mail".to_owned()]);
+    }
+
+    #[test]
+    fn half_a_tls_pair_is_refused() {
+        let (config, _) = Config::parse("[tls]\ncert = \"certs/a.crt\"\n").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("together"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_created_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config/changeover.toml");
+        let first = Config::load_or_create(&path).unwrap();
+        assert!(first.created);
+        let second = Config::load_or_create(&path).unwrap();
+        assert!(!second.created);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), DEFAULT_CONFIG);
+    }
+}

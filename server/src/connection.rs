@@ -1,0 +1,558 @@
+//! One task per connection: the hello, then an agent session or an admin session.
+//!
+//! The task reads the peer, writes what the hub broadcasts, and pings on its own heartbeat
+//! phase, all from one `select!` loop over a single WebSocket, so an idle connection costs
+//! one task, one socket and the WebSocket's small buffers. Anything the peer gets wrong is
+//! answered with an `error` message naming the problem and a close code, logged once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use changeover_protocol::version::ProtocolRange;
+use changeover_protocol::{
+    AgentHello, ChangeoverPhase, ClientMessage, CloseCode, ErrorCode, ServerMessage, StatusReport,
+};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rand::RngExt as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::auth::{AdminAuth, LoginOutcome};
+use crate::hub::{HubHandle, Kick, RegisterError, encode};
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct ConnectionContext {
+    pub hub: HubHandle,
+    pub auth: AdminAuth,
+    pub server_version: String,
+    /// How often to ping; two silent intervals end the connection.
+    pub heartbeat: Duration,
+    /// Time from TCP accept to the peer's first message.
+    pub hello_timeout: Duration,
+    /// A single write may take this long before the peer counts as not reading.
+    pub write_timeout: Duration,
+    /// Cancelled once on SIGTERM/SIGINT: every connection closes with "going away".
+    pub shutdown: CancellationToken,
+}
+
+/// How a connection ended, for the log.
+#[derive(Debug)]
+enum Ending {
+    /// We sent a close frame with this code and reason.
+    Closed(CloseCode, String),
+    /// The peer closed or the socket failed.
+    PeerGone(String),
+}
+
+/// Serves one upgraded WebSocket until it ends. `hello_deadline` is when the peer's
+/// first message must have arrived.
+pub async fn serve<S>(
+    mut ws: WebSocketStream<S>,
+    peer: SocketAddr,
+    hello_deadline: Instant,
+    context: Arc<ConnectionContext>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let first = tokio::select! {
+        () = context.shutdown.cancelled() => None,
+        first = tokio::time::timeout_at(hello_deadline, next_data(&mut ws)) => Some(first),
+    };
+    let ending = match first {
+        None => {
+            close(
+                &mut ws,
+                CloseCode::GoingAway,
+                "server shutting down",
+                &context,
+            )
+            .await
+        }
+        Some(Err(_elapsed)) => {
+            let reason = format!(
+                "no hello within {} s of connecting",
+                context.hello_timeout.as_secs()
+            );
+            close(&mut ws, CloseCode::HelloTimeout, &reason, &context).await
+        }
+        Some(Ok(Incoming::Gone(reason))) => Ending::PeerGone(reason),
+        Some(Ok(Incoming::Refused(refusal))) => refuse(&mut ws, refusal, &context).await,
+        Some(Ok(Incoming::Message(ClientMessage::Hello(hello)))) => {
+            agent_session(&mut ws, peer, hello, &context).await
+        }
+        Some(Ok(Incoming::Message(ClientMessage::AdminLogin {
+            protocol_version,
+            password,
+        }))) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
+        Some(Ok(Incoming::Message(ClientMessage::StatusRequest))) => {
+            let refusal = Refusal::unauthorized("status_request needs an admin login first");
+            refuse(&mut ws, refusal, &context).await
+        }
+    };
+    match ending {
+        Ending::Closed(code, reason) if is_peer_fault(code) => {
+            warn!(%peer, close_code = code.code(), %reason, "connection refused");
+        }
+        Ending::Closed(code, reason) => {
+            debug!(%peer, close_code = code.code(), %reason, "connection closed");
+        }
+        Ending::PeerGone(reason) => debug!(%peer, %reason, "connection ended by peer"),
+    }
+}
+
+fn is_peer_fault(code: CloseCode) -> bool {
+    !matches!(
+        code,
+        CloseCode::Normal | CloseCode::GoingAway | CloseCode::Replaced
+    )
+}
+
+async fn agent_session<S>(
+    ws: &mut WebSocketStream<S>,
+    peer: SocketAddr,
+    hello: AgentHello,
+    context: &ConnectionContext,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(protocol_version) = ProtocolRange::SUPPORTED.negotiate(hello.protocol_version) else {
+        return refuse(
+            ws,
+            Refusal::unsupported_protocol(hello.protocol_version),
+            context,
+        )
+        .await;
+    };
+    // Subscribe before registering so nothing broadcast after registration is missed.
+    let mut broadcasts = context.hub.subscribe();
+    let user = hello.user.clone();
+    let agent_version = hello.agent_version.clone();
+    let registration = match context.hub.register(hello, peer).await {
+        Ok(registration) => registration,
+        Err(err @ RegisterError::ServerFull { .. }) => {
+            let refusal = Refusal::new(
+                ErrorCode::ServerFull,
+                CloseCode::ServerFull,
+                err.to_string(),
+            );
+            return refuse(ws, refusal, context).await;
+        }
+        Err(RegisterError::HubStopped) => {
+            return close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+        }
+    };
+    let session_id = registration.session_id;
+    let mut kick = registration.kick;
+    info!(%peer, session_id, %user, %agent_version, "agent connected");
+
+    let welcome = ServerMessage::Welcome {
+        protocol_version,
+        server_version: context.server_version.clone(),
+        session_id,
+        heartbeat_secs: context.heartbeat.as_secs(),
+    };
+    let mut heartbeat = Heartbeat::start(context.heartbeat);
+    let ending = match send(ws, &welcome, context).await {
+        Err(ending) => ending,
+        Ok(()) => loop {
+            tokio::select! {
+                () = context.shutdown.cancelled() => {
+                    break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+                }
+                kicked = &mut kick => {
+                    break match kicked {
+                        Ok(Kick::Replaced) => {
+                            close(ws, CloseCode::Replaced, "the agent connected again", context).await
+                        }
+                        Err(_) => close(ws, CloseCode::GoingAway, "server shutting down", context).await,
+                    };
+                }
+                broadcast = broadcasts.recv() => match broadcast {
+                    Ok(bytes) => {
+                        if let Err(ending) = send_frame(ws, Message::Text(bytes), context).await {
+                            break ending;
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        let reason = format!("fell {missed} messages behind");
+                        break close(ws, CloseCode::SlowConsumer, &reason, context).await;
+                    }
+                    Err(RecvError::Closed) => {
+                        break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+                    }
+                },
+                () = heartbeat.tick() => {
+                    if let Err(ending) = heartbeat.ping_or_give_up(ws, context).await {
+                        break ending;
+                    }
+                }
+                incoming = next_data(ws) => {
+                    heartbeat.heard();
+                    match incoming {
+                        Incoming::Gone(reason) => break Ending::PeerGone(reason),
+                        Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
+                        // Protocol 1 has nothing for an agent to send after its hello.
+                        Incoming::Message(ClientMessage::StatusRequest) => {
+                            let refusal = Refusal::unauthorized(
+                                "status_request is for admin logins, not agent sessions",
+                            );
+                            break refuse(ws, refusal, context).await;
+                        }
+                        Incoming::Message(other) => {
+                            break refuse(ws, Refusal::unexpected(other.type_name(), "after hello"), context).await;
+                        }
+                    }
+                }
+            }
+        },
+    };
+    context.hub.unregister(session_id).await;
+    info!(%peer, session_id, %user, "agent disconnected");
+    ending
+}
+
+async fn admin_session<S>(
+    ws: &mut WebSocketStream<S>,
+    peer: SocketAddr,
+    requested_protocol: u32,
+    password: String,
+    context: &ConnectionContext,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(protocol_version) = ProtocolRange::SUPPORTED.negotiate(requested_protocol) else {
+        return refuse(
+            ws,
+            Refusal::unsupported_protocol(requested_protocol),
+            context,
+        )
+        .await;
+    };
+    match context.auth.login(peer.ip(), password).await {
+        LoginOutcome::Accepted => info!(%peer, "admin logged in"),
+        LoginOutcome::WrongPassword => {
+            return refuse(ws, Refusal::unauthorized("wrong admin password"), context).await;
+        }
+        LoginOutcome::Throttled { retry_after } => {
+            let seconds = retry_after.as_secs().max(1);
+            let refusal = Refusal {
+                error: ServerMessage::Error {
+                    code: ErrorCode::Throttled,
+                    message: format!(
+                        "too many failed logins from {}; try again in {seconds} s",
+                        peer.ip()
+                    ),
+                    retry_after_secs: Some(seconds),
+                    supported_protocol: None,
+                },
+                close: CloseCode::Throttled,
+            };
+            return refuse(ws, refusal, context).await;
+        }
+    }
+    let welcome = ServerMessage::AdminWelcome {
+        protocol_version,
+        server_version: context.server_version.clone(),
+    };
+    if let Err(ending) = send(ws, &welcome, context).await {
+        return ending;
+    }
+    let mut heartbeat = Heartbeat::start(context.heartbeat);
+    loop {
+        tokio::select! {
+            () = context.shutdown.cancelled() => {
+                return close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+            }
+            () = heartbeat.tick() => {
+                if let Err(ending) = heartbeat.ping_or_give_up(ws, context).await {
+                    return ending;
+                }
+            }
+            incoming = next_data(ws) => {
+                heartbeat.heard();
+                match incoming {
+                    Incoming::Gone(reason) => return Ending::PeerGone(reason),
+                    Incoming::Refused(refusal) => return refuse(ws, refusal, context).await,
+                    Incoming::Message(ClientMessage::StatusRequest) => {
+                        let report = ServerMessage::Status(StatusReport {
+                            server_version: context.server_version.clone(),
+                            available_version: None,
+                            phase: ChangeoverPhase::Idle,
+                            sessions: context.hub.sessions().await,
+                        });
+                        if let Err(ending) = send(ws, &report, context).await {
+                            return ending;
+                        }
+                    }
+                    Incoming::Message(other) => {
+                        return refuse(ws, Refusal::unexpected(other.type_name(), "after admin_login"), context).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The server's pings, at a random phase per connection so that thousands of connections
+/// do not all wake in the same millisecond.
+#[derive(Debug)]
+struct Heartbeat {
+    interval: tokio::time::Interval,
+    last_heard: Instant,
+    period: Duration,
+}
+
+impl Heartbeat {
+    fn start(period: Duration) -> Heartbeat {
+        let phase = rand::rng().random_range(Duration::ZERO..period);
+        let mut interval = tokio::time::interval_at(Instant::now() + phase, period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Heartbeat {
+            interval,
+            last_heard: Instant::now(),
+            period,
+        }
+    }
+
+    async fn tick(&mut self) {
+        self.interval.tick().await;
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    async fn ping_or_give_up<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        context: &ConnectionContext,
+    ) -> Result<(), Ending>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let silent_for = self.last_heard.elapsed();
+        if silent_for >= self.period * 2 {
+            let reason = format!("nothing heard for {} s", silent_for.as_secs());
+            return Err(close(ws, CloseCode::HeartbeatTimeout, &reason, context).await);
+        }
+        send_frame(ws, Message::Ping(Default::default()), context).await
+    }
+}
+
+/// A refusal: the error message to send, then the close code.
+#[derive(Debug)]
+struct Refusal {
+    error: ServerMessage,
+    close: CloseCode,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, close: CloseCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            error: ServerMessage::error(code, message),
+            close,
+        }
+    }
+
+    fn unauthorized(message: &str) -> Refusal {
+        Refusal::new(ErrorCode::Unauthorized, CloseCode::Unauthorized, message)
+    }
+
+    fn unexpected(message_type: &str, when: &str) -> Refusal {
+        Refusal::new(
+            ErrorCode::UnexpectedMessage,
+            CloseCode::PolicyViolation,
+            format!("{message_type} is not expected {when}"),
+        )
+    }
+
+    fn unsupported_protocol(requested: u32) -> Refusal {
+        let supported = ProtocolRange::SUPPORTED;
+        Refusal {
+            error: ServerMessage::Error {
+                code: ErrorCode::UnsupportedProtocol,
+                message: format!(
+                    "this server speaks protocol {supported}, the peer speaks {requested}; \
+                     update the agent (or the server) so they overlap"
+                ),
+                retry_after_secs: None,
+                supported_protocol: Some(supported),
+            },
+            close: CloseCode::UnsupportedProtocol,
+        }
+    }
+}
+
+/// What the peer sent next, already judged.
+#[derive(Debug)]
+enum Incoming {
+    Message(ClientMessage),
+    Refused(Refusal),
+    Gone(String),
+}
+
+// Reads until a data message or the end. Pings are answered by tungstenite itself.
+async fn next_data<S>(ws: &mut WebSocketStream<S>) -> Incoming
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let Some(frame) = ws.next().await else {
+            return Incoming::Gone("connection closed".to_owned());
+        };
+        return match frame {
+            Ok(Message::Text(text)) => match ClientMessage::decode(&text) {
+                Ok(message) => Incoming::Message(message),
+                Err(err) => Incoming::Refused(Refusal::new(
+                    err.error_code(),
+                    CloseCode::InvalidPayload,
+                    err.to_string(),
+                )),
+            },
+            Ok(Message::Binary(_)) => Incoming::Refused(Refusal::new(
+                ErrorCode::BinaryNotSupported,
+                CloseCode::UnsupportedData,
+                "binary frames are not part of this protocol; send JSON text",
+            )),
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            Ok(Message::Close(frame)) => Incoming::Gone(match frame {
+                Some(frame) => format!(
+                    "peer closed with {} {:?}",
+                    u16::from(frame.code),
+                    frame.reason.as_str()
+                ),
+                None => "peer closed".to_owned(),
+            }),
+            Err(tungstenite::Error::Capacity(err)) => Incoming::Refused(Refusal::new(
+                ErrorCode::MessageTooLarge,
+                CloseCode::MessageTooBig,
+                format!(
+                    "{err}; the limit is {} bytes",
+                    changeover_protocol::MAX_MESSAGE_BYTES
+                ),
+            )),
+            Err(tungstenite::Error::Utf8(_)) => Incoming::Refused(Refusal::new(
+                ErrorCode::MalformedMessage,
+                CloseCode::InvalidPayload,
+                "a text frame that is not UTF-8",
+            )),
+            Err(tungstenite::Error::Protocol(err)) => Incoming::Refused(Refusal::new(
+                ErrorCode::MalformedMessage,
+                CloseCode::ProtocolError,
+                format!("WebSocket protocol violation: {err}"),
+            )),
+            Err(err) => Incoming::Gone(err.to_string()),
+        };
+    }
+}
+
+async fn refuse<S>(
+    ws: &mut WebSocketStream<S>,
+    refusal: Refusal,
+    context: &ConnectionContext,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let reason = match &refusal.error {
+        ServerMessage::Error { message, .. } => message.clone(),
+        _ => String::new(),
+    };
+    if let Err(ending) = send(ws, &refusal.error, context).await {
+        return ending;
+    }
+    close(ws, refusal.close, &reason, context).await
+}
+
+async fn send<S>(
+    ws: &mut WebSocketStream<S>,
+    message: &ServerMessage,
+    context: &ConnectionContext,
+) -> Result<(), Ending>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    send_frame(ws, Message::text(encode(message)), context).await
+}
+
+async fn send_frame<S>(
+    ws: &mut WebSocketStream<S>,
+    frame: Message,
+    context: &ConnectionContext,
+) -> Result<(), Ending>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match timeout(context.write_timeout, ws.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(Ending::PeerGone(format!("write failed: {err}"))),
+        Err(_elapsed) => Err(Ending::Closed(
+            CloseCode::SlowConsumer,
+            format!(
+                "a write took longer than {} s",
+                context.write_timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+// Sends the close frame and waits briefly for the peer's reply so the close is clean.
+async fn close<S>(
+    ws: &mut WebSocketStream<S>,
+    code: CloseCode,
+    reason: &str,
+    context: &ConnectionContext,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: WsCloseCode::from(code.code()),
+        reason: truncate_reason(reason).into(),
+    };
+    let closing = async {
+        ws.close(Some(frame)).await?;
+        while ws.next().await.transpose()?.is_some() {}
+        Ok::<_, tungstenite::Error>(())
+    };
+    let _ = timeout(context.write_timeout.min(Duration::from_secs(2)), closing).await;
+    Ending::Closed(code, reason.to_owned())
+}
+
+// A close reason must fit in 123 bytes; cut on a character boundary.
+fn truncate_reason(reason: &str) -> &str {
+    const MAX: usize = 123;
+    if reason.len() <= MAX {
+        return reason;
+    }
+    let mut end = MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_are_cut_to_the_frame_limit_on_a_char_boundary() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "ä".repeat(100);
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123);
+        assert!(long.starts_with(cut));
+    }
+}

@@ -1,0 +1,321 @@
+//! The hub: owns the session table and fans messages out to every connection.
+//!
+//! It is an actor: one task owns the table, and [`HubHandle`]s talk to it over a bounded
+//! channel, so no lock is ever held across an await and the table cannot be touched from
+//! two places at once. Broadcasts bypass the actor: a message is serialised once into
+//! shared bytes and put on a `tokio::sync::broadcast` ring that every connection reads
+//! from; a connection that falls a whole ring behind is disconnected as a slow consumer
+//! rather than buffered for.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use changeover_protocol::{AgentHello, ServerMessage, SessionView};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+// Commands waiting for the hub task; senders wait when it is full.
+const COMMAND_QUEUE: usize = 1024;
+
+/// Broadcast messages a connection may fall behind before it is dropped.
+pub const BROADCAST_RING: usize = 64;
+
+/// Why the hub asks a connection to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// The same agent connected again; the newer connection wins.
+    Replaced,
+}
+
+/// Why a session could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("the server holds its maximum of {max_sessions} sessions")]
+    ServerFull { max_sessions: usize },
+    #[error("the server is shutting down")]
+    HubStopped,
+}
+
+/// What a connection learns when its session is registered.
+#[derive(Debug)]
+pub struct Registration {
+    pub session_id: u64,
+    /// Resolves when the hub wants this connection closed.
+    pub kick: oneshot::Receiver<Kick>,
+}
+
+/// A cloneable handle to the hub task.
+#[derive(Debug, Clone)]
+pub struct HubHandle {
+    commands: mpsc::Sender<HubCommand>,
+    broadcast: broadcast::Sender<Utf8Bytes>,
+}
+
+#[derive(Debug)]
+enum HubCommand {
+    Register {
+        hello: AgentHello,
+        address: SocketAddr,
+        reply: oneshot::Sender<Result<Registration, RegisterError>>,
+    },
+    Unregister {
+        session_id: u64,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Vec<SessionView>>,
+    },
+}
+
+/// One connected agent as the hub keeps it.
+#[derive(Debug)]
+struct Session {
+    view: SessionView,
+    /// Dropping or firing this ends the connection's task.
+    kick: oneshot::Sender<Kick>,
+}
+
+/// The state owned by the hub task.
+#[derive(Debug)]
+struct Hub {
+    /// Every registered agent session, by session id.
+    sessions: HashMap<u64, Session>,
+    /// Agent id to session id, so a reconnecting agent replaces its stale session
+    /// instead of appearing twice.
+    by_agent: HashMap<String, u64>,
+    /// Ids only grow, so ordering by id is ordering by connection time.
+    next_session_id: u64,
+    max_sessions: usize,
+}
+
+impl HubHandle {
+    /// Starts the hub task. It ends when the last handle is dropped.
+    pub fn spawn(max_sessions: usize) -> HubHandle {
+        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        let (broadcast, _) = broadcast::channel(BROADCAST_RING);
+        let hub = Hub {
+            sessions: HashMap::new(),
+            by_agent: HashMap::new(),
+            next_session_id: 1,
+            max_sessions,
+        };
+        tokio::spawn(hub.run(receiver));
+        HubHandle {
+            commands,
+            broadcast,
+        }
+    }
+
+    /// Adds an agent session to the table.
+    pub async fn register(
+        &self,
+        hello: AgentHello,
+        address: SocketAddr,
+    ) -> Result<Registration, RegisterError> {
+        let (reply, response) = oneshot::channel();
+        let command = HubCommand::Register {
+            hello,
+            address,
+            reply,
+        };
+        if self.commands.send(command).await.is_err() {
+            return Err(RegisterError::HubStopped);
+        }
+        response.await.unwrap_or(Err(RegisterError::HubStopped))
+    }
+
+    /// Removes a session; a no-op if it was already replaced.
+    pub async fn unregister(&self, session_id: u64) {
+        // A stopped hub has no table left to clean.
+        let _ = self
+            .commands
+            .send(HubCommand::Unregister { session_id })
+            .await;
+    }
+
+    /// Every session, oldest first.
+    pub async fn sessions(&self) -> Vec<SessionView> {
+        let (reply, response) = oneshot::channel();
+        if self
+            .commands
+            .send(HubCommand::Snapshot { reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        response.await.unwrap_or_default()
+    }
+
+    /// A receiver of every broadcast from now on; connections take one before registering.
+    pub fn subscribe(&self) -> broadcast::Receiver<Utf8Bytes> {
+        self.broadcast.subscribe()
+    }
+
+    /// Sends `message` to every subscribed connection, serialised once. Returns how many
+    /// connections it was queued for.
+    pub fn broadcast(&self, message: &ServerMessage) -> usize {
+        let bytes = Utf8Bytes::from(encode(message));
+        self.broadcast.send(bytes).unwrap_or(0)
+    }
+}
+
+/// Serialises a server message. Serialising our own enum cannot fail.
+pub fn encode(message: &ServerMessage) -> String {
+    serde_json::to_string(message).unwrap_or_else(|err| {
+        tracing::error!(cause = %err, "cannot serialise a server message");
+        String::from(r#"{"type":"error","code":"internal","message":"serialisation failed"}"#)
+    })
+}
+
+impl Hub {
+    async fn run(mut self, mut commands: mpsc::Receiver<HubCommand>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                HubCommand::Register {
+                    hello,
+                    address,
+                    reply,
+                } => {
+                    let outcome = self.register(hello, address);
+                    // The connection may have gone away meanwhile; its unregister follows.
+                    let _ = reply.send(outcome);
+                }
+                HubCommand::Unregister { session_id } => self.unregister(session_id),
+                HubCommand::Snapshot { reply } => {
+                    let mut views: Vec<SessionView> = self
+                        .sessions
+                        .values()
+                        .map(|session| session.view.clone())
+                        .collect();
+                    views.sort_unstable_by_key(|view| view.session_id);
+                    let _ = reply.send(views);
+                }
+            }
+        }
+    }
+
+    fn register(
+        &mut self,
+        hello: AgentHello,
+        address: SocketAddr,
+    ) -> Result<Registration, RegisterError> {
+        let replaced = self
+            .by_agent
+            .get(&hello.agent_id)
+            .copied()
+            .and_then(|old_id| self.sessions.remove(&old_id));
+        if let Some(old) = replaced {
+            tracing::info!(
+                agent_id = %hello.agent_id,
+                old_session = old.view.session_id,
+                "agent reconnected; closing its previous connection"
+            );
+            let _ = old.kick.send(Kick::Replaced);
+        } else if self.sessions.len() >= self.max_sessions {
+            return Err(RegisterError::ServerFull {
+                max_sessions: self.max_sessions,
+            });
+        }
+        let session_id = self.next_session_id;
+        self.next_session_id += 1;
+        let (kick, kick_receiver) = oneshot::channel();
+        let view = SessionView {
+            session_id,
+            agent_id: hello.agent_id,
+            user: hello.user,
+            host: hello.host,
+            platform: hello.platform,
+            agent_version: hello.agent_version,
+            protocol_version: hello.protocol_version,
+            address: address.to_string(),
+            connected_since: SystemTime::now(),
+        };
+        self.by_agent.insert(view.agent_id.clone(), session_id);
+        self.sessions.insert(session_id, Session { view, kick });
+        Ok(Registration {
+            session_id,
+            kick: kick_receiver,
+        })
+    }
+
+    fn unregister(&mut self, session_id: u64) {
+        if let Some(session) = self.sessions.remove(&session_id)
+            && self.by_agent.get(&session.view.agent_id) == Some(&session_id)
+        {
+            self.by_agent.remove(&session.view.agent_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(agent_id: &str, user: &str) -> AgentHello {
+        AgentHello {
+            protocol_version: 1,
+            agent_id: agent_id.to_owned(),
+            user: user.to_owned(),
+            host: "ws1".to_owned(),
+            platform: "linux-x86_64".to_owned(),
+            agent_version: "1.0.0".to_owned(),
+        }
+    }
+
+    fn address() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 40000))
+    }
+
+    #[tokio::test]
+    async fn sessions_are_listed_oldest_first_and_leave_on_unregister() {
+        let hub = HubHandle::spawn(10);
+        let alice = hub.register(hello("a", "alice"), address()).await.unwrap();
+        let bob = hub.register(hello("b", "bob"), address()).await.unwrap();
+        let users: Vec<String> = hub.sessions().await.into_iter().map(|s| s.user).collect();
+        assert_eq!(users, ["alice", "bob"]);
+        hub.unregister(alice.session_id).await;
+        let left = hub.sessions().await;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].session_id, bob.session_id);
+    }
+
+    #[tokio::test]
+    async fn a_reconnecting_agent_replaces_its_stale_session() {
+        let hub = HubHandle::spawn(10);
+        let first = hub.register(hello("a", "alice"), address()).await.unwrap();
+        let second = hub.register(hello("a", "alice"), address()).await.unwrap();
+        assert_eq!(first.kick.await, Ok(Kick::Replaced));
+        // The stale connection's late unregister must not remove the new session.
+        hub.unregister(first.session_id).await;
+        let sessions = hub.sessions().await;
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].session_id, second.session_id);
+    }
+
+    #[tokio::test]
+    async fn a_full_table_refuses_new_agents_but_not_reconnects() {
+        let hub = HubHandle::spawn(1);
+        let _alice = hub.register(hello("a", "alice"), address()).await.unwrap();
+        let refused = hub
+            .register(hello("b", "bob"), address())
+            .await
+            .unwrap_err();
+        assert_eq!(refused, RegisterError::ServerFull { max_sessions: 1 });
+        assert!(hub.register(hello("a", "alice"), address()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_broadcast_is_serialised_once_and_shared() {
+        let hub = HubHandle::spawn(10);
+        let mut first = hub.subscribe();
+        let mut second = hub.subscribe();
+        let message = ServerMessage::error(changeover_protocol::ErrorCode::Internal, "x");
+        assert_eq!(hub.broadcast(&message), 2);
+        let a = first.recv().await.unwrap();
+        let b = second.recv().await.unwrap();
+        assert_eq!(a.as_str(), encode(&message));
+        // Both receivers hold the very same buffer, not copies.
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+    }
+}
