@@ -63,37 +63,35 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let first = tokio::select! {
-        () = context.shutdown.cancelled() => None,
-        first = tokio::time::timeout_at(hello_deadline, next_data(&mut ws)) => Some(first),
+    // Control frames before the first message do not extend the hello deadline.
+    let first = loop {
+        tokio::select! {
+            () = context.shutdown.cancelled() => {
+                break Err(close(&mut ws, CloseCode::GoingAway, "server shutting down", &context).await);
+            }
+            next = tokio::time::timeout_at(hello_deadline, next_data(&mut ws)) => match next {
+                Ok(Incoming::Alive) => continue,
+                Ok(Incoming::Message(message)) => break Ok(message),
+                Ok(Incoming::Gone(reason)) => break Err(Ending::PeerGone(reason)),
+                Ok(Incoming::Refused(refusal)) => break Err(refuse(&mut ws, refusal, &context).await),
+                Err(_elapsed) => {
+                    let reason = format!(
+                        "no hello within {} s of connecting",
+                        context.hello_timeout.as_secs()
+                    );
+                    break Err(close(&mut ws, CloseCode::HelloTimeout, &reason, &context).await);
+                }
+            },
+        }
     };
     let ending = match first {
-        None => {
-            close(
-                &mut ws,
-                CloseCode::GoingAway,
-                "server shutting down",
-                &context,
-            )
-            .await
-        }
-        Some(Err(_elapsed)) => {
-            let reason = format!(
-                "no hello within {} s of connecting",
-                context.hello_timeout.as_secs()
-            );
-            close(&mut ws, CloseCode::HelloTimeout, &reason, &context).await
-        }
-        Some(Ok(Incoming::Gone(reason))) => Ending::PeerGone(reason),
-        Some(Ok(Incoming::Refused(refusal))) => refuse(&mut ws, refusal, &context).await,
-        Some(Ok(Incoming::Message(ClientMessage::Hello(hello)))) => {
-            agent_session(&mut ws, peer, hello, &context).await
-        }
-        Some(Ok(Incoming::Message(ClientMessage::AdminLogin {
+        Err(ending) => ending,
+        Ok(ClientMessage::Hello(hello)) => agent_session(&mut ws, peer, hello, &context).await,
+        Ok(ClientMessage::AdminLogin {
             protocol_version,
             password,
-        }))) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
-        Some(Ok(Incoming::Message(ClientMessage::StatusRequest))) => {
+        }) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
+        Ok(ClientMessage::StatusRequest) => {
             let refusal = Refusal::unauthorized("status_request needs an admin login first");
             refuse(&mut ws, refusal, &context).await
         }
@@ -199,6 +197,7 @@ where
                 incoming = next_data(ws) => {
                     heartbeat.heard();
                     match incoming {
+                        Incoming::Alive => {}
                         Incoming::Gone(reason) => break Ending::PeerGone(reason),
                         Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
                         // Protocol 1 has nothing for an agent to send after its hello.
@@ -282,6 +281,7 @@ where
             incoming = next_data(ws) => {
                 heartbeat.heard();
                 match incoming {
+                    Incoming::Alive => {}
                     Incoming::Gone(reason) => return Ending::PeerGone(reason),
                     Incoming::Refused(refusal) => return refuse(ws, refusal, context).await,
                     Incoming::Message(ClientMessage::StatusRequest) => {
@@ -398,20 +398,22 @@ impl Refusal {
 #[derive(Debug)]
 enum Incoming {
     Message(ClientMessage),
+    /// A ping or pong: proof of life, nothing to answer (tungstenite answers pings).
+    Alive,
     Refused(Refusal),
     Gone(String),
 }
 
-// Reads until a data message or the end. Pings are answered by tungstenite itself.
+// Reads the next frame and judges it.
 async fn next_data<S>(ws: &mut WebSocketStream<S>) -> Incoming
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    loop {
+    {
         let Some(frame) = ws.next().await else {
             return Incoming::Gone("connection closed".to_owned());
         };
-        return match frame {
+        match frame {
             Ok(Message::Text(text)) => match ClientMessage::decode(&text) {
                 Ok(message) => Incoming::Message(message),
                 Err(err) => Incoming::Refused(Refusal::new(
@@ -425,7 +427,7 @@ where
                 CloseCode::UnsupportedData,
                 "binary frames are not part of this protocol; send JSON text",
             )),
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Incoming::Alive,
             Ok(Message::Close(frame)) => Incoming::Gone(match frame {
                 Some(frame) => format!(
                     "peer closed with {} {:?}",
@@ -453,7 +455,7 @@ where
                 format!("WebSocket protocol violation: {err}"),
             )),
             Err(err) => Incoming::Gone(err.to_string()),
-        };
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod handshake;
 pub mod hub;
 pub mod layout;
 pub mod listener;

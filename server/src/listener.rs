@@ -132,8 +132,5 @@ async fn upgrade(
                 .map_err(|err| anyhow::anyhow!("TLS handshake: {err}"))?,
         ),
     };
-    let ws = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()))
-        .await
-        .map_err(|err| anyhow::anyhow!("WebSocket handshake: {err}"))?;
-    Ok(ws)
+    Ok(crate::handshake::upgrade(stream, websocket_config()).await?)
 }

@@ -1,0 +1,178 @@
+//! The HTTP request that opens every connection, and where it goes.
+//!
+//! Every connection starts as HTTP/1.1. A WebSocket upgrade becomes an agent or admin
+//! session; anything else gets a short, clear HTTP answer instead of a silently dropped
+//! socket: `426 Upgrade Required` for a plain request (a browser, a health probe, `curl`),
+//! `400 Bad Request` for bytes that are not HTTP at all. The request head is read here
+//! (bounded in size) and handed to tungstenite for the upgrade itself.
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{create_response, write_response};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+/// The largest request head accepted; a WebSocket upgrade needs a few hundred bytes.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+const MAX_HEADERS: usize = 32;
+
+/// Why a connection did not become a WebSocket.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("not a WebSocket request: {reason} (answered {status})")]
+    Refused { status: u16, reason: String },
+    #[error("connection failed during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the request head and upgrades it to a WebSocket, or answers it with an HTTP error.
+pub async fn upgrade<S>(
+    mut stream: S,
+    config: WebSocketConfig,
+) -> Result<WebSocketStream<S>, UpgradeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buffer = Vec::with_capacity(1024);
+    let (request, head_len) = loop {
+        let mut chunk = [0u8; 1024];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(UpgradeError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        match parse_head(&buffer) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) if buffer.len() < MAX_HEAD_BYTES => continue,
+            Ok(None) => {
+                let reason = format!("request head longer than {MAX_HEAD_BYTES} bytes");
+                return Err(
+                    answer(&mut stream, 431, "Request Header Fields Too Large", reason).await,
+                );
+            }
+            Err(reason) => return Err(answer(&mut stream, 400, "Bad Request", reason).await),
+        }
+    };
+    let response = match create_response(&request) {
+        Ok(response) => response,
+        Err(err) => {
+            let reason = format!(
+                "this is a changeover server: connect with the changeover agent over WebSocket ({err})"
+            );
+            return Err(answer(&mut stream, 426, "Upgrade Required", reason).await);
+        }
+    };
+    let mut head = Vec::with_capacity(256);
+    write_response(&mut head, &response)
+        .map_err(|err| UpgradeError::Io(std::io::Error::other(err)))?;
+    stream.write_all(&head).await?;
+    stream.flush().await?;
+    // Whatever the client sent after the head (a pipelined first frame) is not lost.
+    let rest = buffer.split_off(head_len);
+    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(config)).await)
+}
+
+type ParsedHead = (http::Request<()>, usize);
+
+fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(format!("not an HTTP request ({err})")),
+    };
+    let version = match parsed.version {
+        Some(1) => http::Version::HTTP_11,
+        _ => http::Version::HTTP_10,
+    };
+    let mut request = http::Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"))
+        .version(version);
+    for header in parsed.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    let request = request
+        .body(())
+        .map_err(|err| format!("invalid HTTP request ({err})"))?;
+    Ok(Some((request, head_len)))
+}
+
+async fn answer<S>(stream: &mut S, status: u16, phrase: &str, reason: String) -> UpgradeError
+where
+    S: AsyncWrite + Unpin,
+{
+    let body = format!("{reason}\n");
+    let response = format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The peer may already be gone; the refusal is logged either way.
+    if stream.write_all(response.as_bytes()).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
+    UpgradeError::Refused { status, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exchange(request: &[u8]) -> (Result<(), String>, String) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        client_write.write_all(request).await.unwrap();
+        let outcome = upgrade(server, WebSocketConfig::default())
+            .await
+            .map(drop)
+            .map_err(|err| err.to_string());
+        drop(client_write);
+        let mut answer = vec![0u8; 4096];
+        let read = client_read.read(&mut answer).await.unwrap_or(0);
+        (
+            outcome,
+            String::from_utf8_lossy(&answer[..read]).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_websocket_upgrade_is_accepted() {
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let (outcome, answer) = exchange(request).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        assert!(answer.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_request_is_told_to_upgrade() {
+        let (outcome, answer) = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(outcome.unwrap_err().contains("426"));
+        assert!(
+            answer.starts_with("HTTP/1.1 426 Upgrade Required"),
+            "{answer}"
+        );
+        assert!(answer.contains("changeover agent"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_bad_request() {
+        let (outcome, answer) = exchange(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+        assert!(outcome.unwrap_err().contains("400"));
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_head_is_cut_off() {
+        let mut request = b"GET / HTTP/1.1\r\n".to_vec();
+        while request.len() < MAX_HEAD_BYTES + 100 {
+            request.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        let (outcome, answer) = exchange(&request).await;
+        assert!(outcome.is_err());
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    }
+}

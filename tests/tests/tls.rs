@@ -1,0 +1,108 @@
+//! wss:// with a site's own certificate authority, generated here.
+
+use std::path::Path;
+use std::time::Duration;
+
+use changeover_tests::{ADMIN_PASSWORD, Server, admin, eventually, start_agent};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+/// Writes a CA and a `localhost` server certificate it signed; returns the CA file.
+fn make_site_certificates(certs_dir: &Path, ca_dir: &Path) -> std::path::PathBuf {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Example Site CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+    std::fs::create_dir_all(certs_dir).unwrap();
+    std::fs::write(certs_dir.join("server.crt"), server_cert.pem()).unwrap();
+    std::fs::write(certs_dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::create_dir_all(ca_dir).unwrap();
+    let ca_file = ca_dir.join("site-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    ca_file
+}
+
+#[test]
+fn agents_and_admins_connect_over_wss_with_the_site_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let ca_file = make_site_certificates(&root.join("server/certs"), &dir.path().join("ca"));
+    let config = "[server]\nheartbeat_secs = 1\n\n[tls]\ncert = \"certs/server.crt\"\nkey = \"certs/server.key\"\n";
+    let server = Server::start(&root, Some(config));
+    assert!(
+        server
+            .stdout_lines
+            .iter()
+            .any(|line| line.starts_with("listening on wss://")),
+        "{:?}",
+        server.stdout_lines
+    );
+    let url = format!("wss://localhost:{}", server.address.port());
+    let ca = ca_file.to_str().unwrap();
+
+    let trusting = start_agent(&url, "heidi", &dir.path().join("heidi"), &["--ca-file", ca]);
+    let report = eventually(Duration::from_secs(20), "heidi over wss", || {
+        let output = admin(
+            &["status", "--server", &url, "--json", "--ca-file", ca],
+            ADMIN_PASSWORD,
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        (report["sessions"].as_array()?.len() == 1).then_some(report)
+    });
+    assert_eq!(report["sessions"][0]["user"], "heidi");
+    assert!(trusting.log_text().contains("connected"));
+
+    // Without the site CA the certificate is not trusted, and the agent says so.
+    let doubting = start_agent(&url, "ivan", &dir.path().join("ivan"), &[]);
+    eventually(
+        Duration::from_secs(20),
+        "ivan to report the TLS failure",
+        || doubting.log_text().contains("TLS handshake").then_some(()),
+    );
+    let output = admin(&["status", "--server", &url], ADMIN_PASSWORD);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TLS handshake") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+
+    // A plain ws:// client gets no session from a wss:// server.
+    let plain = admin(
+        &["status", "--server", &format!("ws://{}", server.address)],
+        ADMIN_PASSWORD,
+    );
+    assert!(!plain.status.success());
+}
+
+#[test]
+fn a_broken_certificate_config_stops_the_server_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("server/config")).unwrap();
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        "[tls]\ncert = \"certs/missing.crt\"\nkey = \"certs/missing.key\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(changeover_tests::binary("changeover-server"))
+        .args(["run", "--root"])
+        .arg(&root)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot read the certificate chain"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("missing.crt"), "{stderr}");
+}
