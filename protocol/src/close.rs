@@ -89,13 +89,6 @@ impl CloseCode {
             .into_iter()
             .find(|known| known.code() == code)
     }
-
-    /// Whether an agent closed with this code should try again later. Only a refusal that
-    /// retrying cannot cure (an unsupported protocol) makes the agent wait for its longest
-    /// backoff instead.
-    pub fn is_permanent_refusal(self) -> bool {
-        matches!(self, CloseCode::UnsupportedProtocol)
-    }
 }
 
 impl std::fmt::Display for CloseCode {

@@ -19,8 +19,8 @@ pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 /// The largest WebSocket message either side accepts, in bytes.
 ///
 /// Every message of protocol 1 fits in a few hundred bytes; a status report with
-/// thousands of sessions is the exception, which is why only the agent side (which
-/// receives status reports) raises its own limit, see [`MAX_STATUS_MESSAGE_BYTES`].
+/// thousands of sessions is the exception, which is why only admin clients (which
+/// receive status reports) raise their limit, see [`MAX_STATUS_MESSAGE_BYTES`].
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// The largest message an admin client accepts: a status report listing every session.

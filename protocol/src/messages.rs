@@ -56,7 +56,7 @@ pub enum ServerMessage {
         /// The server's id for this session, unique while the server process runs.
         session_id: u64,
         /// The server pings this often; an agent that hears nothing for two intervals
-        /// treats the connection as dead and reconnects.
+        /// (plus a few seconds of slack) treats the connection as dead and reconnects.
         heartbeat_secs: u64,
     },
     /// The answer to a correct admin login.

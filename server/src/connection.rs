@@ -117,7 +117,7 @@ fn is_peer_fault(code: CloseCode) -> bool {
 async fn agent_session<S>(
     ws: &mut WebSocketStream<S>,
     peer: SocketAddr,
-    hello: AgentHello,
+    mut hello: AgentHello,
     context: &ConnectionContext,
 ) -> Ending
 where
