@@ -131,6 +131,8 @@ where
         )
         .await;
     };
+    // The session table shows the version actually spoken.
+    hello.protocol_version = protocol_version;
     // Subscribe before registering so nothing broadcast after registration is missed.
     let mut broadcasts = context.hub.subscribe();
     let user = hello.user.clone();
