@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use changeover_protocol::{
-    ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, StatusReport,
+    ClientMessage, ErrorCode, PROTOCOL_VERSION, PackageSource, ServerMessage, StatusReport,
 };
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -42,7 +42,7 @@ pub enum AdminError {
         message: String,
         retry_after_secs: Option<u64>,
     },
-    #[error("the server refused the request ({code:?}): {message}")]
+    #[error("{message}")]
     Refused { code: ErrorCode, message: String },
     #[error("the connection to the server failed: {reason}")]
     ConnectionLost { reason: String },
@@ -132,6 +132,63 @@ impl AdminSession {
         }
     }
 
+    /// Asks the server to fetch and verify a release; follows it until it is ready or
+    /// refused, calling `on_message` with every message on the way.
+    pub async fn download(
+        &mut self,
+        version: Option<String>,
+        allow_downgrade: bool,
+        mut on_message: impl FnMut(&ServerMessage),
+    ) -> Result<String, AdminError> {
+        let request = ClientMessage::DownloadRequest {
+            version: version.clone(),
+            allow_downgrade,
+        };
+        send(&mut self.ws, &request)
+            .await
+            .map_err(|err| AdminError::ConnectionLost {
+                reason: format!("{err:#}"),
+            })?;
+        let wanted = version.clone();
+        let mut accepted: Option<String> = None;
+        loop {
+            // No overall deadline: a large download takes as long as it takes, and the
+            // server's heartbeat tells a dead connection from a slow transfer.
+            let message = next_message(&mut self.ws)
+                .await
+                .map_err(|reason| AdminError::ConnectionLost { reason })?;
+            on_message(&message);
+            match message {
+                ServerMessage::DownloadAccepted { version } => accepted = Some(version),
+                ServerMessage::Error { code, message, .. } => {
+                    return Err(AdminError::Refused { code, message });
+                }
+                // Only the outcome of this request counts, not an inbox package meanwhile.
+                ServerMessage::PackageReady {
+                    version, source, ..
+                } if source == PackageSource::Feed
+                    && accepted
+                        .as_ref()
+                        .or(wanted.as_ref())
+                        .is_none_or(|expected| *expected == version) =>
+                {
+                    return Ok(version);
+                }
+                ServerMessage::PackageRefused {
+                    version: Some(version),
+                    source: PackageSource::Feed,
+                    reason,
+                } if accepted.as_ref() == Some(&version) => {
+                    return Err(AdminError::Refused {
+                        code: ErrorCode::Unknown,
+                        message: reason,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Ends the connection politely.
     pub async fn close(mut self) {
         let frame = CloseFrame {
@@ -142,14 +199,31 @@ impl AdminSession {
     }
 }
 
+// The direct answer to a request; events the server sends meanwhile are skipped.
 async fn request_answer(
     ws: &mut WebSocketStream<AgentStream>,
 ) -> Result<ServerMessage, AdminError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next_message(ws)).await {
-        Err(_elapsed) => Err(AdminError::Timeout),
-        Ok(Err(reason)) => Err(AdminError::ConnectionLost { reason }),
-        Ok(Ok(message)) => Ok(message),
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, next_message(ws)).await {
+            Err(_elapsed) => return Err(AdminError::Timeout),
+            Ok(Err(reason)) => return Err(AdminError::ConnectionLost { reason }),
+            Ok(Ok(message)) if is_event(&message) => continue,
+            Ok(Ok(message)) => return Ok(message),
+        }
     }
+}
+
+/// Messages the server sends on its own, not as an answer.
+pub fn is_event(message: &ServerMessage) -> bool {
+    matches!(
+        message,
+        ServerMessage::DownloadStarted { .. }
+            | ServerMessage::DownloadProgress { .. }
+            | ServerMessage::DownloadRetrying { .. }
+            | ServerMessage::PackageReady { .. }
+            | ServerMessage::PackageRefused { .. }
+    )
 }
 
 /// `admin status`: one JSON document, or a table for people.
@@ -168,6 +242,71 @@ pub async fn status_command(dialer: &Dialer, password: String, json: bool) -> an
     Ok(())
 }
 
+/// `admin download`: fetch and verify a release, with a progress bar on a terminal or one
+/// JSON object per message with `--json`.
+pub async fn download_command(
+    dialer: &Dialer,
+    password: String,
+    version: Option<String>,
+    allow_downgrade: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut session = AdminSession::login(dialer, password).await?;
+    let bar = indicatif::ProgressBar::hidden();
+    let result = session
+        .download(version, allow_downgrade, |message| {
+            if json {
+                if let Ok(line) = serde_json::to_string(message) {
+                    println!("{line}");
+                }
+                return;
+            }
+            show_download_progress(&bar, message);
+        })
+        .await;
+    bar.finish_and_clear();
+    session.close().await;
+    let version = result?;
+    if !json {
+        println!("server {version} is verified and ready for a changeover");
+    }
+    Ok(())
+}
+
+fn show_download_progress(bar: &indicatif::ProgressBar, message: &ServerMessage) {
+    match message {
+        ServerMessage::DownloadStarted {
+            version,
+            size,
+            resumed_from,
+        } => {
+            if *resumed_from > 0 {
+                eprintln!("resuming server {version} at {resumed_from} of {size} bytes");
+            } else {
+                eprintln!("downloading server {version} ({size} bytes)");
+            }
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(*size);
+            bar.set_position(*resumed_from);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+        }
+        ServerMessage::DownloadProgress { bytes, .. } => bar.set_position(*bytes),
+        ServerMessage::DownloadRetrying {
+            attempt,
+            retry_in_ms,
+            reason,
+            ..
+        } => bar.suspend(|| {
+            eprintln!("attempt {attempt} broke off ({reason}); resuming in {retry_in_ms} ms")
+        }),
+        _ => {}
+    }
+}
+
 /// The status as a human reads it.
 pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
     let mut out = String::new();
@@ -177,6 +316,42 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         .unwrap_or("none newer than installed");
     out.push_str(&format!("server version     {}\n", report.server_version));
     out.push_str(&format!("available release  {available}\n"));
+    let feed = match (&report.feed.url, &report.feed.error) {
+        (None, _) => "not configured (packages come from the inbox)".to_owned(),
+        (Some(url), Some(error)) => format!("{url}: {error}"),
+        (Some(url), None) => {
+            let newest = report
+                .feed
+                .newest_version
+                .as_deref()
+                .unwrap_or("no server release");
+            let checked = report
+                .feed
+                .checked_at
+                .map(|at| format!(", checked {}", humantime::format_rfc3339_seconds(at)))
+                .unwrap_or_default();
+            format!("{url}: newest {newest}{checked}")
+        }
+    };
+    out.push_str(&format!("feed               {feed}\n"));
+    if let Some(candidate) = &report.candidate {
+        let state = match candidate.state {
+            changeover_protocol::CandidateState::Ready => "verified, ready".to_owned(),
+            changeover_protocol::CandidateState::Downloading { bytes, size } => {
+                format!("downloading, {bytes} of {size} bytes")
+            }
+            changeover_protocol::CandidateState::Unknown => {
+                "in a state unknown to this version".to_owned()
+            }
+        };
+        out.push_str(&format!(
+            "candidate          {} from {} ({state})\n",
+            candidate.version, candidate.source
+        ));
+    }
+    if let Some(refusal) = &report.last_refusal {
+        out.push_str(&format!("last refusal       {refusal}\n"));
+    }
     out.push_str(&format!("changeover phase   {}\n", report.phase));
     out.push_str(&format!("sessions           {}\n", report.sessions.len()));
     if report.sessions.is_empty() {
@@ -257,6 +432,9 @@ mod tests {
             server_version: "1.2.0".to_owned(),
             available_version: None,
             phase: ChangeoverPhase::Idle,
+            feed: Default::default(),
+            candidate: None,
+            last_refusal: None,
             sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
         };
         let text = render_status(&report, since + Duration::from_secs(125));

@@ -18,9 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 use crate::dial::{AgentStream, Dialer};
 use crate::identity::Identity;
+use changeover_protocol::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 
 /// How long to wait for the welcome after sending the hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -187,7 +187,8 @@ async fn session(dialer: &Dialer, identity: &Identity, shutdown: &CancellationTo
     }
 }
 
-/// Reads the next protocol message, skipping control frames.
+/// Reads the next protocol message, skipping control frames and (tolerant reader) messages
+/// of types a newer server may send that this build does not know.
 pub(crate) async fn next_message(
     ws: &mut WebSocketStream<AgentStream>,
 ) -> Result<ServerMessage, String> {
@@ -195,14 +196,23 @@ pub(crate) async fn next_message(
         match ws.next().await {
             None => return Err("the server closed the connection".to_owned()),
             Some(Err(err)) => return Err(format!("connection failed: {err}")),
-            Some(Ok(Message::Text(text))) => {
-                return serde_json::from_str(&text)
-                    .map_err(|err| format!("unreadable message from the server: {err}"));
-            }
+            Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                Ok(message) => return Ok(message),
+                Err(err) if has_type(&text) => {
+                    debug!(cause = %err, "skipping a message this version does not know");
+                }
+                Err(err) => return Err(format!("unreadable message from the server: {err}")),
+            },
             Some(Ok(Message::Close(frame))) => return Err(describe_close(frame.as_ref())),
             Some(Ok(_)) => continue,
         }
     }
+}
+
+fn has_type(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .is_some_and(|value| value.get("type").is_some_and(serde_json::Value::is_string))
 }
 
 pub(crate) async fn send(

@@ -6,7 +6,6 @@
 
 pub mod admin;
 pub mod agent;
-pub mod backoff;
 pub mod dial;
 pub mod identity;
 pub mod version;

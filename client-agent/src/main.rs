@@ -53,6 +53,20 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Have the server fetch a release from its feed and verify it (no install yet).
+    Download {
+        #[command(flatten)]
+        connection: AdminConnectionArgs,
+        /// The release to fetch [default: the newest in the feed].
+        #[arg(long)]
+        version: Option<String>,
+        /// Accept a release that is not newer than the installed one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Print one JSON object per message instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +135,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let password = admin::admin_password(connection.password_file.as_deref())?;
             let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
             admin::status_command(&dialer, password, json).await
+        }
+        Command::Admin(AdminCommand::Download {
+            connection,
+            version,
+            allow_downgrade,
+            json,
+        }) => {
+            let password = admin::admin_password(connection.password_file.as_deref())?;
+            let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
+            admin::download_command(&dialer, password, version, allow_downgrade, json).await
         }
     }
 }

@@ -1,18 +1,23 @@
-//! What travels between a changeover server and its agents.
+//! What travels between a changeover server and its agents, and what the release feed holds.
 //!
-//! This crate is the only place that defines bytes on the wire: the WebSocket messages
-//! ([`messages`]), the close codes a side ends a connection with ([`close`]) and the rule
-//! for which protocol versions can talk to each other ([`version`]). Both the server and the
-//! agent depend on it; it depends on neither, and it does no I/O.
+//! This crate is the only place that defines bytes on the wire and in the feed: the
+//! WebSocket messages ([`messages`]), the close codes a side ends a connection with
+//! ([`close`]), the rule for which protocol versions can talk to each other ([`version`]),
+//! and releases, feed manifests and their signatures ([`release`], [`package`]). Both the
+//! server and the agent depend on it; it depends on neither. It does no network I/O; only
+//! [`package`] reads and writes files, to verify and unpack a release.
 
+pub mod backoff;
 pub mod close;
 pub mod messages;
+pub mod package;
+pub mod release;
 pub mod version;
 
 pub use close::CloseCode;
 pub use messages::{
-    AgentHello, ChangeoverPhase, ClientMessage, DecodeError, ErrorCode, ServerMessage, SessionView,
-    StatusReport,
+    AgentHello, CandidateState, CandidateStatus, ChangeoverPhase, ClientMessage, DecodeError,
+    ErrorCode, FeedStatus, PackageSource, ServerMessage, SessionView, StatusReport,
 };
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

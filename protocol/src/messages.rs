@@ -25,6 +25,17 @@ pub enum ClientMessage {
     },
     /// Admin only: asks for a [`ServerMessage::Status`].
     StatusRequest,
+    /// Admin only: fetch a server release from the feed and verify it, without installing
+    /// it. Progress comes as `download_*` messages, the end as `package_ready` or
+    /// `package_refused`.
+    DownloadRequest {
+        /// The version to fetch; the newest in the feed when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        /// Accept a version that is not newer than the installed one.
+        #[serde(default)]
+        allow_downgrade: bool,
+    },
 }
 
 /// What an agent says about itself when it connects.
@@ -66,7 +77,46 @@ pub enum ServerMessage {
     },
     /// The answer to a status request.
     Status(StatusReport),
-    /// Something the peer sent was refused. Followed by a close unless stated otherwise.
+    /// The answer to a download request: the feed has this release and it is being
+    /// fetched (or is already verified: a `package_ready` follows either way).
+    DownloadAccepted { version: String },
+    /// A download from the feed began (or resumed from `resumed_from` bytes).
+    DownloadStarted {
+        version: String,
+        size: u64,
+        resumed_from: u64,
+    },
+    /// A download advanced; sent at most a few times a second.
+    DownloadProgress {
+        version: String,
+        bytes: u64,
+        size: u64,
+    },
+    /// A download broke off and will resume after a pause.
+    DownloadRetrying {
+        version: String,
+        attempt: u32,
+        retry_in_ms: u64,
+        reason: String,
+    },
+    /// A package was verified and is ready to be installed by a changeover.
+    PackageReady {
+        version: String,
+        source: PackageSource,
+        /// The archive's file name in the server's downloads folder.
+        archive: String,
+    },
+    /// A package was refused (a refused download is deleted, a refused inbox package moved
+    /// aside), or a download ended without one (the feed gave up or refused; what arrived
+    /// is kept to resume).
+    PackageRefused {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        source: PackageSource,
+        reason: String,
+    },
+    /// Something the peer sent was refused. Followed by a close, except for the codes that
+    /// answer an admin request ([`ErrorCode::is_request_error`]).
     Error {
         code: ErrorCode,
         /// A sentence for the human reading the agent's log.
@@ -116,20 +166,110 @@ pub enum ErrorCode {
     ServerFull,
     /// The server could not do what was asked because of its own failure.
     Internal,
+    /// An admin request needs the feed, which is not configured or not reachable.
+    FeedUnavailable,
+    /// The requested release is not in the feed.
+    ReleaseNotFound,
+    /// The requested release is not newer than the installed one.
+    NotNewer,
+    /// Another download or changeover is already running.
+    Busy,
     /// A code this build does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
+}
+
+impl ErrorCode {
+    /// Codes that answer an admin request; the connection stays open after them.
+    pub fn is_request_error(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::FeedUnavailable
+                | ErrorCode::ReleaseNotFound
+                | ErrorCode::NotNewer
+                | ErrorCode::Busy
+        )
+    }
+}
+
+/// Where a package came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageSource {
+    /// Downloaded from the feed.
+    Feed,
+    /// Dropped into the server's inbox folder (sites without internet access).
+    Inbox,
+    /// A source this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for PackageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PackageSource::Feed => "feed",
+            PackageSource::Inbox => "inbox",
+            PackageSource::Unknown => "unknown",
+        })
+    }
 }
 
 /// The server's state as an admin sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub server_version: String,
-    /// The newest release in the feed when it is newer than the installed one, else null.
+    /// The newest release (in the feed, or a verified package) when it is newer than the
+    /// installed one, else null.
     pub available_version: Option<String>,
     pub phase: ChangeoverPhase,
+    /// What the server last learnt from its feed.
+    #[serde(default)]
+    pub feed: FeedStatus,
+    /// The verified package a changeover would install, or the one being downloaded.
+    #[serde(default)]
+    pub candidate: Option<CandidateStatus>,
+    /// Why the last package was refused, if one was.
+    #[serde(default)]
+    pub last_refusal: Option<String>,
     /// Every connected agent session, oldest first.
     pub sessions: Vec<SessionView>,
+}
+
+/// The feed as the server last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedStatus {
+    /// The configured feed, or null when the server updates only from its inbox.
+    pub url: Option<String>,
+    /// When the feed was last read successfully.
+    #[serde(default, with = "optional_rfc3339")]
+    pub checked_at: Option<SystemTime>,
+    /// The newest server release the feed offers for this platform.
+    pub newest_version: Option<String>,
+    /// Why the last check failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A package on its way to being installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateStatus {
+    pub version: String,
+    pub source: PackageSource,
+    #[serde(flatten)]
+    pub state: CandidateState,
+}
+
+/// How far a candidate package is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CandidateState {
+    /// Being downloaded.
+    Downloading { bytes: u64, size: u64 },
+    /// Verified and waiting in the downloads folder.
+    Ready,
+    /// A state this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
 }
 
 /// Where the server is in a changeover.
@@ -202,6 +342,7 @@ impl ClientMessage {
             ClientMessage::Hello(_) => "hello",
             ClientMessage::AdminLogin { .. } => "admin_login",
             ClientMessage::StatusRequest => "status_request",
+            ClientMessage::DownloadRequest { .. } => "download_request",
         }
     }
 
@@ -220,7 +361,8 @@ impl ClientMessage {
             #[serde(rename = "type")]
             message_type: String,
         }
-        const KNOWN_TYPES: [&str; 3] = ["hello", "admin_login", "status_request"];
+        const KNOWN_TYPES: [&str; 4] =
+            ["hello", "admin_login", "status_request", "download_request"];
 
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(value) => value,
@@ -260,6 +402,31 @@ pub mod rfc3339 {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Optional timestamps on the wire: RFC 3339 or null.
+pub mod optional_rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &Option<SystemTime>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => serializer.collect_str(&humantime::format_rfc3339_seconds(*time)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

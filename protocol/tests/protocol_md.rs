@@ -1,14 +1,27 @@
-//! Keeps PROTOCOL.md true: every JSON example in it is a real message of this protocol, every
-//! message type has an example, and every close code and error code is in its table.
+//! Keeps PROTOCOL.md true: every JSON example in it is a real message of this protocol or a
+//! real file of the release feed, every message type has an example, and every close code and
+//! error code is in its table.
 //!
-//! The lists of message types and error codes come from the types' serde derives (see
-//! `common`), so a new variant fails here until PROTOCOL.md documents it.
+//! A block's fence says what it holds: ```` ```json ```` is a wire message, ```` ```json
+//! feed-manifest ````, ```` ```json package-entry ```` and ```` ```json release-info ```` are
+//! the feed's files. Any other ```` ```json… ```` fence fails, so a typo cannot exempt a
+//! block from the checks.
+//!
+//! The lists of message types, error codes, package sources and candidate states come from
+//! the types' serde derives (see `common`), so a new variant fails here until PROTOCOL.md
+//! documents it.
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use changeover_protocol::{ClientMessage, CloseCode, ErrorCode, ServerMessage, StatusReport};
+use changeover_protocol::release::{
+    FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseInfo,
+};
+use changeover_protocol::{
+    CandidateState, ChangeoverPhase, ClientMessage, CloseCode, ErrorCode, FeedStatus,
+    PackageSource, ServerMessage, StatusReport,
+};
 use serde_json::Value;
 
 fn protocol_md() -> String {
@@ -16,9 +29,41 @@ fn protocol_md() -> String {
     std::fs::read_to_string(path).unwrap_or_else(|err| panic!("cannot read {path}: {err}"))
 }
 
-/// One ```json block: the line its fence opens on (1-based) and its text.
+/// What a ```json block holds, told by its fence's info string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    /// A WebSocket message: a `ClientMessage` or a `ServerMessage`.
+    Message,
+    /// `manifest.json` of a feed.
+    FeedManifest,
+    /// One release of a feed, as in the manifest and in a signature's trusted comment.
+    PackageEntry,
+    /// `release.json` inside a release archive.
+    ReleaseInfo,
+}
+
+impl BlockKind {
+    const ALL: [BlockKind; 4] = [
+        BlockKind::Message,
+        BlockKind::FeedManifest,
+        BlockKind::PackageEntry,
+        BlockKind::ReleaseInfo,
+    ];
+
+    fn info_string(self) -> &'static str {
+        match self {
+            BlockKind::Message => "json",
+            BlockKind::FeedManifest => "json feed-manifest",
+            BlockKind::PackageEntry => "json package-entry",
+            BlockKind::ReleaseInfo => "json release-info",
+        }
+    }
+}
+
+/// One ```json block: the line its fence opens on (1-based), what it holds, and its text.
 struct Example {
     line: usize,
+    kind: BlockKind,
     text: String,
 }
 
@@ -27,13 +72,32 @@ fn json_examples(markdown: &str) -> Vec<Example> {
     let mut open: Option<Example> = None;
     for (index, line) in markdown.lines().enumerate() {
         match open.as_mut() {
-            None if line.trim_end() == "```json" => {
+            None => {
+                let Some(info) = line.trim_end().strip_prefix("```") else {
+                    continue;
+                };
+                if !info.starts_with("json") {
+                    continue;
+                }
+                let kind = BlockKind::ALL
+                    .into_iter()
+                    .find(|kind| kind.info_string() == info)
+                    .unwrap_or_else(|| {
+                        let known: Vec<&str> = BlockKind::ALL
+                            .iter()
+                            .map(|kind| kind.info_string())
+                            .collect();
+                        panic!(
+                            "PROTOCOL.md line {}: unknown fence ```{info}; use one of {known:?}",
+                            index + 1
+                        )
+                    });
                 open = Some(Example {
                     line: index + 1,
+                    kind,
                     text: String::new(),
                 });
             }
-            None => {}
             Some(_) if line.trim_end() == "```" => examples.extend(open.take()),
             Some(example) => {
                 example.text.push_str(line);
@@ -43,6 +107,11 @@ fn json_examples(markdown: &str) -> Vec<Example> {
     }
     assert!(open.is_none(), "PROTOCOL.md ends inside a ```json block");
     examples
+}
+
+fn parse_json(example: &Example) -> Value {
+    serde_json::from_str(&example.text)
+        .unwrap_or_else(|err| panic!("PROTOCOL.md line {}: not JSON: {err}", example.line))
 }
 
 /// An example read as whichever message it is.
@@ -73,23 +142,74 @@ fn read_message(example: &Example, value: &Value) -> Message {
             example.line
         ),
         (Err(client), Err(server)) => panic!(
-            "PROTOCOL.md line {}: not a message of this protocol\n  as a client message: \
-             {client}\n  as a server message: {server}\n{}",
+            "PROTOCOL.md line {}: not a message of this protocol (a feed file needs its own \
+             fence, such as ```json package-entry)\n  as a client message: {client}\n  as a \
+             server message: {server}\n{}",
             example.line, example.text
         ),
     }
 }
 
 fn documented_messages() -> Vec<(Example, Value, Message)> {
-    let examples = json_examples(&protocol_md());
+    let examples: Vec<Example> = json_examples(&protocol_md())
+        .into_iter()
+        .filter(|example| example.kind == BlockKind::Message)
+        .collect();
     assert!(!examples.is_empty(), "PROTOCOL.md has no ```json examples");
     examples
         .into_iter()
         .map(|example| {
-            let value: Value = serde_json::from_str(&example.text)
-                .unwrap_or_else(|err| panic!("PROTOCOL.md line {}: not JSON: {err}", example.line));
+            let value = parse_json(&example);
             let message = read_message(&example, &value);
             (example, value, message)
+        })
+        .collect()
+}
+
+/// A feed example read as the file its fence names.
+#[derive(Debug)]
+enum FeedFile {
+    Manifest(FeedManifest),
+    Entry(PackageEntry),
+    Release(ReleaseInfo),
+}
+
+impl FeedFile {
+    fn to_value(&self) -> Value {
+        match self {
+            FeedFile::Manifest(manifest) => serde_json::to_value(manifest),
+            FeedFile::Entry(entry) => serde_json::to_value(entry),
+            FeedFile::Release(info) => serde_json::to_value(info),
+        }
+        .expect("a feed file serialises")
+    }
+}
+
+fn read_feed_file(example: &Example, value: &Value) -> FeedFile {
+    let read = match example.kind {
+        BlockKind::Message => unreachable!("messages are read by read_message"),
+        BlockKind::FeedManifest => serde_json::from_value(value.clone()).map(FeedFile::Manifest),
+        BlockKind::PackageEntry => serde_json::from_value(value.clone()).map(FeedFile::Entry),
+        BlockKind::ReleaseInfo => serde_json::from_value(value.clone()).map(FeedFile::Release),
+    };
+    read.unwrap_or_else(|err| {
+        panic!(
+            "PROTOCOL.md line {}: not a ```{} ({err})\n{}",
+            example.line,
+            example.kind.info_string(),
+            example.text
+        )
+    })
+}
+
+fn documented_feed_files() -> Vec<(Example, Value, FeedFile)> {
+    json_examples(&protocol_md())
+        .into_iter()
+        .filter(|example| example.kind != BlockKind::Message)
+        .map(|example| {
+            let value = parse_json(&example);
+            let file = read_feed_file(&example, &value);
+            (example, value, file)
         })
         .collect()
 }
@@ -135,6 +255,177 @@ fn every_message_type_has_an_example() {
     }
 }
 
+// `CandidateState` has a `#[serde(other)]` fallback, so serde accepts any tag and cannot be
+// asked for the names; the exhaustive match makes a new state fail to compile here until
+// it is named (and then documented).
+fn candidate_state_names() -> Vec<&'static str> {
+    let every_state = [
+        CandidateState::Downloading { bytes: 0, size: 0 },
+        CandidateState::Ready,
+        CandidateState::Unknown,
+    ];
+    every_state
+        .iter()
+        .map(|state| match state {
+            CandidateState::Downloading { .. } => "downloading",
+            CandidateState::Ready => "ready",
+            CandidateState::Unknown => "unknown",
+        })
+        .collect()
+}
+
+// Every value of `phase`, `source` and a candidate's `state` is shown on the wire at least
+// once; a `#[serde(other)]` fallback such as `unknown` is never sent, so it needs none.
+#[test]
+fn every_phase_source_and_candidate_state_has_an_example() {
+    fn collect(value: &Value, seen: &mut BTreeSet<(String, String)>) {
+        match value {
+            Value::Object(fields) => {
+                for (key, field) in fields {
+                    if let Value::String(text) = field {
+                        seen.insert((key.clone(), text.clone()));
+                    }
+                    collect(field, seen);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| collect(item, seen)),
+            _ => {}
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (_, value, _) in documented_messages() {
+        collect(&value, &mut seen);
+    }
+    let required = [
+        (
+            "phase",
+            common::unit_variants::<ChangeoverPhase>(),
+            common::fallback_variant::<ChangeoverPhase>(),
+        ),
+        (
+            "source",
+            common::unit_variants::<PackageSource>(),
+            common::fallback_variant::<PackageSource>(),
+        ),
+        ("state", candidate_state_names(), Some("unknown".to_owned())),
+    ];
+    for (field, names, fallback) in required {
+        for name in names {
+            if fallback.as_deref() == Some(name) {
+                continue;
+            }
+            assert!(
+                seen.contains(&(field.to_owned(), name.to_owned())),
+                "PROTOCOL.md has no ```json example with \"{field}\": {name:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_feed_example_is_a_valid_feed_file_that_round_trips() {
+    for (example, value, file) in documented_feed_files() {
+        assert_eq!(
+            file.to_value(),
+            value,
+            "PROTOCOL.md line {}: the example does not serialise back to itself \
+             (a field missing, extra, or spelled differently)",
+            example.line
+        );
+        // What the server checks before it believes a feed file.
+        let line = example.line;
+        match file {
+            FeedFile::Manifest(manifest) => {
+                assert_eq!(manifest.format, MANIFEST_FORMAT, "PROTOCOL.md line {line}");
+                assert_eq!(manifest.product, PRODUCT, "PROTOCOL.md line {line}");
+                for entry in &manifest.releases {
+                    entry.validate().unwrap_or_else(|reason| {
+                        panic!("PROTOCOL.md line {line}: an invalid entry: {reason}")
+                    });
+                }
+            }
+            FeedFile::Entry(entry) => entry.validate().unwrap_or_else(|reason| {
+                panic!("PROTOCOL.md line {line}: an invalid entry: {reason}")
+            }),
+            FeedFile::Release(info) => assert_eq!(info.product, PRODUCT, "PROTOCOL.md line {line}"),
+        }
+    }
+}
+
+#[test]
+fn every_feed_file_has_an_example() {
+    let documented: Vec<BlockKind> = json_examples(&protocol_md())
+        .iter()
+        .map(|example| example.kind)
+        .collect();
+    for kind in BlockKind::ALL {
+        assert!(
+            documented.contains(&kind),
+            "PROTOCOL.md has no ```{} example",
+            kind.info_string()
+        );
+    }
+}
+
+// The feed section follows one release through the manifest, its signature and its
+// archive; the examples must agree with each other as a real feed's files would.
+#[test]
+fn the_feed_examples_describe_one_release_consistently() {
+    let mut manifests = Vec::new();
+    let mut entries = Vec::new();
+    let mut infos = Vec::new();
+    for (_, _, file) in documented_feed_files() {
+        match file {
+            FeedFile::Manifest(manifest) => manifests.push(manifest),
+            FeedFile::Entry(entry) => entries.push(entry),
+            FeedFile::Release(info) => infos.push(info),
+        }
+    }
+    for entry in &entries {
+        assert!(
+            manifests
+                .iter()
+                .any(|manifest| manifest.releases.contains(entry)),
+            "the ```json package-entry of {} is not in any ```json feed-manifest",
+            entry.archive
+        );
+    }
+    for info in &infos {
+        assert!(
+            entries.iter().any(|entry| &entry.release_info() == info),
+            "the ```json release-info of {} {} matches no ```json package-entry",
+            info.kind,
+            info.version
+        );
+    }
+    // A signature's trusted comment is the entry as one line of JSON, exactly as
+    // `release pack` writes it.
+    let markdown = protocol_md();
+    let comments: Vec<&str> = markdown
+        .lines()
+        .filter_map(|line| line.strip_prefix("trusted comment: "))
+        .filter(|comment| comment.starts_with('{'))
+        .collect();
+    assert!(
+        !comments.is_empty(),
+        "PROTOCOL.md shows no signature with a package entry as its trusted comment"
+    );
+    for comment in comments {
+        let entry: PackageEntry = serde_json::from_str(comment)
+            .unwrap_or_else(|err| panic!("a trusted comment is not a package entry ({err})"));
+        assert_eq!(
+            serde_json::to_string(&entry).expect("an entry serialises"),
+            comment,
+            "a trusted comment is not the entry as `release pack` writes it"
+        );
+        assert!(
+            entries.contains(&entry),
+            "the trusted comment of {} matches no ```json package-entry",
+            entry.archive
+        );
+    }
+}
+
 #[test]
 fn every_close_code_is_in_the_close_code_table() {
     let markdown = protocol_md();
@@ -154,22 +445,44 @@ fn every_close_code_is_in_the_close_code_table() {
     }
 }
 
+// The last column says how the connection goes on; only the codes that answer an admin
+// request leave it open.
 #[test]
 fn every_error_code_is_in_the_error_code_table() {
     let markdown = protocol_md();
-    for code in common::unit_variants::<ErrorCode>() {
-        let row = format!("| `{code}` ");
-        assert!(
-            markdown.lines().any(|line| line.starts_with(&row)),
-            "PROTOCOL.md has no error code table row starting with {row:?}"
+    for name in common::unit_variants::<ErrorCode>() {
+        let row_start = format!("| `{name}` ");
+        let row = markdown
+            .lines()
+            .find(|line| line.starts_with(&row_start))
+            .unwrap_or_else(|| {
+                panic!("PROTOCOL.md has no error code table row starting with {row_start:?}")
+            });
+        let code: ErrorCode =
+            serde_json::from_value(Value::String(name.to_owned())).expect("a code reads back");
+        let then = row
+            .trim_end()
+            .trim_end_matches('|')
+            .rsplit('|')
+            .next()
+            .expect("a table row has cells");
+        assert_eq!(
+            then.contains("stays open"),
+            code.is_request_error(),
+            "PROTOCOL.md: the row of {name:?} should say the connection {} (last cell {then:?})",
+            if code.is_request_error() {
+                "stays open"
+            } else {
+                "is closed"
+            }
         );
     }
 }
 
 // PROTOCOL.md promises a tolerant reader: fields a reader does not know are ignored in every
-// message, nested objects included.
+// message and every feed file, nested objects included.
 #[test]
-fn unknown_fields_are_ignored_in_every_documented_message() {
+fn unknown_fields_are_ignored_in_every_documented_message_and_feed_file() {
     fn add_unknown_fields(value: &mut Value) {
         match value {
             Value::Object(fields) => {
@@ -184,6 +497,7 @@ fn unknown_fields_are_ignored_in_every_documented_message() {
         add_unknown_fields(&mut value);
         let extended = Example {
             line: example.line,
+            kind: example.kind,
             text: value.to_string(),
         };
         assert_eq!(
@@ -193,13 +507,45 @@ fn unknown_fields_are_ignored_in_every_documented_message() {
             example.line
         );
     }
+    for (example, mut value, file) in documented_feed_files() {
+        add_unknown_fields(&mut value);
+        let extended = Example {
+            line: example.line,
+            kind: example.kind,
+            text: value.to_string(),
+        };
+        assert_eq!(
+            read_feed_file(&extended, &value).to_value(),
+            file.to_value(),
+            "PROTOCOL.md line {}: unknown fields changed the feed file",
+            example.line
+        );
+    }
 }
 
-// PROTOCOL.md says a reader takes a missing `available_version` as null.
+// PROTOCOL.md says a reader takes a missing `available_version`, `candidate` and
+// `last_refusal` as null and a missing `feed` as one with every field null.
 #[test]
-fn a_status_without_available_version_reads_as_null() {
+fn a_status_without_the_newer_fields_reads_them_as_null() {
     let report: StatusReport =
         serde_json::from_str(r#"{"server_version":"2.3.0","phase":"idle","sessions":[]}"#)
-            .expect("available_version may be left out");
+            .expect("these fields may be left out");
     assert_eq!(report.available_version, None);
+    assert_eq!(report.feed, FeedStatus::default());
+    assert_eq!(report.candidate, None);
+    assert_eq!(report.last_refusal, None);
+}
+
+// PROTOCOL.md says both fields of `download_request` may be left out.
+#[test]
+fn a_bare_download_request_asks_for_the_newest_release_without_downgrade() {
+    let request = ClientMessage::decode(r#"{"type":"download_request"}"#)
+        .expect("a download request needs no fields");
+    assert_eq!(
+        request,
+        ClientMessage::DownloadRequest {
+            version: None,
+            allow_downgrade: false,
+        }
+    );
 }

@@ -39,6 +39,21 @@ write_timeout_secs = 10
 # relative to the install folder, so certificates in certs/ move with each changeover.
 # cert = "certs/server.crt"
 # key = "certs/server.key"
+
+[feed]
+# Where the vendor publishes releases: a folder of static files (manifest.json and the
+# archives, each with its .minisig) on any web server. Without it the server updates only
+# from packages dropped into <root>/state/inbox/.
+# url = "https://updates.example.com/changeover/"
+# The vendor's public key (minisign format); relative to the install folder.
+# `changeover-server install` puts it here.
+public_key = "config/vendor.pub"
+# How often to look for a new release, in seconds. `admin status` also looks when the last
+# look is older than a minute.
+check_interval_secs = 3600
+# Accept releases that are not newer than the installed one. Leave off: a downgrade is
+# the classic way to bring back a fixed vulnerability.
+allow_downgrade = false
 "#;
 
 /// The whole configuration.
@@ -47,6 +62,7 @@ write_timeout_secs = 10
 pub struct Config {
     pub server: ServerSection,
     pub tls: TlsSection,
+    pub feed: FeedSection,
 }
 
 /// `[server]`: listening and connection handling.
@@ -96,6 +112,27 @@ impl ServerSection {
 pub struct TlsSection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+/// `[feed]`: where releases come from and who signs them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct FeedSection {
+    pub url: Option<String>,
+    pub public_key: PathBuf,
+    pub check_interval_secs: u64,
+    pub allow_downgrade: bool,
+}
+
+impl Default for FeedSection {
+    fn default() -> Self {
+        FeedSection {
+            url: None,
+            public_key: PathBuf::from("config/vendor.pub"),
+            check_interval_secs: 3600,
+            allow_downgrade: false,
+        }
+    }
 }
 
 /// A loaded config and what was odd about it.
@@ -167,6 +204,10 @@ impl Config {
             server.write_timeout_secs >= 1,
             "server.write_timeout_secs must be at least 1"
         );
+        anyhow::ensure!(
+            self.feed.check_interval_secs >= 10,
+            "feed.check_interval_secs must be at least 10"
+        );
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), Some(_)) | (None, None) => Ok(()),
             _ => anyhow::bail!("tls.cert and tls.key must be given together"),
@@ -212,14 +253,21 @@ mod tests {
             defaults.write_timeout_secs
         );
         assert!(parsed.tls.cert.is_none() && parsed.tls.key.is_none());
+        let feed = FeedSection::default();
+        assert_eq!(parsed.feed.url, feed.url);
+        assert_eq!(parsed.feed.public_key, feed.public_key);
+        assert_eq!(parsed.feed.check_interval_secs, feed.check_interval_secs);
+        assert_eq!(parsed.feed.allow_downgrade, feed.allow_downgrade);
     }
 
     #[test]
     fn partial_file_takes_defaults_and_reports_unknown_keys() {
-        let text = "[server]\nheartbeat_secs = 3\n[mail]\nsmtp_url = \"smtp://x\"\n";
+        let text = "[server]\nheartbeat_secs = 3\n[feed]\nurl = \"http://h/\"\n[mail]\nsmtp_url = \"smtp://x\"\n";
         let (config, unknown) = Config::parse(text).unwrap();
         assert_eq!(config.server.heartbeat_secs, 3);
         assert_eq!(config.server.max_sessions, 100_000);
+        assert_eq!(config.feed.url.as_deref(), Some("http://h/"));
+        assert_eq!(config.feed.check_interval_secs, 3600);
         assert_eq!(unknown, vec!["mail".to_owned()]);
     }
 

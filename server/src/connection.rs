@@ -27,12 +27,20 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{AdminAuth, LoginOutcome};
 use crate::hub::{HubHandle, Kick, RegisterError, encode};
+use crate::releases::Releases;
+
+/// A status report reads the feed again when the last look is older than this.
+const STATUS_FEED_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How long a status report waits for that look.
+const STATUS_FEED_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What every connection task shares.
 #[derive(Debug)]
 pub struct ConnectionContext {
     pub hub: HubHandle,
     pub auth: AdminAuth,
+    pub releases: Arc<Releases>,
     pub server_version: String,
     /// How often to ping; two silent intervals end the connection.
     pub heartbeat: Duration,
@@ -91,8 +99,11 @@ pub async fn serve<S>(
             protocol_version,
             password,
         }) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
-        Ok(ClientMessage::StatusRequest) => {
-            let refusal = Refusal::unauthorized("status_request needs an admin login first");
+        Ok(request @ (ClientMessage::StatusRequest | ClientMessage::DownloadRequest { .. })) => {
+            let refusal = Refusal::unauthorized(&format!(
+                "{} needs an admin login first",
+                request.type_name()
+            ));
             refuse(&mut ws, refusal, &context).await
         }
     };
@@ -203,10 +214,14 @@ where
                         Incoming::Gone(reason) => break Ending::PeerGone(reason),
                         Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
                         // Protocol 1 has nothing for an agent to send after its hello.
-                        Incoming::Message(ClientMessage::StatusRequest) => {
-                            let refusal = Refusal::unauthorized(
-                                "status_request is for admin logins, not agent sessions",
-                            );
+                        Incoming::Message(
+                            request @ (ClientMessage::StatusRequest
+                            | ClientMessage::DownloadRequest { .. }),
+                        ) => {
+                            let refusal = Refusal::unauthorized(&format!(
+                                "{} is for admin logins, not agent sessions",
+                                request.type_name()
+                            ));
                             break refuse(ws, refusal, context).await;
                         }
                         Incoming::Message(other) => {
@@ -270,6 +285,7 @@ where
         return ending;
     }
     let mut heartbeat = Heartbeat::start(context.heartbeat);
+    let mut events = context.releases.subscribe_events();
     loop {
         tokio::select! {
             () = context.shutdown.cancelled() => {
@@ -280,29 +296,87 @@ where
                     return ending;
                 }
             }
+            event = events.recv() => match event {
+                Ok(bytes) => {
+                    if let Err(ending) = send_frame(ws, Message::Text(bytes), context).await {
+                        return ending;
+                    }
+                }
+                // An admin that misses progress reports still gets the outcome later.
+                Err(RecvError::Lagged(missed)) => debug!(%peer, missed, "admin missed events"),
+                Err(RecvError::Closed) => {
+                    return close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+                }
+            },
             incoming = next_data(ws) => {
                 heartbeat.heard();
-                match incoming {
-                    Incoming::Alive => {}
+                let answer = match incoming {
+                    Incoming::Alive => continue,
                     Incoming::Gone(reason) => return Ending::PeerGone(reason),
                     Incoming::Refused(refusal) => return refuse(ws, refusal, context).await,
-                    Incoming::Message(ClientMessage::StatusRequest) => {
-                        let report = ServerMessage::Status(StatusReport {
-                            server_version: context.server_version.clone(),
-                            available_version: None,
-                            phase: ChangeoverPhase::Idle,
-                            sessions: context.hub.sessions().await,
-                        });
-                        if let Err(ending) = send(ws, &report, context).await {
-                            return ending;
-                        }
+                    Incoming::Message(ClientMessage::StatusRequest) => status_report(context).await,
+                    Incoming::Message(ClientMessage::DownloadRequest { version, allow_downgrade }) => {
+                        download_request(context, version, allow_downgrade).await
                     }
                     Incoming::Message(other) => {
                         return refuse(ws, Refusal::unexpected(other.type_name(), "after admin_login"), context).await;
                     }
+                };
+                if let Err(ending) = send(ws, &answer, context).await {
+                    return ending;
                 }
             }
         }
+    }
+}
+
+async fn status_report(context: &ConnectionContext) -> ServerMessage {
+    let releases = &context.releases;
+    let _ = timeout(
+        STATUS_FEED_PATIENCE,
+        releases.check_feed_if_older_than(STATUS_FEED_MAX_AGE),
+    )
+    .await;
+    let snapshot = releases.snapshot();
+    ServerMessage::Status(StatusReport {
+        server_version: context.server_version.clone(),
+        available_version: releases.available_version(),
+        phase: ChangeoverPhase::Idle,
+        feed: snapshot.feed,
+        candidate: releases.candidate_status(),
+        last_refusal: snapshot.last_refusal,
+        sessions: context.hub.sessions().await,
+    })
+}
+
+// Answers at once with `download_accepted`; progress and the outcome (`package_ready` or
+// `package_refused`) come as events. A refusal is an error that keeps the connection.
+async fn download_request(
+    context: &ConnectionContext,
+    version: Option<String>,
+    allow_downgrade: bool,
+) -> ServerMessage {
+    let version = match version
+        .map(|text| text.parse::<semver::Version>())
+        .transpose()
+    {
+        Ok(version) => version,
+        Err(err) => {
+            return ServerMessage::error(
+                ErrorCode::ReleaseNotFound,
+                format!("not a semantic version such as 1.4.0: {err}"),
+            );
+        }
+    };
+    match context
+        .releases
+        .start_download(version, allow_downgrade)
+        .await
+    {
+        Ok(version) => ServerMessage::DownloadAccepted {
+            version: version.to_string(),
+        },
+        Err(refusal) => ServerMessage::error(refusal.code, refusal.message),
     }
 }
 

@@ -63,6 +63,16 @@ impl Layout {
         self.state_dir().join("admin.argon2")
     }
 
+    /// Verified packages waiting to be installed, and downloads in progress.
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.state_dir().join("downloads")
+    }
+
+    /// Where an admin drops packages by hand.
+    pub fn inbox_dir(&self) -> PathBuf {
+        self.state_dir().join("inbox")
+    }
+
     /// Creates the folders a running server needs; existing ones are left as they are.
     pub fn create_dirs(&self) -> anyhow::Result<()> {
         for dir in [
@@ -70,6 +80,8 @@ impl Layout {
             self.certs_dir(),
             self.backups_dir(),
             self.state_dir(),
+            self.downloads_dir(),
+            self.inbox_dir(),
         ] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create folder {}", dir.display()))?;

@@ -7,10 +7,17 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod download;
+pub mod feed;
 pub mod handshake;
 pub mod hub;
+pub mod inbox;
+pub mod install;
 pub mod layout;
 pub mod listener;
+pub mod platform;
+pub mod release_tools;
+pub mod releases;
 pub mod tls;
 pub mod version;
 
@@ -31,6 +38,7 @@ use crate::connection::ConnectionContext;
 use crate::hub::HubHandle;
 use crate::layout::Layout;
 use crate::listener::Listener;
+use crate::releases::{ReleaseSettings, Releases};
 
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -46,6 +54,10 @@ pub struct RunOptions {
 
 /// Runs the server until SIGINT or SIGTERM, then closes every session with a reason.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    match platform::raise_open_file_limit() {
+        Ok(limit) => info!(%limit, "one file descriptor per agent"),
+        Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),
+    }
     let layout = Layout::new(&options.root);
     layout.create_dirs()?;
     let loaded = Config::load_or_create(&layout.config_file())?;
@@ -93,9 +105,37 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let releases = Releases::new(ReleaseSettings {
+        feed_url: config.feed.url.clone(),
+        public_key: layout.resolve_install_path(&config.feed.public_key),
+        allow_downgrade: config.feed.allow_downgrade,
+        downloads_dir: layout.downloads_dir(),
+        inbox_dir: layout.inbox_dir(),
+        installed_version: server_version
+            .parse()
+            .unwrap_or(semver::Version::new(0, 0, 0)),
+        retry_base: Duration::from_secs(1),
+    });
+    {
+        let releases = Arc::clone(&releases);
+        let inbox = layout.inbox_dir();
+        let shutdown = shutdown.clone();
+        let check_interval = Duration::from_secs(config.feed.check_interval_secs);
+        tracker.spawn(async move {
+            let loaded = Arc::clone(&releases);
+            let _ = tokio::task::spawn_blocking(move || loaded.load_downloads()).await;
+            tokio::spawn(check_feed_periodically(
+                Arc::clone(&releases),
+                check_interval,
+                shutdown.clone(),
+            ));
+            inbox::watch(inbox, releases, shutdown).await;
+        });
+    }
     let context = Arc::new(ConnectionContext {
         hub: HubHandle::spawn(config.server.max_sessions),
         auth,
+        releases,
         server_version,
         heartbeat: config.server.heartbeat_interval(),
         hello_timeout: config.server.handshake_timeout(),
@@ -127,6 +167,23 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+async fn check_feed_periodically(
+    releases: Arc<Releases>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    if releases.settings().feed_url.is_none() {
+        return;
+    }
+    loop {
+        releases.check_feed_if_older_than(interval / 2).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {

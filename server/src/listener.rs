@@ -95,7 +95,12 @@ impl Listener {
             let tls = self.tls.clone();
             self.tracker.spawn(async move {
                 let hello_deadline = Instant::now() + context.hello_timeout;
-                let handshake = tokio::time::timeout_at(hello_deadline, upgrade(stream, tls));
+                // Boxed: a task is as large as its largest state, and the handshake's state
+                // would otherwise stay reserved for the whole life of the connection.
+                let handshake = Box::pin(tokio::time::timeout_at(
+                    hello_deadline,
+                    upgrade(stream, tls),
+                ));
                 let ws = match handshake.await {
                     Ok(Ok(ws)) => ws,
                     Ok(Err(err)) => {
@@ -114,7 +119,8 @@ impl Listener {
     }
 }
 
-type ServerStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+// The TLS state is boxed so plain ws:// connections do not pay for its size inline.
+type ServerStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 async fn upgrade(
     stream: TcpStream,
@@ -125,12 +131,12 @@ async fn upgrade(
     }
     let stream = match tls {
         None => Either::Left(stream),
-        Some(acceptor) => Either::Right(
+        Some(acceptor) => Either::Right(Box::new(
             acceptor
                 .accept(stream)
                 .await
                 .map_err(|err| anyhow::anyhow!("TLS handshake: {err}"))?,
-        ),
+        )),
     };
     Ok(crate::handshake::upgrade(stream, websocket_config()).await?)
 }

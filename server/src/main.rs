@@ -19,6 +19,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Install a server release into DIR/server for the first time, verified like an update.
+    Install {
+        /// The product folder.
+        #[arg(long)]
+        root: PathBuf,
+        /// The release archive; its signature FILE.minisig must lie beside it.
+        #[arg(long)]
+        package: PathBuf,
+        /// The vendor's public key (minisign format).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// The vendor's release tools.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
     /// Run the server for a product folder.
     Run {
         /// The product folder: holds server/ (the install) and state/.
@@ -27,6 +42,48 @@ enum Command {
         /// Address to listen on [default: server.listen from the config, 127.0.0.1:7600].
         #[arg(long)]
         listen: Option<SocketAddr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleaseCommand {
+    /// Create an Ed25519 key pair for signing releases (minisign format).
+    Keygen {
+        #[arg(long)]
+        secret_key: PathBuf,
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Encrypt the secret key with the password in this file [or $CHANGEOVER_SIGNING_PASSWORD].
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack a release tree into a signed archive and add it to a feed folder.
+    Pack {
+        #[arg(long, value_parser = ["server", "agent"])]
+        kind: String,
+        /// The release's semantic version, such as 1.4.0.
+        #[arg(long)]
+        version: String,
+        /// The release tree: bin/changeover-server (or -agent) plus its resources.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        secret_key: PathBuf,
+        /// The secret key's password, if it has one [or $CHANGEOVER_SIGNING_PASSWORD].
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The feed folder (created if missing).
+        #[arg(long)]
+        feed: PathBuf,
+        /// Release notes shown to the admin.
+        #[arg(long, default_value = "")]
+        notes: String,
+        /// The platform the release is for [default: this machine's, such as linux-x86_64].
+        #[arg(long)]
+        platform: Option<String>,
     },
 }
 
@@ -53,13 +110,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run { root, listen } => {
-                changeover_server::run(changeover_server::RunOptions { root, listen }).await
-            }
+    let result = match cli.command {
+        Command::Run { root, listen } => {
+            runtime.block_on(changeover_server::run(changeover_server::RunOptions {
+                root,
+                listen,
+            }))
         }
-    });
+        Command::Install {
+            root,
+            package,
+            public_key,
+        } => install(root, package, public_key),
+        Command::Release(command) => release(command),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -67,6 +131,96 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn install(root: PathBuf, package: PathBuf, public_key: PathBuf) -> anyhow::Result<()> {
+    let options = changeover_server::install::InstallOptions {
+        root,
+        package,
+        public_key,
+    };
+    let version = changeover_server::install::install(&options)?;
+    println!(
+        "installed server {version} into {}",
+        options.root.join("server").display()
+    );
+    Ok(())
+}
+
+fn release(command: ReleaseCommand) -> anyhow::Result<()> {
+    use changeover_server::release_tools::{self, KeygenOptions, PackOptions};
+    match command {
+        ReleaseCommand::Keygen {
+            secret_key,
+            public_key,
+            password_file,
+            force,
+        } => {
+            let options = KeygenOptions {
+                secret_key,
+                public_key,
+                password: signing_password(password_file.as_deref())?,
+                force,
+            };
+            release_tools::keygen(&options)?;
+            println!("secret key: {}", options.secret_key.display());
+            println!("public key: {}", options.public_key.display());
+            Ok(())
+        }
+        ReleaseCommand::Pack {
+            kind,
+            version,
+            from,
+            secret_key,
+            password_file,
+            feed,
+            notes,
+            platform,
+        } => {
+            let options = PackOptions {
+                kind: kind.parse().map_err(anyhow::Error::msg)?,
+                version: version.parse().map_err(|err| {
+                    anyhow::anyhow!("{version:?} is not a semantic version such as 1.4.0: {err}")
+                })?,
+                from,
+                secret_key,
+                password: signing_password(password_file.as_deref())?,
+                feed,
+                platform: platform.unwrap_or_else(changeover_protocol::release::current_platform),
+                notes,
+            };
+            let packed = release_tools::pack(&options)?;
+            let entry = &packed.entry;
+            if packed.unchanged {
+                println!(
+                    "{} {} for {} is already in the feed with these exact bytes",
+                    entry.kind, entry.version, entry.platform
+                );
+            } else {
+                println!(
+                    "packed {} {} for {}: {} bytes, sha256 {}",
+                    entry.kind, entry.version, entry.platform, entry.size, entry.sha256
+                );
+            }
+            println!("{}", packed.archive.display());
+            Ok(())
+        }
+    }
+}
+
+// A password never comes from a prompt: a file, else the environment, else none.
+fn signing_password(password_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    if let Some(path) = password_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the password file {}", path.display()))?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    Ok(
+        std::env::var(changeover_server::release_tools::SIGNING_PASSWORD_ENV)
+            .ok()
+            .filter(|password| !password.is_empty()),
+    )
 }
 
 fn init_logging(format: LogFormat) {

@@ -5,6 +5,8 @@
 //! finds the binaries in the target folder it was itself built into, and builds them once
 //! per test process first.
 
+pub mod feeds;
+
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,7 +82,7 @@ pub fn eventually<T>(patience: Duration, what: &str, mut check: impl FnMut() -> 
 /// A child process that is killed when dropped.
 #[derive(Debug)]
 pub struct Process {
-    child: Child,
+    pub(crate) child: Child,
     pub log: PathBuf,
 }
 
@@ -127,6 +129,8 @@ impl Drop for Process {
 #[derive(Debug)]
 pub struct Server {
     pub root: PathBuf,
+    /// The executable started (a build, or an installed release).
+    pub binary: PathBuf,
     pub address: SocketAddr,
     pub process: Process,
     /// Lines the server printed on stdout before it listened.
@@ -150,9 +154,33 @@ impl Server {
             std::fs::create_dir_all(&dir).expect("config folder");
             std::fs::write(dir.join("changeover.toml"), config).expect("config written");
         }
-        let (process, address, stdout_lines) = spawn_server(root, listen, 0, Some(ADMIN_PASSWORD));
+        let binary = binary("changeover-server");
+        let (process, address, stdout_lines) =
+            spawn_server(&binary, root, listen, 0, Some(ADMIN_PASSWORD));
         Server {
             root: root.to_owned(),
+            binary,
+            address,
+            process,
+            stdout_lines,
+            starts: 1,
+            admin_password: Some(ADMIN_PASSWORD),
+        }
+    }
+
+    /// Starts the release installed in `root` (`root/server/bin/changeover-server`), as a
+    /// service manager would, after writing `config` as its `changeover.toml`.
+    pub fn start_installed(root: &Path, config: &str) -> Server {
+        let config_dir = root.join("server/config");
+        std::fs::create_dir_all(&config_dir).expect("config folder");
+        std::fs::write(config_dir.join("changeover.toml"), config).expect("config written");
+        let binary = root.join("server/bin/changeover-server");
+        let any_port: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let (process, address, stdout_lines) =
+            spawn_server(&binary, root, Some(any_port), 0, Some(ADMIN_PASSWORD));
+        Server {
+            root: root.to_owned(),
+            binary,
             address,
             process,
             stdout_lines,
@@ -164,9 +192,11 @@ impl Server {
     /// Starts a server without `CHANGEOVER_ADMIN_PASSWORD`, so it generates a password.
     pub fn start_without_password(root: &Path) -> Server {
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let (process, address, stdout_lines) = spawn_server(root, Some(any_port), 0, None);
+        let binary = binary("changeover-server");
+        let (process, address, stdout_lines) = spawn_server(&binary, root, Some(any_port), 0, None);
         Server {
             root: root.to_owned(),
+            binary,
             address,
             process,
             stdout_lines,
@@ -196,6 +226,7 @@ impl Server {
             self.stop();
         }
         let (process, address, stdout_lines) = spawn_server(
+            &self.binary,
             &self.root,
             Some(self.address),
             self.starts,
@@ -209,6 +240,7 @@ impl Server {
 }
 
 fn spawn_server(
+    binary: &Path,
     root: &Path,
     listen: Option<SocketAddr>,
     start_number: u32,
@@ -216,7 +248,7 @@ fn spawn_server(
 ) -> (Process, SocketAddr, Vec<String>) {
     let log = root.with_extension(format!("server-{start_number}.log"));
     let log_file = std::fs::File::create(&log).expect("log file");
-    let mut command = Command::new(binary("changeover-server"));
+    let mut command = Command::new(binary);
     command
         .args(["run", "--root"])
         .arg(root)

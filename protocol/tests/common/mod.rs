@@ -2,18 +2,26 @@
 //! without a hand-kept list that a new variant could be forgotten in.
 //!
 //! Not a general reflection tool: it knows the two shapes this protocol uses, internally
-//! tagged enums (the messages) and enums of plain names (error codes).
+//! tagged enums (the messages, a candidate's `state`) and enums of plain names (error codes,
+//! phases, package sources).
 
 use std::fmt;
 
+use serde::Serialize;
 use serde::de::value::MapDeserializer;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 /// The `type` names of an internally tagged enum such as `ClientMessage`, in declaration order.
-///
-/// Feeds the derive a `type` no variant has; serde then reports the names it expected.
 pub fn tagged_variants<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
-    let probe = MapDeserializer::<_, Probe>::new(std::iter::once(("type", "\u{0}no such type")));
+    tagged_variants_by::<T>("type")
+}
+
+/// The names of an enum internally tagged by `tag`, such as `CandidateState` by `state`, in
+/// declaration order.
+///
+/// Feeds the derive a tag value no variant has; serde then reports the names it expected.
+pub fn tagged_variants_by<T: for<'de> Deserialize<'de>>(tag: &'static str) -> Vec<&'static str> {
+    let probe = MapDeserializer::<_, Probe>::new(std::iter::once((tag, "\u{0}no such variant")));
     variants_from(T::deserialize(probe).err())
 }
 
@@ -22,6 +30,16 @@ pub fn tagged_variants<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
 /// unknown name.
 pub fn unit_variants<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
     variants_from(T::deserialize(EnumProbe).err())
+}
+
+/// The name a `#[serde(other)]` fallback (such as `ErrorCode::Unknown`) travels as: what a
+/// name no variant has is read as. `None` when the enum has no fallback.
+pub fn fallback_variant<T: Serialize + for<'de> Deserialize<'de>>() -> Option<String> {
+    let read: T = serde_json::from_str("\"\\u0000no such variant\"").ok()?;
+    match serde_json::to_value(read).expect("a variant serialises") {
+        serde_json::Value::String(name) => Some(name),
+        other => panic!("a fallback variant serialises as a name, not {other}"),
+    }
 }
 
 fn variants_from(outcome: Option<Probe>) -> Vec<&'static str> {

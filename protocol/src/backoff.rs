@@ -1,4 +1,5 @@
-//! Reconnect delays: exponential backoff with full jitter.
+//! Retry delays: exponential backoff with full jitter. Agents use it to reconnect (part of
+//! how they behave towards a server, hence here), the server to resume a broken download.
 //!
 //! `delay = random(0, min(cap, base * 2^attempt))`. The first retry after a loss is quick
 //! (at most `base`); the ceiling doubles with every failure up to `cap`. Full jitter spreads
@@ -10,7 +11,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 
-/// The agent's defaults: about half a second at first, never more than 30 s.
+/// The agent's reconnect defaults: about half a second at first, never more than 30 s.
 pub const BASE_DELAY: Duration = Duration::from_millis(500);
 pub const MAX_DELAY: Duration = Duration::from_secs(30);
 
