@@ -223,6 +223,8 @@ pub fn is_event(message: &ServerMessage) -> bool {
             | ServerMessage::DownloadRetrying { .. }
             | ServerMessage::PackageReady { .. }
             | ServerMessage::PackageRefused { .. }
+            | ServerMessage::ChangeoverProgress { .. }
+            | ServerMessage::ChangeoverFinished(_)
     )
 }
 
@@ -307,6 +309,243 @@ fn show_download_progress(bar: &indicatif::ProgressBar, message: &ServerMessage)
     }
 }
 
+/// What `admin update` asks for.
+#[derive(Debug, Clone)]
+pub struct UpdateOptions {
+    pub grace_secs: u64,
+    pub notify: Option<String>,
+    pub version: Option<String>,
+    /// RFC 3339.
+    pub at: Option<String>,
+    pub message: Option<String>,
+    pub allow_downgrade: bool,
+}
+
+/// `--at`: an RFC 3339 time, or a duration from now such as `30m`; returns RFC 3339.
+pub fn parse_when(text: &str) -> anyhow::Result<String> {
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        return Ok(humantime::format_rfc3339_seconds(time).to_string());
+    }
+    let after = humantime::parse_duration(text).map_err(|_| {
+        anyhow::anyhow!(
+            "--at {text:?} is neither a time (2026-11-28T22:00:00Z) nor a duration (30m)"
+        )
+    })?;
+    Ok(humantime::format_rfc3339_seconds(SystemTime::now() + after).to_string())
+}
+
+/// How long `admin update` waits for the server to come back after its restart.
+const RETURN_PATIENCE: Duration = Duration::from_secs(180);
+
+/// `admin update`: starts a changeover and follows it, through the server's restart,
+/// until it ends. Succeeds only when the new version runs, healthy and committed.
+pub async fn update_command(
+    dialer: &Dialer,
+    password: String,
+    options: UpdateOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    use changeover_protocol::messages::MAX_GRACE_SECS;
+    if options.grace_secs > MAX_GRACE_SECS {
+        anyhow::bail!(
+            "--grace {} is out of range: 0 to {MAX_GRACE_SECS} seconds",
+            options.grace_secs
+        );
+    }
+    let started = std::time::Instant::now();
+    let mut session = AdminSession::login(dialer, password.clone()).await?;
+    let request = ClientMessage::UpdateRequest {
+        version: options.version,
+        grace_secs: options.grace_secs,
+        notify: options.notify,
+        message: options.message,
+        at: options.at,
+        allow_downgrade: options.allow_downgrade,
+    };
+    send(&mut session.ws, &request)
+        .await
+        .map_err(|err| AdminError::ConnectionLost {
+            reason: format!("{err:#}"),
+        })?;
+    let id = match request_answer(&mut session.ws).await? {
+        ServerMessage::UpdateAccepted {
+            changeover_id,
+            target_version,
+            scheduled_at,
+        } => {
+            let message = ServerMessage::UpdateAccepted {
+                changeover_id: changeover_id.clone(),
+                target_version: target_version.clone(),
+                scheduled_at,
+            };
+            if json {
+                print_json(&message);
+            } else {
+                match scheduled_at {
+                    Some(at) => println!(
+                        "changeover {changeover_id} to {target_version} scheduled for {}",
+                        humantime::format_rfc3339_seconds(at)
+                    ),
+                    None => println!("changeover {changeover_id} to {target_version} started"),
+                }
+            }
+            changeover_id
+        }
+        ServerMessage::Error { code, message, .. } => {
+            return Err(AdminError::Refused { code, message }.into());
+        }
+        other => return Err(AdminError::Unexpected(format!("{other:?}")).into()),
+    };
+
+    let bar = indicatif::ProgressBar::hidden();
+    loop {
+        let next =
+            tokio::time::timeout(Duration::from_secs(2), next_message(&mut session.ws)).await;
+        let message = match next {
+            // Quiet for a while: ask, in case the end happened while we were away.
+            Err(_) => {
+                let _ = send(&mut session.ws, &ClientMessage::StatusRequest).await;
+                continue;
+            }
+            Ok(Err(reason)) => {
+                bar.finish_and_clear();
+                if !json {
+                    println!(
+                        "connection to the server lost ({reason}); waiting for it to come back"
+                    );
+                }
+                session = reconnect(dialer, &password).await?;
+                let _ = send(&mut session.ws, &ClientMessage::StatusRequest).await;
+                continue;
+            }
+            Ok(Ok(message)) => message,
+        };
+        let summary = match message {
+            ServerMessage::ChangeoverFinished(summary) if summary.changeover_id == id => summary,
+            ServerMessage::Status(report) => match report.last_changeover {
+                Some(summary) if summary.changeover_id == id => summary,
+                _ => continue,
+            },
+            other => {
+                if json {
+                    print_json(&other);
+                } else {
+                    show_update_progress(&bar, &other, started);
+                }
+                continue;
+            }
+        };
+        bar.finish_and_clear();
+        session.close().await;
+        if json {
+            print_json(&ServerMessage::ChangeoverFinished(summary.clone()));
+        }
+        return finish_line(&summary, json);
+    }
+}
+
+async fn reconnect(dialer: &Dialer, password: &str) -> anyhow::Result<AdminSession> {
+    let deadline = std::time::Instant::now() + RETURN_PATIENCE;
+    let mut backoff = changeover_protocol::backoff::Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(2),
+    );
+    loop {
+        match AdminSession::login(dialer, password.to_owned()).await {
+            Ok(session) => return Ok(session),
+            Err(err @ (AdminError::LoginRefused { .. } | AdminError::Throttled { .. })) => {
+                return Err(err.into());
+            }
+            Err(err) if std::time::Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "the server did not come back within {} s: {err}",
+                    RETURN_PATIENCE.as_secs()
+                );
+            }
+            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+        }
+    }
+}
+
+fn finish_line(summary: &changeover_protocol::ChangeoverSummary, json: bool) -> anyhow::Result<()> {
+    use changeover_protocol::ChangeoverOutcome;
+    let took = summary
+        .ended_at
+        .duration_since(summary.started_at)
+        .unwrap_or_default();
+    match summary.outcome {
+        ChangeoverOutcome::Committed => {
+            if !json {
+                let downtime = summary
+                    .downtime_ms
+                    .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "unknown".to_owned());
+                println!(
+                    "server updated {} -> {} in {} (downtime {downtime}; {} sessions warned, {} logged out)",
+                    summary.from_version,
+                    summary.target_version,
+                    humantime::format_duration(Duration::from_secs(took.as_secs())),
+                    summary.sessions_warned,
+                    summary.sessions_logged_out
+                );
+            }
+            Ok(())
+        }
+        outcome => anyhow::bail!(
+            "the changeover to {} ended {outcome} during {}: {}",
+            summary.target_version,
+            summary.phase,
+            summary.reason.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
+fn show_update_progress(
+    bar: &indicatif::ProgressBar,
+    message: &ServerMessage,
+    started: std::time::Instant,
+) {
+    match message {
+        ServerMessage::ChangeoverProgress { phase, detail, .. } => bar.suspend(|| {
+            let elapsed = started.elapsed().as_secs_f64();
+            if detail.is_empty() {
+                println!("[{elapsed:6.1}s] {phase}");
+            } else {
+                println!("[{elapsed:6.1}s] {phase}: {detail}");
+            }
+        }),
+        other => show_download_progress(bar, other),
+    }
+}
+
+fn print_json(message: &ServerMessage) {
+    if let Ok(line) = serde_json::to_string(message) {
+        println!("{line}");
+    }
+}
+
+/// `admin cancel`.
+pub async fn cancel_command(dialer: &Dialer, password: String) -> anyhow::Result<()> {
+    let mut session = AdminSession::login(dialer, password).await?;
+    send(&mut session.ws, &ClientMessage::CancelRequest)
+        .await
+        .map_err(|err| AdminError::ConnectionLost {
+            reason: format!("{err:#}"),
+        })?;
+    let answer = request_answer(&mut session.ws).await?;
+    session.close().await;
+    match answer {
+        ServerMessage::CancelAccepted { changeover_id } => {
+            println!("changeover {changeover_id} cancelled; the users were told");
+            Ok(())
+        }
+        ServerMessage::Error { code, message, .. } => {
+            Err(AdminError::Refused { code, message }.into())
+        }
+        other => Err(AdminError::Unexpected(format!("{other:?}")).into()),
+    }
+}
+
 /// The status as a human reads it.
 pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
     let mut out = String::new();
@@ -353,6 +592,36 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         out.push_str(&format!("last refusal       {refusal}\n"));
     }
     out.push_str(&format!("changeover phase   {}\n", report.phase));
+    if let Some(changeover) = &report.changeover {
+        let when = match (changeover.scheduled_at, changeover.deadline) {
+            (_, Some(deadline)) => format!(
+                ", logout at {}",
+                humantime::format_rfc3339_seconds(deadline)
+            ),
+            (Some(at), None) => {
+                format!(", scheduled for {}", humantime::format_rfc3339_seconds(at))
+            }
+            (None, None) => String::new(),
+        };
+        out.push_str(&format!(
+            "changeover         {} -> {} ({}{when})\n",
+            changeover.from_version, changeover.target_version, changeover.changeover_id
+        ));
+    }
+    if let Some(last) = &report.last_changeover {
+        let reason = last
+            .reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "last changeover    {} -> {} {} at {}{reason}\n",
+            last.from_version,
+            last.target_version,
+            last.outcome,
+            humantime::format_rfc3339_seconds(last.ended_at)
+        ));
+    }
     out.push_str(&format!("sessions           {}\n", report.sessions.len()));
     if report.sessions.is_empty() {
         return out;
@@ -435,6 +704,8 @@ mod tests {
             feed: Default::default(),
             candidate: None,
             last_refusal: None,
+            changeover: None,
+            last_changeover: None,
             sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
         };
         let text = render_status(&report, since + Duration::from_secs(125));

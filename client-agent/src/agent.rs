@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::dial::{AgentStream, Dialer};
+use crate::hooks::{HookEvent, Hooks};
 use crate::identity::Identity;
 use changeover_protocol::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 
@@ -35,6 +36,7 @@ pub struct AgentOptions {
     pub user: Option<String>,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    pub hooks: Hooks,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -52,7 +54,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     loop {
         info!(server = %dialer.url(), "connecting");
         let ending = tokio::select! {
-            ending = session(&dialer, &identity, &shutdown) => ending,
+            ending = session(&dialer, &identity, &options.hooks, &shutdown) => ending,
             () = shutdown.cancelled() => SessionEnd::Stopped,
         };
         match ending {
@@ -67,6 +69,25 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 // It worked until now: the next retry may be quick again.
                 backoff.reset();
                 info!(%reason, "disconnected");
+            }
+            SessionEnd::LoggedOut { reconnect_within } => {
+                backoff.reset();
+                // The whole fleet was logged out at once: come back at a random moment of
+                // the window the server announced, not all in the same millisecond.
+                let window = u64::try_from(reconnect_within.as_millis()).unwrap_or(u64::MAX);
+                let pause = Duration::from_millis(rand::random_range(0..=window));
+                info!(
+                    pause_ms = pause.as_millis() as u64,
+                    "logged out for the update; returning after a pause"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => {
+                        info!("agent stopped");
+                        return Ok(());
+                    }
+                }
+                continue;
             }
             SessionEnd::Refused { code, message } => {
                 error!(?code, %message, "the server refused this agent");
@@ -101,6 +122,8 @@ enum SessionEnd {
     Lost { reason: String },
     /// The server refused the hello.
     Refused { code: ErrorCode, message: String },
+    /// The server logged everyone out for an update.
+    LoggedOut { reconnect_within: Duration },
 }
 
 /// The agent's WebSocket settings: small buffers, the protocol's size limits.
@@ -112,7 +135,12 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
 }
 
-async fn session(dialer: &Dialer, identity: &Identity, shutdown: &CancellationToken) -> SessionEnd {
+async fn session(
+    dialer: &Dialer,
+    identity: &Identity,
+    hooks: &Hooks,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let mut ws = match dialer.connect(websocket_config()).await {
         Ok(ws) => ws,
         Err(err) => return SessionEnd::ConnectFailed(err),
@@ -152,6 +180,8 @@ async fn session(dialer: &Dialer, identity: &Identity, shutdown: &CancellationTo
     // The server pings every heartbeat; two intervals of silence mean it is gone even if
     // the TCP connection never says so (a pulled cable, a dead NAT entry).
     let silence_limit = heartbeat * 2 + SILENCE_SLACK;
+    // The version the last warning announced, for the logout hook.
+    let mut announced_version = String::new();
     let mut silent_since = Instant::now();
     loop {
         tokio::select! {
@@ -176,6 +206,28 @@ async fn session(dialer: &Dialer, identity: &Identity, shutdown: &CancellationTo
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text) {
                         Ok(ServerMessage::Error { code, message, .. }) => {
                             warn!(?code, %message, "the server reported an error");
+                        }
+                        Ok(ServerMessage::Warning { deadline, seconds_left, target_version, message, .. }) => {
+                            let deadline = humantime::format_rfc3339_seconds(deadline).to_string();
+                            announced_version.clone_from(&target_version);
+                            warn!(%deadline, seconds_left, %target_version, %message, "the server will be updated: save your work");
+                            let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message };
+                            hooks.on_warning(&event).await;
+                        }
+                        Ok(ServerMessage::UpdateCancelled { message, .. }) => {
+                            info!(%message, "the announced update was called off");
+                        }
+                        Ok(ServerMessage::Logout { reason, reconnect_within_ms, .. }) => {
+                            warn!(%reason, "logged out by the server");
+                            let event = HookEvent {
+                                event: "logout",
+                                deadline: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                                seconds_left: 0,
+                                target_version: announced_version.clone(),
+                                message: reason,
+                            };
+                            hooks.on_logout(&event).await;
+                            return SessionEnd::LoggedOut { reconnect_within: Duration::from_millis(reconnect_within_ms) };
                         }
                         Ok(other) => debug!(message = ?other, "message not handled in this state"),
                         Err(err) => warn!(cause = %err, "unreadable message from the server"),

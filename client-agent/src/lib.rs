@@ -7,5 +7,6 @@
 pub mod admin;
 pub mod agent;
 pub mod dial;
+pub mod hooks;
 pub mod identity;
 pub mod version;

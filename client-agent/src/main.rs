@@ -41,10 +41,49 @@ struct RunArgs {
     /// A PEM file of CA certificates to trust for wss:// besides the public ones.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Run through `sh -c` on every countdown warning (details in CHANGEOVER_* variables).
+    #[arg(long)]
+    warn_hook: Option<String>,
+    /// Run through `sh -c` when the server forces the logout: close the application here.
+    #[arg(long)]
+    logout_hook: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
+    /// Update the server: download, warn everyone, log out, swap, restart; follows it
+    /// through the restart until the new version runs (exit 0) or it failed (exit 1).
+    Update {
+        #[command(flatten)]
+        connection: AdminConnectionArgs,
+        /// Seconds from the first warning to the forced logout (0 to 3600).
+        #[arg(long, default_value_t = 120)]
+        grace: u64,
+        /// Who gets the mail when it is over [default: mail.to from the server's config].
+        #[arg(long)]
+        notify: Option<String>,
+        /// The release to install [default: the newest available].
+        #[arg(long)]
+        version: Option<String>,
+        /// Start at this time instead of now, RFC 3339 (2026-11-28T22:00:00Z) or a
+        /// duration from now (30m, 2h).
+        #[arg(long)]
+        at: Option<String>,
+        /// What the users are told with the warning.
+        #[arg(long)]
+        message: Option<String>,
+        /// Accept a release that is not newer than the installed one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// One JSON object per event instead of lines for people.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call off a changeover that is scheduled or counting down; users are told.
+    Cancel {
+        #[command(flatten)]
+        connection: AdminConnectionArgs,
+    },
     /// Show the server's version, changeover phase and connected sessions.
     Status {
         #[command(flatten)]
@@ -126,6 +165,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 user: args.user,
                 state_dir,
                 ca_file: args.ca_file,
+                hooks: changeover_agent::hooks::Hooks {
+                    warn: args.warn_hook,
+                    logout: args.logout_hook,
+                },
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -135,6 +178,33 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let password = admin::admin_password(connection.password_file.as_deref())?;
             let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
             admin::status_command(&dialer, password, json).await
+        }
+        Command::Admin(AdminCommand::Update {
+            connection,
+            grace,
+            notify,
+            version,
+            at,
+            message,
+            allow_downgrade,
+            json,
+        }) => {
+            let password = admin::admin_password(connection.password_file.as_deref())?;
+            let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
+            let request = admin::UpdateOptions {
+                grace_secs: grace,
+                notify,
+                version,
+                at: at.map(|at| admin::parse_when(&at)).transpose()?,
+                message,
+                allow_downgrade,
+            };
+            admin::update_command(&dialer, password, request, json).await
+        }
+        Command::Admin(AdminCommand::Cancel { connection }) => {
+            let password = admin::admin_password(connection.password_file.as_deref())?;
+            let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
+            admin::cancel_command(&dialer, password).await
         }
         Command::Admin(AdminCommand::Download {
             connection,

@@ -38,11 +38,14 @@ pub enum CloseCode {
     Replaced,
     /// 4008: the server holds as many sessions as it is configured for.
     ServerFull,
+    /// 4009: the server is updating: a forced logout at the deadline, or a connection
+    /// refused until the new version is up. Reconnect within the announced window.
+    ServerUpdating,
 }
 
 impl CloseCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [CloseCode; 16] = [
+    pub const ALL: [CloseCode; 17] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -59,6 +62,7 @@ impl CloseCode {
         CloseCode::HeartbeatTimeout,
         CloseCode::Replaced,
         CloseCode::ServerFull,
+        CloseCode::ServerUpdating,
     ];
 
     /// The number sent in the close frame.
@@ -80,6 +84,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => 4006,
             CloseCode::Replaced => 4007,
             CloseCode::ServerFull => 4008,
+            CloseCode::ServerUpdating => 4009,
         }
     }
 
@@ -110,6 +115,7 @@ impl std::fmt::Display for CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::Replaced => "replaced",
             CloseCode::ServerFull => "server full",
+            CloseCode::ServerUpdating => "server updating",
         };
         write!(f, "{} ({name})", self.code())
     }

@@ -16,8 +16,9 @@ pub mod version;
 
 pub use close::CloseCode;
 pub use messages::{
-    AgentHello, CandidateState, CandidateStatus, ChangeoverPhase, ClientMessage, DecodeError,
-    ErrorCode, FeedStatus, PackageSource, ServerMessage, SessionView, StatusReport,
+    AgentHello, CandidateState, CandidateStatus, ChangeoverOutcome, ChangeoverPhase,
+    ChangeoverSummary, ChangeoverView, ClientMessage, DecodeError, ErrorCode, FeedStatus,
+    PackageSource, ServerMessage, SessionView, StatusReport,
 };
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -25,6 +25,30 @@ pub enum ClientMessage {
     },
     /// Admin only: asks for a [`ServerMessage::Status`].
     StatusRequest,
+    /// Admin only: start a changeover (or schedule it with `at`). Answered by
+    /// `update_accepted` or an error; then `changeover_progress` events and, at the end,
+    /// `changeover_finished` (after a restart: see `last_changeover` in the status).
+    UpdateRequest {
+        /// The release to install; the newest available when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        /// Seconds between the first warning and the forced logout, 0 to 3600.
+        #[serde(default = "default_grace_secs")]
+        grace_secs: u64,
+        /// Who gets the mail when it is over.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notify: Option<String>,
+        /// Shown to the users with the warning.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        /// Start at this time (RFC 3339) instead of now: a maintenance window.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+        #[serde(default)]
+        allow_downgrade: bool,
+    },
+    /// Admin only: call off a changeover that is scheduled or counting down.
+    CancelRequest,
     /// Admin only: fetch a server release from the feed and verify it, without installing
     /// it. Progress comes as `download_*` messages, the end as `package_ready` or
     /// `package_refused`.
@@ -77,6 +101,49 @@ pub enum ServerMessage {
     },
     /// The answer to a status request.
     Status(StatusReport),
+    /// The answer to an update request: a changeover has begun (or is scheduled).
+    UpdateAccepted {
+        changeover_id: String,
+        target_version: String,
+        #[serde(
+            default,
+            with = "optional_rfc3339",
+            skip_serializing_if = "Option::is_none"
+        )]
+        scheduled_at: Option<SystemTime>,
+    },
+    /// The answer to a cancel request.
+    CancelAccepted { changeover_id: String },
+    /// A changeover moved to another phase (to every admin).
+    ChangeoverProgress {
+        changeover_id: String,
+        phase: ChangeoverPhase,
+        detail: String,
+    },
+    /// A changeover ended (to every admin).
+    ChangeoverFinished(ChangeoverSummary),
+    /// To every agent: the server will update; leave before the deadline. Repeated as the
+    /// deadline nears, and sent at once to agents that connect during the countdown.
+    Warning {
+        changeover_id: String,
+        #[serde(with = "rfc3339")]
+        deadline: SystemTime,
+        seconds_left: u64,
+        target_version: String,
+        message: String,
+    },
+    /// To every agent: the announced update was called off.
+    UpdateCancelled {
+        changeover_id: String,
+        message: String,
+    },
+    /// To every agent at the deadline: the session ends now (close the application); the
+    /// connection closes with 4009. Reconnect at a random moment within the window.
+    Logout {
+        changeover_id: String,
+        reason: String,
+        reconnect_within_ms: u64,
+    },
     /// The answer to a download request: the feed has this release and it is being
     /// fetched (or is already verified: a `package_ready` follows either way).
     DownloadAccepted { version: String },
@@ -174,6 +241,12 @@ pub enum ErrorCode {
     NotNewer,
     /// Another download or changeover is already running.
     Busy,
+    /// The request is not valid (a grace period out of range, a time in the past).
+    InvalidRequest,
+    /// Nothing to cancel.
+    NothingToCancel,
+    /// The server is updating: no sessions until it is back.
+    Updating,
     /// A code this build does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -188,6 +261,8 @@ impl ErrorCode {
                 | ErrorCode::ReleaseNotFound
                 | ErrorCode::NotNewer
                 | ErrorCode::Busy
+                | ErrorCode::InvalidRequest
+                | ErrorCode::NothingToCancel
         )
     }
 }
@@ -232,6 +307,12 @@ pub struct StatusReport {
     /// Why the last package was refused, if one was.
     #[serde(default)]
     pub last_refusal: Option<String>,
+    /// The changeover scheduled or running, if any.
+    #[serde(default)]
+    pub changeover: Option<ChangeoverView>,
+    /// How the last changeover ended.
+    #[serde(default)]
+    pub last_changeover: Option<ChangeoverSummary>,
     /// Every connected agent session, oldest first.
     pub sessions: Vec<SessionView>,
 }
@@ -273,23 +354,129 @@ pub enum CandidateState {
 }
 
 /// Where the server is in a changeover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeoverPhase {
     /// No changeover is scheduled or running.
     Idle,
+    /// Waiting for the time the admin chose.
+    Scheduled,
+    /// Fetching, verifying, unpacking and checking the release; nobody is disturbed yet.
+    Preparing,
+    /// Every session has been warned; the deadline approaches.
+    CountingDown,
+    /// The deadline passed: the remaining sessions are being logged out.
+    LoggingOut,
+    /// The server stops taking work and writes what it holds.
+    Stopping,
+    /// Preferences, backups and certificates move into the new release.
+    CarryingOver,
+    /// The old install becomes `<name>_old`, the new one takes its place.
+    Swapping,
+    /// The server restarts as the new release.
+    Restarting,
+    /// The new release checks itself before the old one is deleted.
+    HealthCheck,
+    /// The new release failed; the old one is being put back.
+    RollingBack,
     /// A phase this build does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
 }
 
+impl ChangeoverPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeoverPhase::Idle => "idle",
+            ChangeoverPhase::Scheduled => "scheduled",
+            ChangeoverPhase::Preparing => "preparing",
+            ChangeoverPhase::CountingDown => "counting_down",
+            ChangeoverPhase::LoggingOut => "logging_out",
+            ChangeoverPhase::Stopping => "stopping",
+            ChangeoverPhase::CarryingOver => "carrying_over",
+            ChangeoverPhase::Swapping => "swapping",
+            ChangeoverPhase::Restarting => "restarting",
+            ChangeoverPhase::HealthCheck => "health_check",
+            ChangeoverPhase::RollingBack => "rolling_back",
+            ChangeoverPhase::Unknown => "unknown",
+        }
+    }
+}
+
 impl std::fmt::Display for ChangeoverPhase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a changeover ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeoverOutcome {
+    /// The new release runs, is healthy, and the old one is deleted.
+    Committed,
+    /// The new release failed after the swap; the old one runs again.
+    RolledBack,
+    /// Stopped before anything changed (a failed check, an interrupted preparation).
+    Failed,
+    /// The admin called it off before the deadline.
+    Cancelled,
+    /// An outcome this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for ChangeoverOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            ChangeoverPhase::Idle => "idle",
-            ChangeoverPhase::Unknown => "unknown",
+            ChangeoverOutcome::Committed => "committed",
+            ChangeoverOutcome::RolledBack => "rolled_back",
+            ChangeoverOutcome::Failed => "failed",
+            ChangeoverOutcome::Cancelled => "cancelled",
+            ChangeoverOutcome::Unknown => "unknown",
         })
     }
+}
+
+/// The changeover in progress, as a status report shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeoverView {
+    pub changeover_id: String,
+    pub from_version: String,
+    pub target_version: String,
+    pub phase: ChangeoverPhase,
+    /// When it starts, for a scheduled changeover.
+    #[serde(default, with = "optional_rfc3339")]
+    pub scheduled_at: Option<SystemTime>,
+    /// When the remaining sessions are logged out, once counting down.
+    #[serde(default, with = "optional_rfc3339")]
+    pub deadline: Option<SystemTime>,
+}
+
+/// How the last changeover ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeoverSummary {
+    pub changeover_id: String,
+    pub outcome: ChangeoverOutcome,
+    pub from_version: String,
+    pub target_version: String,
+    /// The phase it ended in or failed at.
+    pub phase: ChangeoverPhase,
+    /// Why it did not commit, in words.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(with = "rfc3339")]
+    pub started_at: SystemTime,
+    #[serde(with = "rfc3339")]
+    pub ended_at: SystemTime,
+    /// From the last forced logout to the new version accepting sessions.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Sessions warned, and sessions still connected at the deadline.
+    #[serde(default)]
+    pub sessions_warned: u64,
+    #[serde(default)]
+    pub sessions_logged_out: u64,
 }
 
 /// One connected agent, as listed in a status report.
@@ -343,6 +530,8 @@ impl ClientMessage {
             ClientMessage::AdminLogin { .. } => "admin_login",
             ClientMessage::StatusRequest => "status_request",
             ClientMessage::DownloadRequest { .. } => "download_request",
+            ClientMessage::UpdateRequest { .. } => "update_request",
+            ClientMessage::CancelRequest => "cancel_request",
         }
     }
 
@@ -361,8 +550,14 @@ impl ClientMessage {
             #[serde(rename = "type")]
             message_type: String,
         }
-        const KNOWN_TYPES: [&str; 4] =
-            ["hello", "admin_login", "status_request", "download_request"];
+        const KNOWN_TYPES: [&str; 6] = [
+            "hello",
+            "admin_login",
+            "status_request",
+            "download_request",
+            "update_request",
+            "cancel_request",
+        ];
 
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(value) => value,
@@ -389,6 +584,16 @@ impl ClientMessage {
     }
 }
 
+/// The grace period when an update request names none: two minutes.
+pub const DEFAULT_GRACE_SECS: u64 = 120;
+
+/// The longest grace period accepted.
+pub const MAX_GRACE_SECS: u64 = 3600;
+
+fn default_grace_secs() -> u64 {
+    DEFAULT_GRACE_SECS
+}
+
 /// Timestamps on the wire: RFC 3339, UTC, whole seconds.
 pub mod rfc3339 {
     use std::time::SystemTime;
@@ -402,6 +607,31 @@ pub mod rfc3339 {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Optional timestamps with milliseconds (RFC 3339), for durations measured from them.
+pub mod optional_rfc3339_millis {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &Option<SystemTime>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

@@ -54,6 +54,16 @@ check_interval_secs = 3600
 # Accept releases that are not newer than the installed one. Leave off: a downgrade is
 # the classic way to bring back a fixed vulnerability.
 allow_downgrade = false
+
+[carry_over]
+# Folders of the install carried into every new release (relative to the install folder):
+# preferences, backups, TLS certificates. They move by rename, so their size does not
+# lengthen the downtime, and every file is checked by hash before the new release starts.
+paths = ["config", "backups", "certs"]
+
+[changeover]
+# A new release that has not proved healthy this long after its start is rolled back.
+health_timeout_secs = 60
 "#;
 
 /// The whole configuration.
@@ -63,6 +73,42 @@ pub struct Config {
     pub server: ServerSection,
     pub tls: TlsSection,
     pub feed: FeedSection,
+    pub carry_over: CarryOverSection,
+    pub changeover: ChangeoverSection,
+}
+
+/// `[carry_over]`: what moves from release to release.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CarryOverSection {
+    pub paths: Vec<String>,
+}
+
+impl Default for CarryOverSection {
+    fn default() -> Self {
+        CarryOverSection {
+            paths: vec![
+                "config".to_owned(),
+                "backups".to_owned(),
+                "certs".to_owned(),
+            ],
+        }
+    }
+}
+
+/// `[changeover]`: how a changeover behaves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ChangeoverSection {
+    pub health_timeout_secs: u64,
+}
+
+impl Default for ChangeoverSection {
+    fn default() -> Self {
+        ChangeoverSection {
+            health_timeout_secs: 60,
+        }
+    }
 }
 
 /// `[server]`: listening and connection handling.
@@ -208,6 +254,20 @@ impl Config {
             self.feed.check_interval_secs >= 10,
             "feed.check_interval_secs must be at least 10"
         );
+        for path in &self.carry_over.paths {
+            let plain = !path.is_empty()
+                && std::path::Path::new(path)
+                    .components()
+                    .all(|part| matches!(part, std::path::Component::Normal(_)));
+            anyhow::ensure!(
+                plain,
+                "carry_over.paths holds {path:?}; only folders inside the install can be carried"
+            );
+            anyhow::ensure!(
+                path != "bin",
+                "carry_over.paths may not hold \"bin\": the program comes from the release"
+            );
+        }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), Some(_)) | (None, None) => Ok(()),
             _ => anyhow::bail!("tls.cert and tls.key must be given together"),
@@ -258,6 +318,11 @@ mod tests {
         assert_eq!(parsed.feed.public_key, feed.public_key);
         assert_eq!(parsed.feed.check_interval_secs, feed.check_interval_secs);
         assert_eq!(parsed.feed.allow_downgrade, feed.allow_downgrade);
+        assert_eq!(parsed.carry_over.paths, CarryOverSection::default().paths);
+        assert_eq!(
+            parsed.changeover.health_timeout_secs,
+            ChangeoverSection::default().health_timeout_secs
+        );
     }
 
     #[test]
@@ -269,6 +334,15 @@ mod tests {
         assert_eq!(config.feed.url.as_deref(), Some("http://h/"));
         assert_eq!(config.feed.check_interval_secs, 3600);
         assert_eq!(unknown, vec!["mail".to_owned()]);
+    }
+
+    #[test]
+    fn carried_paths_must_stay_inside_the_install() {
+        for bad in ["../etc", "/etc", "bin", ""] {
+            let text = format!("[carry_over]\npaths = [\"{bad}\"]\n");
+            let (config, _) = Config::parse(&text).unwrap();
+            assert!(config.validate().is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::{AdminAuth, LoginOutcome};
+use crate::changeover::driver::{ChangeoverHandle, UpdateParams};
 use crate::hub::{HubHandle, Kick, RegisterError, encode};
 use crate::releases::Releases;
 
@@ -41,6 +42,7 @@ pub struct ConnectionContext {
     pub hub: HubHandle,
     pub auth: AdminAuth,
     pub releases: Arc<Releases>,
+    pub changeover: ChangeoverHandle,
     pub server_version: String,
     /// How often to ping; two silent intervals end the connection.
     pub heartbeat: Duration,
@@ -99,7 +101,12 @@ pub async fn serve<S>(
             protocol_version,
             password,
         }) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
-        Ok(request @ (ClientMessage::StatusRequest | ClientMessage::DownloadRequest { .. })) => {
+        Ok(
+            request @ (ClientMessage::StatusRequest
+            | ClientMessage::DownloadRequest { .. }
+            | ClientMessage::UpdateRequest { .. }
+            | ClientMessage::CancelRequest),
+        ) => {
             let refusal = Refusal::unauthorized(&format!(
                 "{} needs an admin login first",
                 request.type_name()
@@ -161,9 +168,18 @@ where
         Err(RegisterError::HubStopped) => {
             return close(ws, CloseCode::GoingAway, "server shutting down", context).await;
         }
+        Err(err @ RegisterError::Updating) => {
+            let refusal = Refusal::new(
+                ErrorCode::Updating,
+                CloseCode::ServerUpdating,
+                err.to_string(),
+            );
+            return refuse(ws, refusal, context).await;
+        }
     };
     let session_id = registration.session_id;
     let mut kick = registration.kick;
+    let notice = registration.notice;
     info!(%peer, session_id, %user, %agent_version, "agent connected");
 
     let welcome = ServerMessage::Welcome {
@@ -173,7 +189,15 @@ where
         heartbeat_secs: context.heartbeat.as_secs(),
     };
     let mut heartbeat = Heartbeat::start(context.heartbeat);
-    let ending = match send(ws, &welcome, context).await {
+    let greeted = match send(ws, &welcome, context).await {
+        Ok(()) => match notice {
+            // Joining during a countdown: the warning comes at once.
+            Some(notice) => send_frame(ws, Message::Text(notice), context).await,
+            None => Ok(()),
+        },
+        Err(ending) => Err(ending),
+    };
+    let ending = match greeted {
         Err(ending) => ending,
         Ok(()) => loop {
             tokio::select! {
@@ -184,6 +208,10 @@ where
                     break match kicked {
                         Ok(Kick::Replaced) => {
                             close(ws, CloseCode::Replaced, "the agent connected again", context).await
+                        }
+                        Ok(Kick::Logout(logout)) => {
+                            let _ = send_frame(ws, Message::Text(logout), context).await;
+                            close(ws, CloseCode::ServerUpdating, "the server is updating", context).await
                         }
                         Err(_) => close(ws, CloseCode::GoingAway, "server shutting down", context).await,
                     };
@@ -216,7 +244,9 @@ where
                         // Protocol 1 has nothing for an agent to send after its hello.
                         Incoming::Message(
                             request @ (ClientMessage::StatusRequest
-                            | ClientMessage::DownloadRequest { .. }),
+                            | ClientMessage::DownloadRequest { .. }
+                            | ClientMessage::UpdateRequest { .. }
+                            | ClientMessage::CancelRequest),
                         ) => {
                             let refusal = Refusal::unauthorized(&format!(
                                 "{} is for admin logins, not agent sessions",
@@ -318,6 +348,19 @@ where
                     Incoming::Message(ClientMessage::DownloadRequest { version, allow_downgrade }) => {
                         download_request(context, version, allow_downgrade).await
                     }
+                    Incoming::Message(ClientMessage::UpdateRequest {
+                        version, grace_secs, notify, message, at, allow_downgrade,
+                    }) => {
+                        update_request(context, UpdateParams {
+                            version, grace_secs, notify, message, at: None, allow_downgrade,
+                        }, at).await
+                    }
+                    Incoming::Message(ClientMessage::CancelRequest) => {
+                        match context.changeover.cancel().await {
+                            Ok(changeover_id) => ServerMessage::CancelAccepted { changeover_id },
+                            Err(refusal) => ServerMessage::error(refusal.code, refusal.message),
+                        }
+                    }
                     Incoming::Message(other) => {
                         return refuse(ws, Refusal::unexpected(other.type_name(), "after admin_login"), context).await;
                     }
@@ -338,15 +381,46 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
     )
     .await;
     let snapshot = releases.snapshot();
+    let changeover = context.changeover.current();
     ServerMessage::Status(StatusReport {
         server_version: context.server_version.clone(),
         available_version: releases.available_version(),
-        phase: ChangeoverPhase::Idle,
+        phase: changeover
+            .as_ref()
+            .map_or(ChangeoverPhase::Idle, |view| view.phase),
         feed: snapshot.feed,
         candidate: releases.candidate_status(),
         last_refusal: snapshot.last_refusal,
+        changeover,
+        last_changeover: context.changeover.last(),
         sessions: context.hub.sessions().await,
     })
+}
+
+async fn update_request(
+    context: &ConnectionContext,
+    mut params: UpdateParams,
+    at: Option<String>,
+) -> ServerMessage {
+    if let Some(text) = at {
+        match humantime::parse_rfc3339_weak(&text) {
+            Ok(time) => params.at = Some(time),
+            Err(err) => {
+                return ServerMessage::error(
+                    ErrorCode::InvalidRequest,
+                    format!("{text:?} is not a time such as 2026-11-28T22:00:00Z: {err}"),
+                );
+            }
+        }
+    }
+    match context.changeover.start(params).await {
+        Ok(view) => ServerMessage::UpdateAccepted {
+            changeover_id: view.changeover_id,
+            target_version: view.target_version,
+            scheduled_at: view.scheduled_at,
+        },
+        Err(refusal) => ServerMessage::error(refusal.code, refusal.message),
+    }
 }
 
 // Answers at once with `download_accepted`; progress and the outcome (`package_ready` or

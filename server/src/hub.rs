@@ -22,10 +22,12 @@ const COMMAND_QUEUE: usize = 1024;
 pub const BROADCAST_RING: usize = 64;
 
 /// Why the hub asks a connection to end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kick {
     /// The same agent connected again; the newer connection wins.
     Replaced,
+    /// The changeover's deadline: send this `logout` message, then close with 4009.
+    Logout(Utf8Bytes),
 }
 
 /// Why a session could not be registered.
@@ -35,6 +37,8 @@ pub enum RegisterError {
     ServerFull { max_sessions: usize },
     #[error("the server is shutting down")]
     HubStopped,
+    #[error("the server is updating; it will be back shortly")]
+    Updating,
 }
 
 /// What a connection learns when its session is registered.
@@ -43,6 +47,8 @@ pub struct Registration {
     pub session_id: u64,
     /// Resolves when the hub wants this connection closed.
     pub kick: oneshot::Receiver<Kick>,
+    /// What a session joining now must hear first (the countdown's warning).
+    pub notice: Option<Utf8Bytes>,
 }
 
 /// A cloneable handle to the hub task.
@@ -65,6 +71,12 @@ enum HubCommand {
     Snapshot {
         reply: oneshot::Sender<Vec<SessionView>>,
     },
+    SetNotice(Option<Utf8Bytes>),
+    LogOutAll {
+        logout: Utf8Bytes,
+        reply: oneshot::Sender<usize>,
+    },
+    Reopen,
 }
 
 /// One connected agent as the hub keeps it.
@@ -86,6 +98,10 @@ struct Hub {
     /// Ids only grow, so ordering by id is ordering by connection time.
     next_session_id: u64,
     max_sessions: usize,
+    /// Sent to every session that registers while it is set: the current warning.
+    notice: Option<Utf8Bytes>,
+    /// After the changeover's logout: no sessions until the new version is up.
+    updating: bool,
 }
 
 impl HubHandle {
@@ -98,6 +114,8 @@ impl HubHandle {
             by_agent: HashMap::new(),
             next_session_id: 1,
             max_sessions,
+            notice: None,
+            updating: false,
         };
         tokio::spawn(hub.run(receiver));
         HubHandle {
@@ -147,6 +165,38 @@ impl HubHandle {
         response.await.unwrap_or_default()
     }
 
+    /// Sets (or clears) the message every newly registered session gets first.
+    pub async fn set_notice(&self, message: Option<&ServerMessage>) {
+        let notice = message.map(|message| Utf8Bytes::from(encode(message)));
+        let _ = self.commands.send(HubCommand::SetNotice(notice)).await;
+    }
+
+    /// The deadline: every session gets `logout` and is closed; no new session is accepted
+    /// until [`HubHandle::reopen`]. Returns how many sessions were logged out.
+    pub async fn log_out_all(&self, logout: &ServerMessage) -> usize {
+        let (reply, response) = oneshot::channel();
+        let logout = Utf8Bytes::from(encode(logout));
+        if self
+            .commands
+            .send(HubCommand::LogOutAll { logout, reply })
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        response.await.unwrap_or(0)
+    }
+
+    /// Accepts sessions again (a changeover that rolled back before the restart).
+    pub async fn reopen(&self) {
+        let _ = self.commands.send(HubCommand::Reopen).await;
+    }
+
+    /// How many sessions are connected.
+    pub async fn session_count(&self) -> usize {
+        self.sessions().await.len()
+    }
+
     /// A receiver of every broadcast from now on; connections take one before registering.
     pub fn subscribe(&self) -> broadcast::Receiver<Utf8Bytes> {
         self.broadcast.subscribe()
@@ -191,6 +241,18 @@ impl Hub {
                     views.sort_unstable_by_key(|view| view.session_id);
                     let _ = reply.send(views);
                 }
+                HubCommand::SetNotice(notice) => self.notice = notice,
+                HubCommand::LogOutAll { logout, reply } => {
+                    self.updating = true;
+                    self.notice = None;
+                    let count = self.sessions.len();
+                    for (_, session) in self.sessions.drain() {
+                        let _ = session.kick.send(Kick::Logout(logout.clone()));
+                    }
+                    self.by_agent.clear();
+                    let _ = reply.send(count);
+                }
+                HubCommand::Reopen => self.updating = false,
             }
         }
     }
@@ -200,6 +262,9 @@ impl Hub {
         hello: AgentHello,
         address: SocketAddr,
     ) -> Result<Registration, RegisterError> {
+        if self.updating {
+            return Err(RegisterError::Updating);
+        }
         let replaced = self
             .by_agent
             .get(&hello.agent_id)
@@ -236,6 +301,7 @@ impl Hub {
         Ok(Registration {
             session_id,
             kick: kick_receiver,
+            notice: self.notice.clone(),
         })
     }
 

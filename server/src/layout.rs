@@ -37,6 +37,16 @@ impl Layout {
         self.root.join(INSTALL_DIR_NAME)
     }
 
+    /// The previous release during a changeover: `<root>/server_old`.
+    pub fn old_install_dir(&self) -> PathBuf {
+        self.root.join(format!("{INSTALL_DIR_NAME}_old"))
+    }
+
+    /// A release that failed after a swap, kept for diagnosis: `<root>/server_failed`.
+    pub fn failed_install_dir(&self) -> PathBuf {
+        self.root.join(format!("{INSTALL_DIR_NAME}_failed"))
+    }
+
     pub fn config_dir(&self) -> PathBuf {
         self.install_dir().join("config")
     }

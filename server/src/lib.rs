@@ -5,6 +5,7 @@
 //! `main.rs` only parses the command line and sets up logging.
 
 pub mod auth;
+pub mod changeover;
 pub mod config;
 pub mod connection;
 pub mod download;
@@ -33,11 +34,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::{ADMIN_PASSWORD_ENV, AdminAuth, PasswordOrigin};
+use crate::changeover::driver::{Collaborators, Driver};
+use crate::changeover::journal::JournalFiles;
+use crate::changeover::recovery::Resume;
 use crate::config::Config;
 use crate::connection::ConnectionContext;
 use crate::hub::HubHandle;
 use crate::layout::Layout;
-use crate::listener::Listener;
+use crate::listener::{Listener, ListenerControl};
 use crate::releases::{ReleaseSettings, Releases};
 
 /// How long shutdown waits for connections to send their close frames.
@@ -52,14 +56,54 @@ pub struct RunOptions {
     pub listen: Option<SocketAddr>,
 }
 
+/// The listening socket, made before anything else so that it is file descriptor 3 and
+/// can be handed to the next process image in a changeover; inherited from the previous
+/// image (or systemd socket activation) when there is one. Call it before starting the
+/// async runtime.
+pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListener> {
+    if let Some(inherited) = platform::inherited_listener() {
+        inherited
+            .set_nonblocking(true)
+            .context("cannot use the inherited socket")?;
+        return Ok(inherited);
+    }
+    let layout = Layout::new(&options.root);
+    let config = Config::load_or_create(&layout.config_file())?.config;
+    let address = options.listen.unwrap_or(config.server.listen);
+    let tcp = listener::bind_std(address, config.server.listen_backlog)
+        .with_context(|| format!("cannot listen on {address}"))?;
+    Ok(tcp)
+}
+
 /// Runs the server until SIGINT or SIGTERM, then closes every session with a reason.
-pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> anyhow::Result<()> {
     match platform::raise_open_file_limit() {
         Ok(limit) => info!(%limit, "one file descriptor per agent"),
         Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),
     }
     let layout = Layout::new(&options.root);
     layout.create_dirs()?;
+    let server_version = version::running_version();
+    let bound = std_listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    let restart_args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "--root".into(),
+        options.root.clone().into_os_string(),
+        "--listen".into(),
+        bound.to_string().into(),
+    ];
+
+    // An unfinished changeover is settled before anything else.
+    let journal_files = JournalFiles::new(&layout.state_dir());
+    let resume = changeover::recovery::recover(&layout, &journal_files, &server_version)?;
+    if let Resume::Restart(binary) = &resume {
+        info!(binary = %binary.display(), "handing over to the installed release");
+        let err = platform::reexec(binary, &restart_args, &std_listener);
+        anyhow::bail!("cannot start {}: {err}", binary.display());
+    }
+
     let loaded = Config::load_or_create(&layout.config_file())?;
     if loaded.created {
         info!(path = %layout.config_file().display(), "wrote the default config");
@@ -91,14 +135,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    let address = options.listen.unwrap_or(config.server.listen);
-    let tcp = listener::bind(address, config.server.listen_backlog)
-        .with_context(|| format!("cannot listen on {address}"))?;
-    let bound = tcp
-        .local_addr()
-        .context("cannot read the listening address")?;
     let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let server_version = version::running_version();
+    let uses_tls = tls.is_some();
     // A plain line on stdout for scripts and tests; the same in the log.
     println!("listening on {scheme}://{bound}");
     info!(version = %server_version, address = %bound, %scheme, "server started");
@@ -132,29 +170,93 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             inbox::watch(inbox, releases, shutdown).await;
         });
     }
+    let hub = HubHandle::spawn(config.server.max_sessions);
+    let (changeover, driver_inbox) = changeover::driver::channel(&layout.state_dir());
     let context = Arc::new(ConnectionContext {
-        hub: HubHandle::spawn(config.server.max_sessions),
+        hub: hub.clone(),
         auth,
-        releases,
-        server_version,
+        releases: Arc::clone(&releases),
+        changeover,
+        server_version: server_version.clone(),
         heartbeat: config.server.heartbeat_interval(),
         hello_timeout: config.server.handshake_timeout(),
         write_timeout: config.server.write_timeout(),
         shutdown: shutdown.clone(),
     });
-    let listener = Listener {
-        tcp,
+    let listener = Arc::new(Listener {
         tls,
         handshake_slots: Arc::new(Semaphore::new(config.server.max_concurrent_handshakes)),
         context,
         tracker: tracker.clone(),
-    };
-    let accept_loop = tokio::spawn(listener.run());
+    });
+    let tcp = tokio::net::TcpListener::from_std(std_listener)
+        .context("cannot use the listening socket")?;
+    let listener_control = ListenerControl::start(listener, tcp);
+    let accepting_since = std::time::SystemTime::now();
+
+    let (driver, commands) = Driver::new(
+        Collaborators {
+            layout: layout.clone(),
+            carry_paths: config.carry_over.paths.clone(),
+            hub,
+            releases: Arc::clone(&releases),
+            listener: Arc::clone(&listener_control),
+            server_version: server_version.clone(),
+            restart_args: restart_args.clone(),
+        },
+        driver_inbox,
+    );
+    if let Resume::HealthCheck(journal) = resume {
+        let health_timeout = Duration::from_secs(config.changeover.health_timeout_secs);
+        let outcome = tokio::time::timeout(
+            health_timeout,
+            changeover::health::check(&layout, &journal, bound, uses_tls),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "not healthy within {} s",
+                health_timeout.as_secs()
+            ))
+        });
+        match outcome {
+            Ok(()) => {
+                let summary =
+                    changeover::health::commit(&layout, &journal_files, &journal, accepting_since)
+                        .await?;
+                releases.publish(&changeover::health::finished(summary));
+            }
+            Err(err) => {
+                let reason = format!("the new release failed its health check: {err:#}");
+                let resume = changeover::recovery::roll_back(
+                    &layout,
+                    &journal_files,
+                    journal,
+                    reason,
+                    &server_version,
+                )?;
+                if let Resume::Restart(binary) = resume {
+                    let tcp = listener_control
+                        .pause()
+                        .await
+                        .context("the listening socket is gone")?
+                        .into_std()
+                        .context("cannot take the listening socket back")?;
+                    let err = platform::reexec(&binary, &restart_args, &tcp);
+                    anyhow::bail!(
+                        "cannot start the previous release {}: {err}",
+                        binary.display()
+                    );
+                }
+            }
+        }
+    }
+    tokio::spawn(driver.run(commands));
 
     wait_for_stop_signal().await?;
     info!("stopping: closing every session");
     shutdown.cancel();
-    let _ = accept_loop.await;
+    let _ = listener_control.pause().await;
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -167,6 +269,34 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// `changeover-server self-check`: what a new release runs in the preflight, against the
+/// product folder it is about to serve. Starts, reads the config it will get (without
+/// writing anything), checks the state folder is readable, prints its version.
+pub fn self_check(root: &std::path::Path) -> anyhow::Result<String> {
+    let layout = Layout::new(root);
+    let text = std::fs::read_to_string(layout.config_file())
+        .or_else(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                Ok(config::DEFAULT_CONFIG.to_owned())
+            } else {
+                Err(err)
+            }
+        })
+        .with_context(|| format!("cannot read {}", layout.config_file().display()))?;
+    let (_config, unknown) = Config::parse(&text).with_context(|| {
+        format!(
+            "this release cannot read {}",
+            layout.config_file().display()
+        )
+    })?;
+    for key in unknown {
+        eprintln!("note: config key {key} is not known to this release");
+    }
+    std::fs::read_dir(layout.state_dir())
+        .with_context(|| format!("cannot read {}", layout.state_dir().display()))?;
+    Ok(version::running_version())
 }
 
 async fn check_feed_periodically(

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
@@ -26,12 +27,17 @@ use crate::connection::{self, ConnectionContext};
 /// storm) and address reuse, so a restarted server can bind while old sockets linger in
 /// TIME_WAIT.
 pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(address, backlog)?)
+}
+
+/// [`bind`] without a runtime: the socket for `open_listener`, made before the runtime.
+pub fn bind_std(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// The WebSocket settings of every server connection: small buffers, so an idle
@@ -45,9 +51,9 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
 }
 
-/// Everything the accept loop needs.
+/// Everything the accept loop needs, apart from the socket itself, which it borrows while
+/// it runs and hands back when paused (a changeover passes it on to the next process).
 pub struct Listener {
-    pub tcp: TcpListener,
     pub tls: Option<TlsAcceptor>,
     /// One permit per handshake in progress.
     pub handshake_slots: Arc<Semaphore>,
@@ -59,27 +65,29 @@ pub struct Listener {
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listener")
-            .field("tcp", &self.tcp)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Listener {
-    /// Accepts until shutdown.
-    pub async fn run(self) {
+    /// Accepts until shutdown or `pause`; returns the socket, still listening, so that
+    /// connections arriving meanwhile wait in its backlog.
+    pub async fn run(self: Arc<Self>, tcp: TcpListener, pause: CancellationToken) -> TcpListener {
         let shutdown = self.context.shutdown.clone();
         loop {
             let permit = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return tcp,
+                () = pause.cancelled() => return tcp,
                 permit = Arc::clone(&self.handshake_slots).acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => return,
+                    Err(_) => return tcp,
                 },
             };
             let accepted = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = self.tcp.accept() => accepted,
+                () = shutdown.cancelled() => return tcp,
+                () = pause.cancelled() => return tcp,
+                accepted = tcp.accept() => accepted,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -139,4 +147,37 @@ async fn upgrade(
         )),
     };
     Ok(crate::handshake::upgrade(stream, websocket_config()).await?)
+}
+
+/// The running accept loop: paused and resumed by a changeover.
+#[derive(Debug)]
+pub struct ListenerControl {
+    listener: Arc<Listener>,
+    running: tokio::sync::Mutex<Option<(CancellationToken, tokio::task::JoinHandle<TcpListener>)>>,
+}
+
+impl ListenerControl {
+    /// Starts accepting on `tcp`.
+    pub fn start(listener: Arc<Listener>, tcp: TcpListener) -> Arc<ListenerControl> {
+        let pause = CancellationToken::new();
+        let handle = tokio::spawn(Arc::clone(&listener).run(tcp, pause.clone()));
+        Arc::new(ListenerControl {
+            listener,
+            running: tokio::sync::Mutex::new(Some((pause, handle))),
+        })
+    }
+
+    /// Stops accepting and returns the socket (`None` if it is already paused or gone).
+    pub async fn pause(&self) -> Option<TcpListener> {
+        let (pause, handle) = self.running.lock().await.take()?;
+        pause.cancel();
+        handle.await.ok()
+    }
+
+    /// Accepts again on `tcp`.
+    pub async fn resume(&self, tcp: TcpListener) {
+        let pause = CancellationToken::new();
+        let handle = tokio::spawn(Arc::clone(&self.listener).run(tcp, pause.clone()));
+        *self.running.lock().await = Some((pause, handle));
+    }
 }

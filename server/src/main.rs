@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 /// The application server that updates itself safely while people use it.
@@ -34,6 +35,12 @@ enum Command {
     /// The vendor's release tools.
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Check that this release can serve a product folder (read its config and state)
+    /// without changing anything; run by a changeover before anyone is warned.
+    SelfCheck {
+        #[arg(long)]
+        root: PathBuf,
+    },
     /// Run the server for a product folder.
     Run {
         /// The product folder: holds server/ (the install) and state/.
@@ -103,20 +110,20 @@ fn main() -> ExitCode {
         Err(err) => err.exit(),
     };
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
         Command::Run { root, listen } => {
-            runtime.block_on(changeover_server::run(changeover_server::RunOptions {
-                root,
-                listen,
-            }))
+            let options = changeover_server::RunOptions { root, listen };
+            // The socket comes first, before the runtime opens its own descriptors, so it
+            // is descriptor 3 and can be handed over to the next release in place.
+            changeover_server::open_listener(&options).and_then(|listener| {
+                tokio::runtime::Runtime::new()
+                    .context("cannot start the async runtime")?
+                    .block_on(changeover_server::run(options, listener))
+            })
         }
+        Command::SelfCheck { root } => changeover_server::self_check(&root).map(|version| {
+            println!("changeover-server {version} ok");
+        }),
         Command::Install {
             root,
             package,

@@ -75,3 +75,90 @@ mod tests {
         assert_eq!(raise_open_file_limit().unwrap().soft, limit.soft);
     }
 }
+
+/// Swaps two folders. On Linux this is one atomic step (`renameat2` with
+/// `RENAME_EXCHANGE`), so the start path inside either folder is never missing; elsewhere
+/// it is three renames, and the journal covers the moment between them.
+pub fn exchange(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            a,
+            rustix::fs::CWD,
+            b,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map_err(std::io::Error::from)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let aside = a.with_extension("exchanging");
+        std::fs::rename(a, &aside)?;
+        std::fs::rename(b, a)?;
+        std::fs::rename(&aside, b)
+    }
+}
+
+/// Bytes free for this user on the file system holding `path`.
+pub fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    #[cfg(unix)]
+    {
+        let stats = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
+        Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(u64::MAX)
+    }
+}
+
+/// The listening socket handed over by the previous process image (or by systemd socket
+/// activation): fd 3 with `LISTEN_FDS`/`LISTEN_PID` naming this process.
+pub fn inherited_listener() -> Option<std::net::TcpListener> {
+    listenfd::ListenFd::from_env()
+        .take_tcp_listener(0)
+        .ok()
+        .flatten()
+}
+
+/// Replaces this process image with `binary` (same PID, so a supervisor keeps tracking it),
+/// handing over the listening socket the way systemd socket activation does, so
+/// connections arriving meanwhile wait in its backlog instead of being refused. Returns
+/// only on failure.
+#[cfg(unix)]
+pub fn reexec(
+    binary: &std::path::Path,
+    args: &[std::ffi::OsString],
+    listener: &std::net::TcpListener,
+) -> std::io::Error {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+
+    let mut command = std::process::Command::new(binary);
+    command.args(args);
+    // The convention numbers handed-over sockets from 3; the listener is bound first
+    // thing at start, so it is fd 3 unless the process was started with extra open files.
+    if listener.as_raw_fd() == 3
+        && rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty()).is_ok()
+    {
+        command
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", std::process::id().to_string())
+            .env_remove("LISTEN_FDNAMES");
+    } else {
+        command.env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    }
+    command.exec()
+}
+
+/// Where replacing the process image is not possible, the service manager restarts us.
+#[cfg(not(unix))]
+pub fn reexec(
+    _binary: &std::path::Path,
+    _args: &[std::ffi::OsString],
+    _listener: &std::net::TcpListener,
+) -> std::io::Error {
+    std::io::Error::other("restarting in place is not supported on this platform")
+}

@@ -144,7 +144,8 @@ impl Releases {
         self.events.subscribe()
     }
 
-    fn publish(&self, message: &ServerMessage) {
+    /// Sends a message to every logged-in admin (release and changeover events alike).
+    pub fn publish(&self, message: &ServerMessage) {
         let _ = self.events.send(Utf8Bytes::from(encode(message)));
     }
 

@@ -1,0 +1,83 @@
+//! What the agent does for the user when the server announces an update: a line in the
+//! log, a desktop notification where one is available, and the site's own hooks.
+//!
+//! Hooks run through `sh -c` with the event's details in the environment
+//! (`CHANGEOVER_DEADLINE`, `CHANGEOVER_TARGET_VERSION`, `CHANGEOVER_MESSAGE`,
+//! `CHANGEOVER_SECONDS_LEFT`, `CHANGEOVER_EVENT`). The logout hook is how the client
+//! application is closed, so the agent waits for it (a bounded time).
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+/// How long the agent waits for a hook.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The commands the site configured.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub warn: Option<String>,
+    pub logout: Option<String>,
+}
+
+/// The details a hook gets.
+#[derive(Debug, Clone)]
+pub struct HookEvent {
+    pub event: &'static str,
+    pub deadline: String,
+    pub seconds_left: u64,
+    pub target_version: String,
+    pub message: String,
+}
+
+impl Hooks {
+    pub async fn on_warning(&self, event: &HookEvent) {
+        notify_desktop(event);
+        if let Some(command) = &self.warn {
+            run(command, event).await;
+        }
+    }
+
+    pub async fn on_logout(&self, event: &HookEvent) {
+        if let Some(command) = &self.logout {
+            run(command, event).await;
+        }
+    }
+}
+
+async fn run(command: &str, event: &HookEvent) {
+    let mut child = tokio::process::Command::new("sh");
+    child
+        .arg("-c")
+        .arg(command)
+        .env("CHANGEOVER_EVENT", event.event)
+        .env("CHANGEOVER_DEADLINE", &event.deadline)
+        .env("CHANGEOVER_SECONDS_LEFT", event.seconds_left.to_string())
+        .env("CHANGEOVER_TARGET_VERSION", &event.target_version)
+        .env("CHANGEOVER_MESSAGE", &event.message)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
+        Ok(Ok(status)) if status.success() => info!(hook = event.event, "hook ran"),
+        Ok(Ok(status)) => warn!(hook = event.event, %status, "hook failed"),
+        Ok(Err(err)) => warn!(hook = event.event, cause = %err, "cannot run the hook"),
+        Err(_) => warn!(
+            hook = event.event,
+            "hook did not finish in time; left behind"
+        ),
+    }
+}
+
+// Best effort: `notify-send` where a desktop is there; nothing happens otherwise.
+fn notify_desktop(event: &HookEvent) {
+    let spawned = std::process::Command::new("notify-send")
+        .arg(format!("Server update in {} s", event.seconds_left))
+        .arg(&event.message)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Ok(mut child) = spawned {
+        std::thread::spawn(move || child.wait());
+    }
+}

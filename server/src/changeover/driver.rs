@@ -1,0 +1,868 @@
+//! The task that runs a changeover in the server: it feeds the state machine, takes the
+//! actions it asks for, journals each step before taking it, and tells admins and agents.
+//!
+//! One task owns the changeover; connections talk to it through a [`ChangeoverHandle`].
+//! In the old process it goes from the request to the restart; the new process picks the
+//! journal up in `recovery.rs` and finishes with the health check.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use changeover_protocol::messages::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
+use changeover_protocol::{
+    ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView, ErrorCode, ServerMessage,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::journal::{Journal, JournalFiles};
+use super::machine::{self, Action, Event};
+use super::{carry, fault_point, preflight};
+use crate::hub::HubHandle;
+use crate::layout::Layout;
+use crate::listener::ListenerControl;
+use crate::releases::{ReadyPackage, Releases, RequestRefusal};
+
+/// Seconds before the deadline at which the warning is repeated.
+const WARNING_MARKS: [u64; 4] = [60, 30, 10, 5];
+
+/// What an admin asked for.
+#[derive(Debug, Clone)]
+pub struct UpdateParams {
+    pub version: Option<String>,
+    pub grace_secs: u64,
+    pub notify: Option<String>,
+    pub message: Option<String>,
+    pub at: Option<SystemTime>,
+    pub allow_downgrade: bool,
+}
+
+impl UpdateParams {
+    /// Checks the request before anything starts.
+    pub fn validate(&self) -> Result<(), RequestRefusal> {
+        if self.grace_secs > MAX_GRACE_SECS {
+            return Err(refusal(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a grace period of {} s is out of range: 0 to {MAX_GRACE_SECS} s (default {DEFAULT_GRACE_SECS})",
+                    self.grace_secs
+                ),
+            ));
+        }
+        if let Some(at) = self.at
+            && at < SystemTime::now() - Duration::from_secs(60)
+        {
+            return Err(refusal(
+                ErrorCode::InvalidRequest,
+                "the scheduled time is in the past",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn refusal(code: ErrorCode, message: impl Into<String>) -> RequestRefusal {
+    RequestRefusal {
+        code,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Start {
+        params: UpdateParams,
+        reply: oneshot::Sender<Result<ChangeoverView, RequestRefusal>>,
+    },
+    Cancel {
+        reply: oneshot::Sender<Result<String, RequestRefusal>>,
+    },
+}
+
+/// How connections reach the changeover.
+#[derive(Debug, Clone)]
+pub struct ChangeoverHandle {
+    commands: mpsc::Sender<Command>,
+    view: watch::Receiver<Option<ChangeoverView>>,
+    files: JournalFiles,
+}
+
+impl ChangeoverHandle {
+    pub async fn start(&self, params: UpdateParams) -> Result<ChangeoverView, RequestRefusal> {
+        params.validate()?;
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(Command::Start { params, reply })
+            .await
+            .map_err(|_| refusal(ErrorCode::Internal, "the changeover task has stopped"))?;
+        response.await.unwrap_or_else(|_| {
+            Err(refusal(
+                ErrorCode::Internal,
+                "the changeover task has stopped",
+            ))
+        })
+    }
+
+    pub async fn cancel(&self) -> Result<String, RequestRefusal> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(Command::Cancel { reply })
+            .await
+            .map_err(|_| refusal(ErrorCode::Internal, "the changeover task has stopped"))?;
+        response.await.unwrap_or_else(|_| {
+            Err(refusal(
+                ErrorCode::Internal,
+                "the changeover task has stopped",
+            ))
+        })
+    }
+
+    /// The changeover scheduled or running.
+    pub fn current(&self) -> Option<ChangeoverView> {
+        self.view.borrow().clone()
+    }
+
+    /// How the last one ended.
+    pub fn last(&self) -> Option<ChangeoverSummary> {
+        self.files.last().ok().flatten()
+    }
+}
+
+/// What the driver works with.
+#[derive(Debug)]
+pub struct Collaborators {
+    pub layout: Layout,
+    pub carry_paths: Vec<String>,
+    pub hub: HubHandle,
+    pub releases: Arc<Releases>,
+    pub listener: Arc<ListenerControl>,
+    pub server_version: String,
+    /// Arguments the new process is started with (`run --root … --listen …`).
+    pub restart_args: Vec<std::ffi::OsString>,
+}
+
+/// The changeover task.
+#[derive(Debug)]
+pub struct Driver {
+    parts: Collaborators,
+    files: JournalFiles,
+    phase: ChangeoverPhase,
+    journal: Option<Journal>,
+    view: watch::Sender<Option<ChangeoverView>>,
+}
+
+/// The driver's side of the channel [`channel`] creates.
+#[derive(Debug)]
+pub struct DriverInbox {
+    commands: mpsc::Receiver<Command>,
+    view: watch::Sender<Option<ChangeoverView>>,
+}
+
+/// The handle connections use, and the inbox the driver will read.
+pub fn channel(state_dir: &std::path::Path) -> (ChangeoverHandle, DriverInbox) {
+    let (commands, receiver) = mpsc::channel(16);
+    let (view, view_receiver) = watch::channel(None);
+    let handle = ChangeoverHandle {
+        commands,
+        view: view_receiver,
+        files: JournalFiles::new(state_dir),
+    };
+    (
+        handle,
+        DriverInbox {
+            commands: receiver,
+            view,
+        },
+    )
+}
+
+impl Driver {
+    pub fn new(parts: Collaborators, inbox: DriverInbox) -> (Driver, mpsc::Receiver<Command>) {
+        let files = JournalFiles::new(&parts.layout.state_dir());
+        let driver = Driver {
+            parts,
+            files,
+            phase: ChangeoverPhase::Idle,
+            journal: None,
+            view: inbox.view,
+        };
+        (driver, inbox.commands)
+    }
+
+    /// Serves requests until the process ends (or restarts as the new release).
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Cancel { reply } => {
+                    let _ = reply.send(Err(refusal(
+                        ErrorCode::NothingToCancel,
+                        "no changeover is scheduled or counting down",
+                    )));
+                }
+                Command::Start { params, reply } => {
+                    let accepted = self.begin(&params).await;
+                    let view = accepted.as_ref().ok().cloned();
+                    let _ = reply.send(accepted);
+                    if view.is_some() {
+                        self.drive(params, &mut commands).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks the release and writes the journal; answers the admin.
+    async fn begin(&mut self, params: &UpdateParams) -> Result<ChangeoverView, RequestRefusal> {
+        let target = self.pick_target(params).await?;
+        let id = format!(
+            "co-{}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|age| age.as_millis())
+                .unwrap_or(0)
+        );
+        let journal = Journal {
+            changeover_id: id,
+            phase: ChangeoverPhase::Idle,
+            from_version: self.parts.server_version.clone(),
+            target_version: target.to_string(),
+            archive: PathBuf::new(),
+            grace_secs: params.grace_secs,
+            notify: params.notify.clone(),
+            message: params.message.clone().unwrap_or_else(|| {
+                format!("The server will be updated to version {target}. Please save your work and close the application.")
+            }),
+            started_at: SystemTime::now(),
+            scheduled_at: params.at,
+            deadline: None,
+            stopped_at: None,
+            moved: Vec::new(),
+            carried: Vec::new(),
+            starts_after_swap: 0,
+            failure: None,
+            sessions_warned: 0,
+            sessions_logged_out: 0,
+        };
+        self.journal = Some(journal);
+        let scheduled = params.at.is_some_and(|at| at > SystemTime::now());
+        self.apply(Event::Requested { scheduled })
+            .map_err(|err| refusal(ErrorCode::Busy, err.to_string()))?;
+        Ok(self.view_now())
+    }
+
+    async fn pick_target(&self, params: &UpdateParams) -> Result<semver::Version, RequestRefusal> {
+        let releases = &self.parts.releases;
+        let installed = &releases.settings().installed_version;
+        let wanted = params
+            .version
+            .as_deref()
+            .map(|text| {
+                text.parse::<semver::Version>().map_err(|err| {
+                    refusal(
+                        ErrorCode::InvalidRequest,
+                        format!("{text:?} is not a version: {err}"),
+                    )
+                })
+            })
+            .transpose()?;
+        if let Some(version) = &wanted {
+            if version <= installed
+                && !params.allow_downgrade
+                && !releases.settings().allow_downgrade
+            {
+                return Err(refusal(
+                    ErrorCode::NotNewer,
+                    format!("server {version} is not newer than the installed {installed}"),
+                ));
+            }
+            return Ok(version.clone());
+        }
+        // An admin waiting for an answer gets a fresh look at the feed.
+        let _ = tokio::time::timeout(Duration::from_secs(10), releases.check_feed()).await;
+        releases
+            .available_version()
+            .and_then(|version| version.parse().ok())
+            .ok_or_else(|| {
+                refusal(
+                    ErrorCode::ReleaseNotFound,
+                    format!("no release newer than the installed {installed} is available (feed or inbox)"),
+                )
+            })
+    }
+
+    /// Runs the changeover until it ends or the process restarts.
+    async fn drive(&mut self, params: UpdateParams, commands: &mut mpsc::Receiver<Command>) {
+        // A scheduled changeover waits, cancellable.
+        if self.phase == ChangeoverPhase::Scheduled {
+            let at = params.at.unwrap_or_else(SystemTime::now);
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    command = commands.recv() => match command {
+                        Some(command) => if self.handle_meanwhile(command) { return; },
+                        None => return,
+                    },
+                }
+            }
+            if self.apply(Event::StartTimeReached).is_err() {
+                return;
+            }
+        }
+
+        // Preparing: cancellable; nobody is disturbed yet.
+        let prepared = {
+            let target = self
+                .journal
+                .as_ref()
+                .map(|j| j.target_version.clone())
+                .unwrap_or_default();
+            let prepare = prepare(
+                self.parts.layout.clone(),
+                self.parts.carry_paths.clone(),
+                Arc::clone(&self.parts.releases),
+                params.version.clone().unwrap_or(target),
+                params.allow_downgrade,
+            );
+            tokio::pin!(prepare);
+            loop {
+                tokio::select! {
+                    result = &mut prepare => break Some(result),
+                    command = commands.recv() => match command {
+                        Some(Command::Cancel { reply }) => {
+                            let _ = reply.send(Ok(self.id()));
+                            break None;
+                        }
+                        Some(command) => { self.handle_meanwhile(command); }
+                        None => return,
+                    },
+                }
+            }
+        };
+        match prepared {
+            None => {
+                let _ = std::fs::remove_dir_all(preflight::staging_dir(&self.parts.layout));
+                let _ = self.apply(Event::CancelRequested);
+                return;
+            }
+            Some(Err(err)) => {
+                let reason = format!("{err:#}");
+                warn!(%reason, "preflight failed; nobody was warned");
+                let _ = std::fs::remove_dir_all(preflight::staging_dir(&self.parts.layout));
+                let _ = self.apply(Event::PrepareFailed(reason));
+                return;
+            }
+            Some(Ok((archive, carried))) => {
+                if let Some(journal) = self.journal.as_mut() {
+                    journal.archive = archive;
+                    journal.carried = carried;
+                }
+            }
+        }
+        if self.apply(Event::Prepared).is_err() {
+            return;
+        }
+
+        // Counting down: warnings at the marks; cancellable until the deadline.
+        if !self.count_down(commands).await {
+            return;
+        }
+        self.after_deadline().await;
+    }
+
+    // Requests that arrive while a changeover runs: a second start is refused, a cancel
+    // ends a scheduled changeover. Returns whether the changeover ended.
+    fn handle_meanwhile(&mut self, command: Command) -> bool {
+        match command {
+            Command::Start { reply, .. } => {
+                let _ = reply.send(Err(refusal(
+                    ErrorCode::Busy,
+                    format!("changeover {} is already {}", self.id(), self.phase),
+                )));
+                false
+            }
+            Command::Cancel { reply } => match self.apply(Event::CancelRequested) {
+                Ok(()) => {
+                    let _ = reply.send(Ok(self.last_id()));
+                    true
+                }
+                Err(err) => {
+                    let _ = reply.send(Err(refusal(ErrorCode::NothingToCancel, err.to_string())));
+                    false
+                }
+            },
+        }
+    }
+
+    async fn count_down(&mut self, commands: &mut mpsc::Receiver<Command>) -> bool {
+        let grace = Duration::from_secs(self.journal.as_ref().map_or(0, |j| j.grace_secs));
+        let deadline_at = SystemTime::now() + grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        let warned = self.parts.hub.session_count().await as u64;
+        if let Some(journal) = self.journal.as_mut() {
+            journal.deadline = Some(deadline_at);
+            journal.sessions_warned = warned;
+        }
+        self.save();
+        self.publish_progress(format!(
+            "{warned} sessions warned; logout in {} s",
+            grace.as_secs()
+        ));
+        let mut marks: Vec<u64> = WARNING_MARKS
+            .iter()
+            .copied()
+            .filter(|mark| *mark < grace.as_secs())
+            .collect();
+        self.warn(deadline_at, grace.as_secs()).await;
+        loop {
+            let next_mark = marks
+                .first()
+                .map(|mark| deadline - Duration::from_secs(*mark));
+            let wake = next_mark.unwrap_or(deadline);
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {
+                    if let Some(mark) = next_mark.and(marks.first().copied()) {
+                        marks.remove(0);
+                        self.warn(deadline_at, mark).await;
+                    } else {
+                        break;
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Cancel { reply }) => {
+                        let id = self.id();
+                        if self.apply(Event::CancelRequested).is_ok() {
+                            let _ = reply.send(Ok(id));
+                            return false;
+                        }
+                    }
+                    Some(command) => { self.handle_meanwhile(command); }
+                    None => return false,
+                },
+            }
+        }
+        self.parts.hub.set_notice(None).await;
+        true
+    }
+
+    async fn warn(&self, deadline: SystemTime, seconds_left: u64) {
+        let Some(journal) = &self.journal else { return };
+        let warning = ServerMessage::Warning {
+            changeover_id: journal.changeover_id.clone(),
+            deadline,
+            seconds_left,
+            target_version: journal.target_version.clone(),
+            message: journal.message.clone(),
+        };
+        self.parts.hub.set_notice(Some(&warning)).await;
+        let reached = self.parts.hub.broadcast(&warning);
+        info!(seconds_left, reached, "countdown warning sent");
+    }
+
+    // From the deadline to the restart, each step journaled before it is taken; a failure
+    // puts everything back and the old release serves again.
+    async fn after_deadline(&mut self) {
+        if self.apply(Event::DeadlineReached).is_err() {
+            return;
+        }
+        if let Err(err) = self.log_out().await {
+            return self.roll_back_here(err, None).await;
+        }
+        let _ = self.apply(Event::LoggedOut);
+        let tcp = match self.stop().await {
+            Ok(tcp) => tcp,
+            Err(err) => return self.roll_back_here(err, None).await,
+        };
+        let _ = self.apply(Event::Stopped);
+        fault_point("carrying_over");
+        if let Err(err) = self.carry_over() {
+            return self.roll_back_here(err, Some(tcp)).await;
+        }
+        let _ = self.apply(Event::CarriedOver);
+        fault_point("swapping");
+        if let Err(err) = self.swap() {
+            return self.roll_back_here(err, Some(tcp)).await;
+        }
+        let _ = self.apply(Event::Swapped);
+        fault_point("restarting");
+        let binary = self
+            .parts
+            .layout
+            .install_dir()
+            .join(changeover_protocol::release::ReleaseKind::Server.binary_path());
+        info!(binary = %binary.display(), "restarting as the new release");
+        // Only returns if the new release could not be started at all.
+        let err = crate::platform::reexec(&binary, &self.parts.restart_args, &tcp);
+        let err = anyhow::anyhow!("cannot start the new release {}: {err}", binary.display());
+        self.roll_back_here(err, Some(tcp)).await;
+    }
+
+    // A step failed in this (old) process: undo, record, and serve again.
+    async fn roll_back_here(&mut self, err: anyhow::Error, tcp: Option<std::net::TcpListener>) {
+        let reason = format!("{err:#}");
+        error!(%reason, "the changeover failed; putting the old release back");
+        if self.apply(Event::StepFailed(reason.clone())).is_err() {
+            return;
+        }
+        let undone = match self.journal.clone() {
+            Some(journal) => {
+                let layout = self.parts.layout.clone();
+                tokio::task::spawn_blocking(move || super::recovery::undo(&layout, &journal))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|result| result)
+            }
+            None => Ok(()),
+        };
+        if let Err(undo_err) = &undone {
+            error!(cause = %format!("{undo_err:#}"), "could not undo everything");
+        }
+        let _ = self.apply(Event::RolledBack);
+        let reason = match undone {
+            Ok(()) => reason,
+            Err(undo_err) => format!("{reason}; undoing it also failed: {undo_err:#}"),
+        };
+        self.finish(ChangeoverOutcome::RolledBack, Some(reason));
+        self.parts.hub.reopen().await;
+        let tcp = match tcp {
+            Some(tcp) => Some(tcp),
+            None => self
+                .parts
+                .listener
+                .pause()
+                .await
+                .and_then(|tcp| tcp.into_std().ok()),
+        };
+        if let Some(tcp) = tcp
+            && let Ok(tcp) = tokio::net::TcpListener::from_std(tcp)
+        {
+            self.parts.listener.resume(tcp).await;
+        }
+    }
+
+    async fn log_out(&mut self) -> anyhow::Result<()> {
+        fault_point("logging_out");
+        let count = self.parts.hub.session_count().await;
+        // Spread the return over a window that grows with the crowd: about 2 s for a
+        // handful, a minute at most.
+        let window_ms = (2_000 + count as u64 * 2).min(60_000);
+        let journal = self.journal()?;
+        let logout = ServerMessage::Logout {
+            changeover_id: journal.changeover_id.clone(),
+            reason: format!(
+                "the server is being updated to version {}",
+                journal.target_version
+            ),
+            reconnect_within_ms: window_ms,
+        };
+        let logged_out = self.parts.hub.log_out_all(&logout).await as u64;
+        let journal = self.journal_mut()?;
+        journal.sessions_logged_out = logged_out;
+        journal.stopped_at = Some(SystemTime::now());
+        info!(logged_out, "sessions logged out");
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<std::net::TcpListener> {
+        fault_point("stopping");
+        let tcp = self
+            .parts
+            .listener
+            .pause()
+            .await
+            .context("the listening socket is gone")?;
+        // Give the closing sessions a moment to finish their close handshakes.
+        for _ in 0..20 {
+            if self.parts.hub.session_count().await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tcp.into_std()
+            .context("cannot take the listening socket out of the runtime")
+    }
+
+    fn carry_over(&mut self) -> anyhow::Result<()> {
+        let layout = self.parts.layout.clone();
+        let install = layout.install_dir();
+        let staging = preflight::staging_dir(&layout);
+        let paths = self.parts.carry_paths.clone();
+        // Only what changed since the countdown's hashing is hashed again.
+        let previous = self.journal()?.carried.clone();
+        let carried = carry::record(&install, &paths, &previous)?;
+        self.journal_mut()?.carried = carried.clone();
+        self.save();
+        for (index, path) in paths.iter().enumerate() {
+            self.journal_mut()?.moved.push(path.clone());
+            self.save();
+            carry::move_path(&install, &staging, path)?;
+            if index == 0 {
+                fault_point("carried_partly");
+            }
+        }
+        carry::verify(&staging, &carried)
+    }
+
+    fn swap(&mut self) -> anyhow::Result<()> {
+        let layout = self.parts.layout.clone();
+        let install = layout.install_dir();
+        let staging = preflight::staging_dir(&layout);
+        let old = layout.old_install_dir();
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("cannot remove a stale {}", old.display()))?;
+        }
+        // One step: the start path is never missing, even if the power fails right here.
+        crate::platform::exchange(&staging, &install).with_context(|| {
+            format!(
+                "cannot exchange {} and {}",
+                staging.display(),
+                install.display()
+            )
+        })?;
+        fault_point("swapped");
+        std::fs::rename(&staging, &old)
+            .with_context(|| format!("cannot rename the old release to {}", old.display()))
+    }
+
+    fn apply(&mut self, event: Event) -> Result<(), machine::IllegalTransition> {
+        let (next, actions) = machine::step(self.phase, event)?;
+        self.set_phase(next);
+        for action in actions {
+            self.take(action);
+        }
+        Ok(())
+    }
+
+    // Synchronous bookkeeping actions happen here; the long ones are driven by `drive` and
+    // `after_deadline`, which feed their results back through `apply`.
+    fn take(&mut self, action: Action) {
+        match action {
+            Action::Prepare | Action::StartCountdown | Action::CheckHealth => {}
+            Action::AnnounceCancel => {
+                if let Some(journal) = &self.journal {
+                    let cancelled = ServerMessage::UpdateCancelled {
+                        changeover_id: journal.changeover_id.clone(),
+                        message: "The announced update was called off; carry on working."
+                            .to_owned(),
+                    };
+                    let hub = self.parts.hub.clone();
+                    tokio::spawn(async move {
+                        hub.set_notice(None).await;
+                        hub.broadcast(&cancelled);
+                    });
+                }
+            }
+            // The steps after the deadline are taken by `after_deadline` in order.
+            Action::LogOutSessions
+            | Action::Stop
+            | Action::CarryOver
+            | Action::Swap
+            | Action::Restart => {}
+            Action::Commit => {}
+            Action::RollBack(reason) => {
+                if let Some(journal) = self.journal.as_mut() {
+                    journal.failure = Some(reason);
+                }
+            }
+            Action::Finish(outcome, reason) => self.finish(outcome, reason),
+        }
+    }
+
+    fn finish(&mut self, outcome: ChangeoverOutcome, reason: Option<String>) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        let summary = summarize(&journal, outcome, self.phase_before_idle(), reason);
+        if let Err(err) = self.files.finish(&summary) {
+            error!(cause = %format!("{err:#}"), "cannot record how the changeover ended");
+        }
+        info!(outcome = %summary.outcome, reason = ?summary.reason, "changeover ended");
+        self.parts
+            .releases
+            .publish(&ServerMessage::ChangeoverFinished(summary));
+        self.view.send_replace(None);
+    }
+
+    fn phase_before_idle(&self) -> ChangeoverPhase {
+        self.journal
+            .as_ref()
+            .map_or(self.phase, |journal| journal.phase)
+    }
+
+    fn set_phase(&mut self, phase: ChangeoverPhase) {
+        self.phase = phase;
+        if phase != ChangeoverPhase::Idle {
+            if let Some(journal) = self.journal.as_mut() {
+                journal.phase = phase;
+            }
+            self.save();
+            self.publish_progress(String::new());
+        }
+        let view = (phase != ChangeoverPhase::Idle).then(|| self.view_now());
+        self.view.send_replace(view);
+    }
+
+    fn save(&self) {
+        if let Some(journal) = &self.journal
+            && let Err(err) = self.files.save(journal)
+        {
+            error!(cause = %format!("{err:#}"), "cannot write the changeover journal");
+        }
+    }
+
+    fn publish_progress(&self, detail: String) {
+        if let Some(journal) = &self.journal {
+            self.parts
+                .releases
+                .publish(&ServerMessage::ChangeoverProgress {
+                    changeover_id: journal.changeover_id.clone(),
+                    phase: self.phase,
+                    detail,
+                });
+        }
+    }
+
+    fn view_now(&self) -> ChangeoverView {
+        let journal = self.journal.as_ref();
+        ChangeoverView {
+            changeover_id: self.id(),
+            from_version: journal.map(|j| j.from_version.clone()).unwrap_or_default(),
+            target_version: journal
+                .map(|j| j.target_version.clone())
+                .unwrap_or_default(),
+            phase: self.phase,
+            scheduled_at: journal.and_then(|j| j.scheduled_at),
+            deadline: journal.and_then(|j| j.deadline),
+        }
+    }
+
+    fn id(&self) -> String {
+        self.journal
+            .as_ref()
+            .map(|j| j.changeover_id.clone())
+            .unwrap_or_default()
+    }
+
+    fn last_id(&self) -> String {
+        self.files
+            .last()
+            .ok()
+            .flatten()
+            .map(|summary| summary.changeover_id)
+            .unwrap_or_default()
+    }
+
+    fn journal(&self) -> anyhow::Result<&Journal> {
+        self.journal.as_ref().context("no changeover is under way")
+    }
+
+    fn journal_mut(&mut self) -> anyhow::Result<&mut Journal> {
+        self.journal.as_mut().context("no changeover is under way")
+    }
+}
+
+/// The preflight: everything checked before anyone is warned. Returns the package and the
+/// carried files as recorded now.
+async fn prepare(
+    layout: Layout,
+    carry_paths: Vec<String>,
+    releases: Arc<Releases>,
+    target: String,
+    allow_downgrade: bool,
+) -> anyhow::Result<(PathBuf, Vec<super::journal::CarriedFile>)> {
+    fault_point("preparing");
+    let package = ready_package(&releases, &target, allow_downgrade).await?;
+    let root = layout.root().to_owned();
+    let archive = package.archive.clone();
+    let staging = preflight::staging_dir(&layout);
+    let install = layout.install_dir();
+    let staging_for_unpack = staging.clone();
+    let checked = Arc::clone(&releases);
+    let carried = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        checked
+            .verify_local(&archive, false)
+            .map_err(|reason| anyhow::anyhow!("the package no longer verifies: {reason}"))?;
+        preflight::check_space(&root, &archive)?;
+        preflight::check_rights(&root)?;
+        preflight::unpack(&archive, &staging_for_unpack)?;
+        // Hashed now, while people still work, so the downtime does not pay for it.
+        carry::record(&install, &carry_paths, &[])
+    })
+    .await
+    .context("the preflight task failed")??;
+    preflight::self_check(&staging, layout.root(), &target).await?;
+    Ok((package.archive, carried))
+}
+
+/// The verified package for `version`, fetched from the feed first if need be.
+async fn ready_package(
+    releases: &Arc<Releases>,
+    version: &str,
+    allow_downgrade: bool,
+) -> anyhow::Result<ReadyPackage> {
+    let find = || {
+        releases.snapshot().ready.into_iter().find(|package| {
+            package.entry.kind == changeover_protocol::release::ReleaseKind::Server
+                && package.entry.version.to_string() == version
+        })
+    };
+    if let Some(package) = find() {
+        return Ok(package);
+    }
+    let mut events = releases.subscribe_events();
+    let parsed: semver::Version = version.parse().context("not a version")?;
+    releases
+        .start_download(Some(parsed), allow_downgrade)
+        .await
+        .map_err(|refusal| anyhow::anyhow!(refusal.message))?;
+    loop {
+        if let Some(package) = find() {
+            return Ok(package);
+        }
+        match tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            Ok(Ok(bytes)) => {
+                if let Ok(ServerMessage::PackageRefused {
+                    version: Some(refused),
+                    reason,
+                    ..
+                }) = serde_json::from_str::<ServerMessage>(bytes.as_str())
+                    && refused == version
+                {
+                    anyhow::bail!("the release could not be fetched: {reason}");
+                }
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                anyhow::bail!("the server is shutting down")
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+}
+
+/// How a journal ends, for the status and the admin.
+pub fn summarize(
+    journal: &Journal,
+    outcome: ChangeoverOutcome,
+    phase: ChangeoverPhase,
+    reason: Option<String>,
+) -> ChangeoverSummary {
+    let ended_at = SystemTime::now();
+    ChangeoverSummary {
+        changeover_id: journal.changeover_id.clone(),
+        outcome,
+        from_version: journal.from_version.clone(),
+        target_version: journal.target_version.clone(),
+        phase,
+        reason: reason.or_else(|| journal.failure.clone()),
+        started_at: journal.started_at,
+        ended_at,
+        downtime_ms: None,
+        sessions_warned: journal.sessions_warned,
+        sessions_logged_out: journal.sessions_logged_out,
+    }
+}

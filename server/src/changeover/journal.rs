@@ -1,0 +1,213 @@
+//! The changeover journal: the on-disk record of a changeover, written before each step.
+//!
+//! `<root>/state/changeover.json` exists exactly while a changeover is under way. Every
+//! write goes to a temporary file that is synced and renamed over the old one, and the
+//! folder is synced, so after a crash or power loss the journal is either the previous
+//! record or the new one, never half of each. `<root>/state/changeover-last.json` keeps
+//! how the last changeover ended, for the status report and the admin's follow-up.
+//!
+//! This module is the only definition of the journal's format.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use changeover_protocol::{ChangeoverPhase, ChangeoverSummary};
+use serde::{Deserialize, Serialize};
+
+/// The journal of one changeover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub changeover_id: String,
+    pub phase: ChangeoverPhase,
+    pub from_version: String,
+    pub target_version: String,
+    /// The verified package being installed.
+    pub archive: PathBuf,
+    pub grace_secs: u64,
+    pub notify: Option<String>,
+    pub message: String,
+    #[serde(with = "changeover_protocol::messages::rfc3339")]
+    pub started_at: SystemTime,
+    #[serde(default, with = "changeover_protocol::messages::optional_rfc3339")]
+    pub scheduled_at: Option<SystemTime>,
+    #[serde(default, with = "changeover_protocol::messages::optional_rfc3339")]
+    pub deadline: Option<SystemTime>,
+    /// When the last session was logged out: the start of the downtime.
+    #[serde(
+        default,
+        with = "changeover_protocol::messages::optional_rfc3339_millis"
+    )]
+    pub stopped_at: Option<SystemTime>,
+    /// The carried paths (relative to the install folder) already moved into the new
+    /// release; a rollback moves exactly these back.
+    #[serde(default)]
+    pub moved: Vec<String>,
+    /// What the carried files were before they moved: checked before the new release
+    /// starts.
+    #[serde(default)]
+    pub carried: Vec<CarriedFile>,
+    /// How often the new release has started without reaching a verdict; after too many,
+    /// the old release is put back.
+    #[serde(default)]
+    pub starts_after_swap: u32,
+    /// Why it is rolling back.
+    #[serde(default)]
+    pub failure: Option<String>,
+    #[serde(default)]
+    pub sessions_warned: u64,
+    #[serde(default)]
+    pub sessions_logged_out: u64,
+}
+
+/// One carried file as it was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedFile {
+    /// Relative to the install folder.
+    pub path: String,
+    pub size: u64,
+    /// Nanoseconds since the epoch; a changed time means the file must be hashed again.
+    pub modified_ns: u128,
+    pub sha256: String,
+}
+
+/// Where the journal lives.
+#[derive(Debug, Clone)]
+pub struct JournalFiles {
+    pub current: PathBuf,
+    pub last: PathBuf,
+}
+
+impl JournalFiles {
+    pub fn new(state_dir: &Path) -> JournalFiles {
+        JournalFiles {
+            current: state_dir.join("changeover.json"),
+            last: state_dir.join("changeover-last.json"),
+        }
+    }
+
+    /// The changeover under way, if any.
+    pub fn load(&self) -> anyhow::Result<Option<Journal>> {
+        read_json(&self.current)
+    }
+
+    /// Records the journal durably before the step it describes is taken.
+    pub fn save(&self, journal: &Journal) -> anyhow::Result<()> {
+        write_durably(&self.current, journal)
+    }
+
+    /// Ends the journal: how it ended is kept, the journal itself is removed.
+    pub fn finish(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
+        write_durably(&self.last, summary)?;
+        match std::fs::remove_file(&self.current) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot remove {}", self.current.display()));
+            }
+        }
+        sync_dir(&self.current)
+    }
+
+    pub fn last(&self) -> anyhow::Result<Option<ChangeoverSummary>> {
+        read_json(&self.last)
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is damaged", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_durably<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).context("cannot encode the journal")?;
+    bytes.push(b'\n');
+    crate::release_tools::write_atomically(path, &bytes, false)?;
+    sync_dir(path)
+}
+
+// The rename is durable only once the folder holding it is synced.
+fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use changeover_protocol::ChangeoverOutcome;
+
+    fn journal() -> Journal {
+        Journal {
+            changeover_id: "c-1".to_owned(),
+            phase: ChangeoverPhase::CarryingOver,
+            from_version: "1.0.0".to_owned(),
+            target_version: "1.1.0".to_owned(),
+            archive: PathBuf::from("/srv/state/downloads/x.tar.gz"),
+            grace_secs: 90,
+            notify: Some("it@example.com".to_owned()),
+            message: "update".to_owned(),
+            started_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+            scheduled_at: None,
+            deadline: None,
+            stopped_at: Some(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_123),
+            ),
+            moved: vec!["config".to_owned()],
+            carried: vec![CarriedFile {
+                path: "config/changeover.toml".to_owned(),
+                size: 10,
+                modified_ns: 5,
+                sha256: "ab".repeat(32),
+            }],
+            starts_after_swap: 0,
+            failure: None,
+            sessions_warned: 3,
+            sessions_logged_out: 1,
+        }
+    }
+
+    #[test]
+    fn the_journal_round_trips_and_finishing_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = JournalFiles::new(dir.path());
+        assert_eq!(files.load().unwrap(), None);
+        files.save(&journal()).unwrap();
+        assert_eq!(files.load().unwrap(), Some(journal()));
+        let summary = ChangeoverSummary {
+            changeover_id: "c-1".to_owned(),
+            outcome: ChangeoverOutcome::Committed,
+            from_version: "1.0.0".to_owned(),
+            target_version: "1.1.0".to_owned(),
+            phase: ChangeoverPhase::HealthCheck,
+            reason: None,
+            started_at: SystemTime::UNIX_EPOCH,
+            ended_at: SystemTime::UNIX_EPOCH,
+            downtime_ms: Some(800),
+            sessions_warned: 3,
+            sessions_logged_out: 1,
+        };
+        files.finish(&summary).unwrap();
+        assert_eq!(files.load().unwrap(), None);
+        assert_eq!(files.last().unwrap(), Some(summary));
+    }
+
+    #[test]
+    fn a_damaged_journal_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = JournalFiles::new(dir.path());
+        std::fs::write(&files.current, "{ half").unwrap();
+        assert!(files.load().unwrap_err().to_string().contains("damaged"));
+    }
+}

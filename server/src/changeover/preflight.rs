@@ -1,0 +1,131 @@
+//! Everything checked before any user is warned: the package verified again and unpacked
+//! into staging, the new binary's self-check against the site's config, the rights to
+//! create, rename, execute and delete in the product folder, and the disk space. Any
+//! failure ends the changeover here and nobody notices anything.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use changeover_protocol::package;
+use changeover_protocol::release::ReleaseKind;
+
+use crate::layout::Layout;
+
+/// How long the new binary's self-check may take.
+const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Room kept free beyond the estimate.
+const SPACE_MARGIN: u64 = 64 * 1024 * 1024;
+
+/// The staging folder a release is unpacked into, beside the install.
+pub fn staging_dir(layout: &Layout) -> PathBuf {
+    layout
+        .root()
+        .join(format!(".{}.staging", crate::layout::INSTALL_DIR_NAME))
+}
+
+/// Checks that one can create, make executable, run-able, rename and delete in `root`,
+/// which is what a swap needs and what antivirus software and missing rights break.
+pub fn check_rights(root: &Path) -> anyhow::Result<()> {
+    let probe = root.join(".changeover-probe");
+    let renamed = root.join(".changeover-probe-renamed");
+    let _ = std::fs::remove_dir_all(&probe);
+    let _ = std::fs::remove_dir_all(&renamed);
+    let result = (|| {
+        std::fs::create_dir_all(probe.join("bin"))
+            .with_context(|| format!("cannot create folders in {}", root.display()))?;
+        let executable = probe.join("bin/probe");
+        std::fs::write(&executable, "#!/bin/sh\nexit 0\n")
+            .with_context(|| format!("cannot write files in {}", root.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot make files executable in {}", root.display()))?;
+        }
+        std::fs::rename(&probe, &renamed)
+            .with_context(|| format!("cannot rename folders in {}", root.display()))?;
+        std::fs::remove_dir_all(&renamed)
+            .with_context(|| format!("cannot delete folders in {}", root.display()))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&probe);
+    let _ = std::fs::remove_dir_all(&renamed);
+    result
+}
+
+/// Checks there is room to unpack `archive` beside the install.
+pub fn check_space(root: &Path, archive: &Path) -> anyhow::Result<()> {
+    let archive_size = std::fs::metadata(archive)
+        .with_context(|| format!("cannot read {}", archive.display()))?
+        .len();
+    // Compressed releases unpack to a few times their size.
+    let needed = archive_size.saturating_mul(4).saturating_add(SPACE_MARGIN);
+    let free = crate::platform::free_space(root)
+        .with_context(|| format!("cannot read the free space of {}", root.display()))?;
+    if free < needed {
+        bail!(
+            "{} has {} MiB free; unpacking the release needs about {} MiB",
+            root.display(),
+            free / (1024 * 1024),
+            needed / (1024 * 1024)
+        );
+    }
+    Ok(())
+}
+
+/// Unpacks the package into a fresh staging folder.
+pub fn unpack(archive: &Path, staging: &Path) -> anyhow::Result<()> {
+    if staging.exists() {
+        std::fs::remove_dir_all(staging).with_context(|| {
+            format!("cannot remove the old staging folder {}", staging.display())
+        })?;
+    }
+    package::unpack(archive, staging)?;
+    let binary = staging.join(ReleaseKind::Server.binary_path());
+    if !binary.is_file() {
+        bail!("the release has no {}", ReleaseKind::Server.binary_path());
+    }
+    Ok(())
+}
+
+/// Runs the staged binary's `self-check` against this product folder: it must start,
+/// read the config it will get, and report the expected version.
+pub async fn self_check(staging: &Path, root: &Path, expected_version: &str) -> anyhow::Result<()> {
+    let binary = staging.join(ReleaseKind::Server.binary_path());
+    let mut command = tokio::process::Command::new(&binary);
+    command
+        .arg("self-check")
+        .arg("--root")
+        .arg(root)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(SELF_CHECK_TIMEOUT, command.output())
+        .await
+        .with_context(|| {
+            format!(
+                "the new release's self-check did not finish within {} s",
+                SELF_CHECK_TIMEOUT.as_secs()
+            )
+        })?
+        .with_context(|| format!("cannot run the new release's binary {}", binary.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!(
+            "the new release's self-check failed ({}): {}",
+            output.status,
+            stderr.trim().lines().last().unwrap_or("no message")
+        );
+    }
+    let reported = stdout.split_whitespace().nth(1).unwrap_or("");
+    if reported != expected_version {
+        bail!(
+            "the new release's self-check reports version {reported:?}, expected {expected_version}"
+        );
+    }
+    Ok(())
+}
