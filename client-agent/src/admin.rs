@@ -124,7 +124,7 @@ impl AdminSession {
                 reason: format!("{err:#}"),
             })?;
         match request_answer(&mut self.ws).await? {
-            ServerMessage::Status(report) => Ok(report),
+            ServerMessage::Status(report) => Ok(*report),
             ServerMessage::Error { code, message, .. } => {
                 Err(AdminError::Refused { code, message })
             }

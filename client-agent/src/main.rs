@@ -59,7 +59,7 @@ enum AdminCommand {
         /// Seconds from the first warning to the forced logout (0 to 3600).
         #[arg(long, default_value_t = 120)]
         grace: u64,
-        /// Who gets the mail when it is over [default: mail.to from the server's config].
+        /// Who is to be mailed when it is over (recorded with the changeover).
         #[arg(long)]
         notify: Option<String>,
         /// The release to install [default: the newest available].

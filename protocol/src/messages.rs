@@ -99,8 +99,8 @@ pub enum ServerMessage {
         protocol_version: u32,
         server_version: String,
     },
-    /// The answer to a status request.
-    Status(StatusReport),
+    /// The answer to a status request (boxed: it is by far the largest message).
+    Status(Box<StatusReport>),
     /// The answer to an update request: a changeover has begun (or is scheduled).
     UpdateAccepted {
         changeover_id: String,

@@ -7,20 +7,21 @@
 //! the feed's files. Any other ```` ```json… ```` fence fails, so a typo cannot exempt a
 //! block from the checks.
 //!
-//! The lists of message types, error codes, package sources and candidate states come from
-//! the types' serde derives (see `common`), so a new variant fails here until PROTOCOL.md
-//! documents it.
+//! The lists of message types, error codes, changeover phases and outcomes, package sources
+//! and candidate states come from the types' serde derives (see `common`), so a new variant
+//! fails here until PROTOCOL.md documents it.
 
 mod common;
 
 use std::collections::BTreeSet;
 
+use changeover_protocol::messages::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
 use changeover_protocol::release::{
     FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseInfo,
 };
 use changeover_protocol::{
-    CandidateState, ChangeoverPhase, ClientMessage, CloseCode, ErrorCode, FeedStatus,
-    PackageSource, ServerMessage, StatusReport,
+    CandidateState, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView,
+    ClientMessage, CloseCode, ErrorCode, FeedStatus, PackageSource, ServerMessage, StatusReport,
 };
 use serde_json::Value;
 
@@ -274,10 +275,11 @@ fn candidate_state_names() -> Vec<&'static str> {
         .collect()
 }
 
-// Every value of `phase`, `source` and a candidate's `state` is shown on the wire at least
-// once; a `#[serde(other)]` fallback such as `unknown` is never sent, so it needs none.
+// Every value of `phase`, `outcome`, `source` and a candidate's `state` is shown on the wire
+// at least once; a `#[serde(other)]` fallback such as `unknown` is never sent, so it needs
+// none.
 #[test]
-fn every_phase_source_and_candidate_state_has_an_example() {
+fn every_phase_outcome_source_and_candidate_state_has_an_example() {
     fn collect(value: &Value, seen: &mut BTreeSet<(String, String)>) {
         match value {
             Value::Object(fields) => {
@@ -301,6 +303,11 @@ fn every_phase_source_and_candidate_state_has_an_example() {
             "phase",
             common::unit_variants::<ChangeoverPhase>(),
             common::fallback_variant::<ChangeoverPhase>(),
+        ),
+        (
+            "outcome",
+            common::unit_variants::<ChangeoverOutcome>(),
+            common::fallback_variant::<ChangeoverOutcome>(),
         ),
         (
             "source",
@@ -523,8 +530,9 @@ fn unknown_fields_are_ignored_in_every_documented_message_and_feed_file() {
     }
 }
 
-// PROTOCOL.md says a reader takes a missing `available_version`, `candidate` and
-// `last_refusal` as null and a missing `feed` as one with every field null.
+// PROTOCOL.md says a reader takes a missing `available_version`, `candidate`,
+// `last_refusal`, `changeover` and `last_changeover` as null and a missing `feed` as one with
+// every field null.
 #[test]
 fn a_status_without_the_newer_fields_reads_them_as_null() {
     let report: StatusReport =
@@ -534,6 +542,64 @@ fn a_status_without_the_newer_fields_reads_them_as_null() {
     assert_eq!(report.feed, FeedStatus::default());
     assert_eq!(report.candidate, None);
     assert_eq!(report.last_refusal, None);
+    assert_eq!(report.changeover, None);
+    assert_eq!(report.last_changeover, None);
+}
+
+// PROTOCOL.md says which fields of a changeover's view and summary a reader may miss, and
+// what it takes them for.
+#[test]
+fn a_changeover_without_its_optional_fields_reads_them_as_null_or_zero() {
+    let view: ChangeoverView = serde_json::from_str(
+        r#"{"changeover_id":"co-1","from_version":"2.3.0","target_version":"2.4.0",
+            "phase":"preparing"}"#,
+    )
+    .expect("scheduled_at and deadline may be left out");
+    assert_eq!((view.scheduled_at, view.deadline), (None, None));
+    let summary: ChangeoverSummary = serde_json::from_str(
+        r#"{"changeover_id":"co-1","outcome":"failed","from_version":"2.3.0",
+            "target_version":"2.4.0","phase":"preparing",
+            "started_at":"2026-11-28T12:30:00Z","ended_at":"2026-11-28T12:30:09Z"}"#,
+    )
+    .expect("reason, downtime_ms and the session counts may be left out");
+    assert_eq!((summary.reason, summary.downtime_ms), (None, None));
+    assert_eq!(
+        (summary.sessions_warned, summary.sessions_logged_out),
+        (0, 0)
+    );
+}
+
+// PROTOCOL.md says every field of `update_request` may be left out, and gives the default
+// and the range of `grace_secs`.
+#[test]
+fn a_bare_update_request_asks_for_the_newest_release_now_with_the_default_grace() {
+    let request = ClientMessage::decode(r#"{"type":"update_request"}"#)
+        .expect("an update request needs no fields");
+    assert_eq!(
+        request,
+        ClientMessage::UpdateRequest {
+            version: None,
+            grace_secs: DEFAULT_GRACE_SECS,
+            notify: None,
+            message: None,
+            at: None,
+            allow_downgrade: false,
+        }
+    );
+    let markdown = protocol_md();
+    let row = markdown
+        .lines()
+        .find(|line| line.starts_with("| `grace_secs`"))
+        .expect("PROTOCOL.md has a table row for grace_secs");
+    for promise in [
+        format!("`{DEFAULT_GRACE_SECS}` when left out"),
+        format!("`0` to `{MAX_GRACE_SECS}`"),
+    ] {
+        assert!(
+            row.contains(&promise),
+            "PROTOCOL.md: the grace_secs row should say {promise:?}: {row}"
+        );
+    }
 }
 
 // PROTOCOL.md says both fields of `download_request` may be left out.

@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use changeover_protocol::release::{FeedManifest, PRODUCT, PackageEntry, ReleaseKind};
 use changeover_protocol::version::ProtocolRange;
 use changeover_protocol::{
-    AgentHello, CandidateState, CandidateStatus, ChangeoverPhase, ClientMessage, ErrorCode,
-    FeedStatus, PackageSource, ServerMessage, SessionView, StatusReport,
+    AgentHello, CandidateState, CandidateStatus, ChangeoverOutcome, ChangeoverPhase,
+    ChangeoverSummary, ChangeoverView, ClientMessage, ErrorCode, FeedStatus, PackageSource,
+    ServerMessage, SessionView, StatusReport,
 };
 
 /// A fixed moment, so snapshots do not change from run to run.
@@ -71,10 +72,11 @@ fn download_request_newest() -> ClientMessage {
     }
 }
 
-// Every field of the status filled: the feed was read, a download is running, and an
-// earlier package from the inbox was refused.
+// Every field of the status filled that an idle server fills: the feed was read, a download
+// is running, an earlier package from the inbox was refused, and the last changeover (to the
+// installed release) committed.
 fn status() -> ServerMessage {
-    ServerMessage::Status(StatusReport {
+    ServerMessage::Status(Box::new(StatusReport {
         server_version: "2.3.0".to_owned(),
         available_version: Some("2.4.0".to_owned()),
         phase: ChangeoverPhase::Idle,
@@ -98,38 +100,44 @@ fn status() -> ServerMessage {
              2.3.0; a downgrade must be allowed explicitly (admin download --allow-downgrade, or feed.allow_downgrade in the config)"
                 .to_owned(),
         ),
-        sessions: vec![
-            SessionView {
-                session_id: 4181,
-                agent_id: "c2b8e4f1-6a0d-4f3e-8b57-1e9d2c4a7b60".to_owned(),
-                user: "aschmidt".to_owned(),
-                host: "ws-reception-01".to_owned(),
-                platform: "linux-x86_64".to_owned(),
-                agent_version: "2.3.0".to_owned(),
-                protocol_version: 1,
-                address: "10.20.4.31:51822".to_owned(),
-                // 2026-11-28T07:58:41Z
-                connected_since: at(1_795_852_721),
-            },
-            SessionView {
-                session_id: 4182,
-                agent_id: "5f0c2a9e-3b7d-4e61-9c28-7a1d4b6e0f93".to_owned(),
-                user: "mkoenig".to_owned(),
-                host: "ws-accounting-07".to_owned(),
-                platform: "windows-x86_64".to_owned(),
-                agent_version: "2.3.0".to_owned(),
-                protocol_version: 1,
-                address: "[fd00:20:7::112]:60315".to_owned(),
-                // 2026-11-28T09:15:02Z
-                connected_since: at(1_795_857_302),
-            },
-        ],
-    })
+        changeover: None,
+        last_changeover: Some(last_committed()),
+        sessions: two_sessions(),
+    }))
+}
+
+fn two_sessions() -> Vec<SessionView> {
+    vec![
+        SessionView {
+            session_id: 4181,
+            agent_id: "c2b8e4f1-6a0d-4f3e-8b57-1e9d2c4a7b60".to_owned(),
+            user: "aschmidt".to_owned(),
+            host: "ws-reception-01".to_owned(),
+            platform: "linux-x86_64".to_owned(),
+            agent_version: "2.3.0".to_owned(),
+            protocol_version: 1,
+            address: "10.20.4.31:51822".to_owned(),
+            // 2026-11-28T07:58:41Z
+            connected_since: at(1_795_852_721),
+        },
+        SessionView {
+            session_id: 4182,
+            agent_id: "5f0c2a9e-3b7d-4e61-9c28-7a1d4b6e0f93".to_owned(),
+            user: "mkoenig".to_owned(),
+            host: "ws-accounting-07".to_owned(),
+            platform: "windows-x86_64".to_owned(),
+            agent_version: "2.3.0".to_owned(),
+            protocol_version: 1,
+            address: "[fd00:20:7::112]:60315".to_owned(),
+            // 2026-11-28T09:15:02Z
+            connected_since: at(1_795_857_302),
+        },
+    ]
 }
 
 // A site without a feed: the candidate came from the inbox and is ready; no agents yet.
 fn status_inbox_only() -> ServerMessage {
-    ServerMessage::Status(StatusReport {
+    ServerMessage::Status(Box::new(StatusReport {
         server_version: "2.3.0".to_owned(),
         available_version: Some("2.4.0".to_owned()),
         phase: ChangeoverPhase::Idle,
@@ -140,8 +148,298 @@ fn status_inbox_only() -> ServerMessage {
             state: CandidateState::Ready,
         }),
         last_refusal: None,
+        changeover: None,
+        last_changeover: None,
         sessions: Vec::new(),
+    }))
+}
+
+/// The changeover most examples follow: 2.3.0 to 2.4.0, asked for at 12:30:00, prepared in
+/// 8 s, two minutes of warnings, logout at 12:32:08.
+const CHANGEOVER_ID: &str = "co-1795869000412";
+
+// 2026-11-28T12:30:00Z
+const REQUESTED_AT: u64 = 1_795_869_000;
+
+// 2026-11-28T12:32:08Z
+const DEADLINE: u64 = 1_795_869_128;
+
+// How the changeover to the installed 2.3.0 ended, weeks ago.
+fn last_committed() -> ChangeoverSummary {
+    ChangeoverSummary {
+        changeover_id: "co-1791231300556".to_owned(),
+        outcome: ChangeoverOutcome::Committed,
+        from_version: "2.2.1".to_owned(),
+        target_version: "2.3.0".to_owned(),
+        phase: ChangeoverPhase::HealthCheck,
+        reason: None,
+        // 2026-10-05T20:15:00Z
+        started_at: at(1_791_231_300),
+        // 2026-10-05T20:17:09Z
+        ended_at: at(1_791_231_429),
+        downtime_ms: Some(2_406),
+        sessions_warned: 41,
+        sessions_logged_out: 17,
+    }
+}
+
+// Counting down: everyone is warned, the deadline is set; the package is ready.
+fn status_counting_down() -> ServerMessage {
+    ServerMessage::Status(Box::new(StatusReport {
+        server_version: "2.3.0".to_owned(),
+        available_version: Some("2.4.0".to_owned()),
+        phase: ChangeoverPhase::CountingDown,
+        feed: FeedStatus {
+            url: Some("https://updates.example.com/changeover/".to_owned()),
+            // 2026-11-28T12:30:01Z
+            checked_at: Some(at(1_795_869_001)),
+            newest_version: Some("2.4.0".to_owned()),
+            error: None,
+        },
+        candidate: Some(CandidateStatus {
+            version: "2.4.0".to_owned(),
+            source: PackageSource::Feed,
+            state: CandidateState::Ready,
+        }),
+        last_refusal: None,
+        changeover: Some(ChangeoverView {
+            changeover_id: CHANGEOVER_ID.to_owned(),
+            from_version: "2.3.0".to_owned(),
+            target_version: "2.4.0".to_owned(),
+            phase: ChangeoverPhase::CountingDown,
+            scheduled_at: None,
+            deadline: Some(at(DEADLINE)),
+        }),
+        last_changeover: Some(last_committed()),
+        sessions: two_sessions(),
+    }))
+}
+
+// Scheduled for the evening: no deadline yet, nobody warned.
+fn status_scheduled() -> ServerMessage {
+    ServerMessage::Status(Box::new(StatusReport {
+        server_version: "2.3.0".to_owned(),
+        available_version: Some("2.4.0".to_owned()),
+        phase: ChangeoverPhase::Scheduled,
+        feed: FeedStatus {
+            url: Some("https://updates.example.com/changeover/".to_owned()),
+            // 2026-11-28T16:05:12Z
+            checked_at: Some(at(1_795_881_912)),
+            newest_version: Some("2.4.0".to_owned()),
+            error: None,
+        },
+        candidate: Some(CandidateStatus {
+            version: "2.4.0".to_owned(),
+            source: PackageSource::Feed,
+            state: CandidateState::Ready,
+        }),
+        last_refusal: None,
+        changeover: Some(ChangeoverView {
+            changeover_id: "co-1795881912087".to_owned(),
+            from_version: "2.3.0".to_owned(),
+            target_version: "2.4.0".to_owned(),
+            phase: ChangeoverPhase::Scheduled,
+            // 2026-11-28T22:00:00Z
+            scheduled_at: Some(at(1_795_903_200)),
+            deadline: None,
+        }),
+        last_changeover: Some(last_committed()),
+        sessions: Vec::new(),
+    }))
+}
+
+// Every field, as for a maintenance window in the evening.
+fn update_request() -> ClientMessage {
+    ClientMessage::UpdateRequest {
+        version: Some("2.4.0".to_owned()),
+        grace_secs: 300,
+        notify: Some("it@example.com".to_owned()),
+        message: Some(
+            "The accounting server is updated to 2.4.0 at 22:00. Please save your work and \
+             close the application; it will be back in a few minutes."
+                .to_owned(),
+        ),
+        at: Some("2026-11-28T22:00:00Z".to_owned()),
+        allow_downgrade: false,
+    }
+}
+
+// What `admin update` sends without options: the newest release, now, two minutes' grace.
+fn update_request_now() -> ClientMessage {
+    ClientMessage::UpdateRequest {
+        version: None,
+        grace_secs: 120,
+        notify: None,
+        message: None,
+        at: None,
+        allow_downgrade: false,
+    }
+}
+
+fn update_accepted() -> ServerMessage {
+    ServerMessage::UpdateAccepted {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        target_version: "2.4.0".to_owned(),
+        scheduled_at: None,
+    }
+}
+
+fn update_accepted_scheduled() -> ServerMessage {
+    ServerMessage::UpdateAccepted {
+        changeover_id: "co-1795881912087".to_owned(),
+        target_version: "2.4.0".to_owned(),
+        // 2026-11-28T22:00:00Z
+        scheduled_at: Some(at(1_795_903_200)),
+    }
+}
+
+fn cancel_accepted() -> ServerMessage {
+    ServerMessage::CancelAccepted {
+        changeover_id: "co-1795877415260".to_owned(),
+    }
+}
+
+// The one progress report with a detail: the countdown began.
+fn changeover_progress() -> ServerMessage {
+    ServerMessage::ChangeoverProgress {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        phase: ChangeoverPhase::CountingDown,
+        detail: "2 sessions warned; logout in 120 s".to_owned(),
+    }
+}
+
+// Every other phase change: the phase alone.
+fn changeover_progress_phase() -> ServerMessage {
+    ServerMessage::ChangeoverProgress {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        phase: ChangeoverPhase::Swapping,
+        detail: String::new(),
+    }
+}
+
+fn changeover_finished() -> ServerMessage {
+    ServerMessage::ChangeoverFinished(ChangeoverSummary {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        outcome: ChangeoverOutcome::Committed,
+        from_version: "2.3.0".to_owned(),
+        target_version: "2.4.0".to_owned(),
+        phase: ChangeoverPhase::HealthCheck,
+        reason: None,
+        started_at: at(REQUESTED_AT),
+        // 2026-11-28T12:32:11Z
+        ended_at: at(1_795_869_131),
+        downtime_ms: Some(1_874),
+        sessions_warned: 2,
+        sessions_logged_out: 2,
     })
+}
+
+// A step between the logout and the restart failed; the old release serves again.
+fn changeover_finished_rolled_back() -> ServerMessage {
+    ServerMessage::ChangeoverFinished(ChangeoverSummary {
+        changeover_id: "co-1795890604118".to_owned(),
+        outcome: ChangeoverOutcome::RolledBack,
+        from_version: "2.3.0".to_owned(),
+        target_version: "2.4.0".to_owned(),
+        phase: ChangeoverPhase::RollingBack,
+        reason: Some(
+            "cannot move /opt/changeover/server/backups to \
+             /opt/changeover/.server.staging/backups: Permission denied (os error 13)"
+                .to_owned(),
+        ),
+        // 2026-11-28T18:30:04Z
+        started_at: at(1_795_890_604),
+        // 2026-11-28T18:32:14Z
+        ended_at: at(1_795_890_734),
+        downtime_ms: None,
+        sessions_warned: 2,
+        sessions_logged_out: 2,
+    })
+}
+
+// Called off during the countdown: the users were warned and told.
+fn changeover_finished_cancelled() -> ServerMessage {
+    ServerMessage::ChangeoverFinished(ChangeoverSummary {
+        changeover_id: "co-1795877415260".to_owned(),
+        outcome: ChangeoverOutcome::Cancelled,
+        from_version: "2.3.0".to_owned(),
+        target_version: "2.4.0".to_owned(),
+        phase: ChangeoverPhase::CountingDown,
+        reason: None,
+        // 2026-11-28T14:50:15Z
+        started_at: at(1_795_877_415),
+        // 2026-11-28T14:51:02Z
+        ended_at: at(1_795_877_462),
+        downtime_ms: None,
+        sessions_warned: 2,
+        sessions_logged_out: 0,
+    })
+}
+
+// The preflight could not fetch the release; nobody noticed.
+fn changeover_finished_failed() -> ServerMessage {
+    ServerMessage::ChangeoverFinished(ChangeoverSummary {
+        changeover_id: "co-1795855960731".to_owned(),
+        outcome: ChangeoverOutcome::Failed,
+        from_version: "2.3.0".to_owned(),
+        target_version: "2.4.0".to_owned(),
+        phase: ChangeoverPhase::Preparing,
+        reason: Some(
+            "cannot reach the feed at https://updates.example.com/changeover/manifest.json: \
+             error sending request for url \
+             (https://updates.example.com/changeover/manifest.json): operation timed out"
+                .to_owned(),
+        ),
+        // 2026-11-28T08:52:40Z
+        started_at: at(1_795_855_960),
+        // 2026-11-28T08:53:11Z
+        ended_at: at(1_795_855_991),
+        downtime_ms: None,
+        sessions_warned: 0,
+        sessions_logged_out: 0,
+    })
+}
+
+// The first warning, as the countdown begins.
+fn warning() -> ServerMessage {
+    ServerMessage::Warning {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        deadline: at(DEADLINE),
+        seconds_left: 120,
+        target_version: "2.4.0".to_owned(),
+        message: "The server will be updated to version 2.4.0. Please save your work and close \
+                  the application."
+            .to_owned(),
+    }
+}
+
+// The last one before the deadline.
+fn warning_last() -> ServerMessage {
+    ServerMessage::Warning {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        deadline: at(DEADLINE),
+        seconds_left: 5,
+        target_version: "2.4.0".to_owned(),
+        message: "The server will be updated to version 2.4.0. Please save your work and close \
+                  the application."
+            .to_owned(),
+    }
+}
+
+fn update_cancelled() -> ServerMessage {
+    ServerMessage::UpdateCancelled {
+        changeover_id: "co-1795877415260".to_owned(),
+        message: "The announced update was called off; carry on working.".to_owned(),
+    }
+}
+
+// Two sessions at the deadline: a window of 2000 + 2 * 2 ms.
+fn logout() -> ServerMessage {
+    ServerMessage::Logout {
+        changeover_id: CHANGEOVER_ID.to_owned(),
+        reason: "the server is being updated to version 2.4.0".to_owned(),
+        reconnect_within_ms: 2_004,
+    }
 }
 
 fn download_accepted() -> ServerMessage {
@@ -213,6 +511,29 @@ fn error_request() -> ServerMessage {
     )
 }
 
+// Request errors of the changeover; the connection stays open.
+fn error_invalid_request() -> ServerMessage {
+    ServerMessage::error(
+        ErrorCode::InvalidRequest,
+        "a grace period of 7200 s is out of range: 0 to 3600 s (default 120)",
+    )
+}
+
+fn error_nothing_to_cancel() -> ServerMessage {
+    ServerMessage::error(
+        ErrorCode::NothingToCancel,
+        "no changeover is scheduled or counting down",
+    )
+}
+
+// A hello between the logout and the restart; followed by close 4009.
+fn error_updating() -> ServerMessage {
+    ServerMessage::error(
+        ErrorCode::Updating,
+        "the server is updating; it will be back shortly",
+    )
+}
+
 fn error_plain() -> ServerMessage {
     ServerMessage::error(ErrorCode::Unauthorized, "wrong admin password")
 }
@@ -245,6 +566,9 @@ fn client_samples() -> Vec<(&'static str, ClientMessage)> {
         ("status_request", ClientMessage::StatusRequest),
         ("download_request", download_request()),
         ("download_request_newest", download_request_newest()),
+        ("update_request", update_request()),
+        ("update_request_now", update_request_now()),
+        ("cancel_request", ClientMessage::CancelRequest),
     ]
 }
 
@@ -255,6 +579,27 @@ fn server_samples() -> Vec<(&'static str, ServerMessage)> {
         ("admin_welcome", admin_welcome()),
         ("status", status()),
         ("status_inbox_only", status_inbox_only()),
+        ("status_counting_down", status_counting_down()),
+        ("status_scheduled", status_scheduled()),
+        ("update_accepted", update_accepted()),
+        ("update_accepted_scheduled", update_accepted_scheduled()),
+        ("cancel_accepted", cancel_accepted()),
+        ("changeover_progress", changeover_progress()),
+        ("changeover_progress_phase", changeover_progress_phase()),
+        ("changeover_finished", changeover_finished()),
+        (
+            "changeover_finished_rolled_back",
+            changeover_finished_rolled_back(),
+        ),
+        (
+            "changeover_finished_cancelled",
+            changeover_finished_cancelled(),
+        ),
+        ("changeover_finished_failed", changeover_finished_failed()),
+        ("warning", warning()),
+        ("warning_last", warning_last()),
+        ("update_cancelled", update_cancelled()),
+        ("logout", logout()),
         ("download_accepted", download_accepted()),
         ("download_started", download_started()),
         ("download_progress", download_progress()),
@@ -269,6 +614,9 @@ fn server_samples() -> Vec<(&'static str, ServerMessage)> {
         ("error_unsupported_protocol", error_unsupported_protocol()),
         ("error_throttled", error_throttled()),
         ("error_request", error_request()),
+        ("error_invalid_request", error_invalid_request()),
+        ("error_nothing_to_cancel", error_nothing_to_cancel()),
+        ("error_updating", error_updating()),
     ]
 }
 
@@ -335,14 +683,18 @@ fn server_messages() {
     }
 }
 
-// The names a reader may meet in `code`, `phase`, `source` and a candidate's `state`, as
-// they travel.
+// The names a reader may meet in `code`, `phase`, `outcome`, `source` and a candidate's
+// `state`, as they travel.
 #[test]
 fn code_and_phase_names() {
     insta::assert_json_snapshot!("error_codes", common::unit_variants::<ErrorCode>());
     insta::assert_json_snapshot!(
         "changeover_phases",
         common::unit_variants::<ChangeoverPhase>()
+    );
+    insta::assert_json_snapshot!(
+        "changeover_outcomes",
+        common::unit_variants::<ChangeoverOutcome>()
     );
     insta::assert_json_snapshot!("package_sources", common::unit_variants::<PackageSource>());
     // `CandidateState` reads unknown states as `unknown`, so serde cannot list its names;
@@ -362,6 +714,7 @@ fn code_and_phase_names() {
     let fallbacks = serde_json::json!({
         "code": common::fallback_variant::<ErrorCode>(),
         "phase": common::fallback_variant::<ChangeoverPhase>(),
+        "outcome": common::fallback_variant::<ChangeoverOutcome>(),
         "source": common::fallback_variant::<PackageSource>(),
         "state": serde_json::to_value(
             serde_json::from_value::<CandidateState>(serde_json::json!({"state": "future_state"}))

@@ -382,7 +382,7 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
     .await;
     let snapshot = releases.snapshot();
     let changeover = context.changeover.current();
-    ServerMessage::Status(StatusReport {
+    ServerMessage::Status(Box::new(StatusReport {
         server_version: context.server_version.clone(),
         available_version: releases.available_version(),
         phase: changeover
@@ -394,7 +394,7 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
         changeover,
         last_changeover: context.changeover.last(),
         sessions: context.hub.sessions().await,
-    })
+    }))
 }
 
 async fn update_request(

@@ -67,8 +67,17 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
             .context("cannot use the inherited socket")?;
         return Ok(inherited);
     }
+    // Only read: an unfinished changeover may have moved the config into the new release,
+    // and nothing may be created in the install before recovery has put things back.
     let layout = Layout::new(&options.root);
-    let config = Config::load_or_create(&layout.config_file())?.config;
+    let config = match std::fs::read_to_string(layout.config_file()) {
+        Ok(text) => {
+            Config::parse(&text)
+                .with_context(|| format!("invalid config {}", layout.config_file().display()))?
+                .0
+        }
+        Err(_) => Config::default(),
+    };
     let address = options.listen.unwrap_or(config.server.listen);
     let tcp = listener::bind_std(address, config.server.listen_backlog)
         .with_context(|| format!("cannot listen on {address}"))?;
@@ -82,7 +91,8 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),
     }
     let layout = Layout::new(&options.root);
-    layout.create_dirs()?;
+    std::fs::create_dir_all(layout.state_dir())
+        .with_context(|| format!("cannot create {}", layout.state_dir().display()))?;
     let server_version = version::running_version();
     let bound = std_listener
         .local_addr()
@@ -104,6 +114,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         anyhow::bail!("cannot start {}: {err}", binary.display());
     }
 
+    layout.create_dirs()?;
     let loaded = Config::load_or_create(&layout.config_file())?;
     if loaded.created {
         info!(path = %layout.config_file().display(), "wrote the default config");
@@ -124,7 +135,9 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         }
         PasswordOrigin::Generated(password) => {
             // Shown once, on stdout rather than in the log, and never again.
-            println!("generated admin password (shown only now): {password}");
+            say(&format!(
+                "generated admin password (shown only now): {password}"
+            ));
         }
     }
 
@@ -138,7 +151,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     let scheme = if tls.is_some() { "wss" } else { "ws" };
     let uses_tls = tls.is_some();
     // A plain line on stdout for scripts and tests; the same in the log.
-    println!("listening on {scheme}://{bound}");
+    say(&format!("listening on {scheme}://{bound}"));
     info!(version = %server_version, address = %bound, %scheme, "server started");
 
     let shutdown = CancellationToken::new();
@@ -231,7 +244,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                 let resume = changeover::recovery::roll_back(
                     &layout,
                     &journal_files,
-                    journal,
+                    *journal,
                     reason,
                     &server_version,
                 )?;
@@ -297,6 +310,14 @@ pub fn self_check(root: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_dir(layout.state_dir())
         .with_context(|| format!("cannot read {}", layout.state_dir().display()))?;
     Ok(version::running_version())
+}
+
+// A line on stdout that must never take the server down: whoever read our stdout may be
+// gone (a closed pipe after a restart in place), and `println!` would panic then.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 async fn check_feed_periodically(

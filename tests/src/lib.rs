@@ -171,13 +171,19 @@ impl Server {
     /// Starts the release installed in `root` (`root/server/bin/changeover-server`), as a
     /// service manager would, after writing `config` as its `changeover.toml`.
     pub fn start_installed(root: &Path, config: &str) -> Server {
+        Server::start_installed_with_env(root, config, &[])
+    }
+
+    /// [`Server::start_installed`] with extra environment (the fault switch, say); a
+    /// [`Server::restart`] starts without it, as a supervisor would.
+    pub fn start_installed_with_env(root: &Path, config: &str, env: &[(&str, &str)]) -> Server {
         let config_dir = root.join("server/config");
         std::fs::create_dir_all(&config_dir).expect("config folder");
         std::fs::write(config_dir.join("changeover.toml"), config).expect("config written");
         let binary = root.join("server/bin/changeover-server");
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let (process, address, stdout_lines) =
-            spawn_server(&binary, root, Some(any_port), 0, Some(ADMIN_PASSWORD));
+            spawn_server_with_env(&binary, root, Some(any_port), 0, Some(ADMIN_PASSWORD), env);
         Server {
             root: root.to_owned(),
             binary,
@@ -246,6 +252,17 @@ fn spawn_server(
     start_number: u32,
     admin_password: Option<&str>,
 ) -> (Process, SocketAddr, Vec<String>) {
+    spawn_server_with_env(binary, root, listen, start_number, admin_password, &[])
+}
+
+fn spawn_server_with_env(
+    binary: &Path,
+    root: &Path,
+    listen: Option<SocketAddr>,
+    start_number: u32,
+    admin_password: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Process, SocketAddr, Vec<String>) {
     let log = root.with_extension(format!("server-{start_number}.log"));
     let log_file = std::fs::File::create(&log).expect("log file");
     let mut command = Command::new(binary);
@@ -264,15 +281,19 @@ fn spawn_server(
     if let Some(password) = admin_password {
         command.env("CHANGEOVER_ADMIN_PASSWORD", password);
     }
+    command.env_remove("CHANGEOVER_FAULT_AT");
+    for (key, value) in env {
+        command.env(key, value);
+    }
     let mut child = command.spawn().expect("server starts");
     let stdout = child.stdout.take().expect("stdout piped");
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    // Keeps reading after the listening line too: a server whose stdout pipe closed would
+    // see EPIPE, which is not what these tests are about.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
+            let _ = lines_tx.send(line);
         }
     });
     let mut process = Process { child, log };

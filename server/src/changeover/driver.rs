@@ -28,6 +28,17 @@ use crate::releases::{ReadyPackage, Releases, RequestRefusal};
 /// Seconds before the deadline at which the warning is repeated.
 const WARNING_MARKS: [u64; 4] = [60, 30, 10, 5];
 
+/// Whether a phase comes after the deadline, when nothing can be called off any more.
+fn past_deadline(phase: ChangeoverPhase) -> bool {
+    !matches!(
+        phase,
+        ChangeoverPhase::Idle
+            | ChangeoverPhase::Scheduled
+            | ChangeoverPhase::Preparing
+            | ChangeoverPhase::CountingDown
+    )
+}
+
 /// What an admin asked for.
 #[derive(Debug, Clone)]
 pub struct UpdateParams {
@@ -92,6 +103,18 @@ pub struct ChangeoverHandle {
 impl ChangeoverHandle {
     pub async fn start(&self, params: UpdateParams) -> Result<ChangeoverView, RequestRefusal> {
         params.validate()?;
+        // Past its deadline the driver is busy with the steps and reads no requests.
+        if let Some(view) = self.current()
+            && past_deadline(view.phase)
+        {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "changeover {} is already {}",
+                    view.changeover_id, view.phase
+                ),
+            ));
+        }
         let (reply, response) = oneshot::channel();
         self.commands
             .send(Command::Start { params, reply })
@@ -106,6 +129,17 @@ impl ChangeoverHandle {
     }
 
     pub async fn cancel(&self) -> Result<String, RequestRefusal> {
+        if let Some(view) = self.current()
+            && past_deadline(view.phase)
+        {
+            return Err(refusal(
+                ErrorCode::NothingToCancel,
+                format!(
+                    "too late to cancel changeover {}: it is {} (the sessions were logged out)",
+                    view.changeover_id, view.phase
+                ),
+            ));
+        }
         let (reply, response) = oneshot::channel();
         self.commands
             .send(Command::Cancel { reply })
@@ -408,6 +442,7 @@ impl Driver {
             journal.sessions_warned = warned;
         }
         self.save();
+        self.view.send_replace(Some(self.view_now()));
         self.publish_progress(format!(
             "{warned} sessions warned; logout in {} s",
             grace.as_secs()
@@ -575,13 +610,9 @@ impl Driver {
             .pause()
             .await
             .context("the listening socket is gone")?;
-        // Give the closing sessions a moment to finish their close handshakes.
-        for _ in 0..20 {
-            if self.parts.hub.session_count().await == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The logged-out sessions are out of the table already; give their connections a
+        // moment to write the logout and the close frame before the process image goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         tcp.into_std()
             .context("cannot take the listening socket out of the runtime")
     }
@@ -677,7 +708,19 @@ impl Driver {
         let Some(journal) = self.journal.take() else {
             return;
         };
-        let summary = summarize(&journal, outcome, self.phase_before_idle(), reason);
+        if matches!(
+            outcome,
+            ChangeoverOutcome::Cancelled | ChangeoverOutcome::Failed
+        ) {
+            // What the preflight unpacked is of no use any more.
+            let staging = preflight::staging_dir(&self.parts.layout);
+            if staging.exists()
+                && let Err(err) = std::fs::remove_dir_all(&staging)
+            {
+                warn!(path = %staging.display(), cause = %err, "cannot remove the staging folder");
+            }
+        }
+        let summary = summarize(&journal, outcome, journal.phase, reason);
         if let Err(err) = self.files.finish(&summary) {
             error!(cause = %format!("{err:#}"), "cannot record how the changeover ended");
         }
@@ -686,12 +729,6 @@ impl Driver {
             .releases
             .publish(&ServerMessage::ChangeoverFinished(summary));
         self.view.send_replace(None);
-    }
-
-    fn phase_before_idle(&self) -> ChangeoverPhase {
-        self.journal
-            .as_ref()
-            .map_or(self.phase, |journal| journal.phase)
     }
 
     fn set_phase(&mut self, phase: ChangeoverPhase) {

@@ -33,7 +33,7 @@ pub enum Resume {
     /// No changeover was under way (or it has just been ended).
     Nothing,
     /// This process is the new release: check its health, then commit or roll back.
-    HealthCheck(Journal),
+    HealthCheck(Box<Journal>),
     /// Another binary must take over: the one now installed (the new release after a swap
     /// that an old binary found, or the old release after a rollback).
     Restart(PathBuf),
@@ -108,7 +108,7 @@ pub fn recover(
                 // An old binary was started by hand: the installed (new) one takes over.
                 return Ok(Resume::Restart(installed_binary));
             }
-            Ok(Resume::HealthCheck(journal))
+            Ok(Resume::HealthCheck(Box::new(journal)))
         }
         P::RollingBack => {
             let reason = journal

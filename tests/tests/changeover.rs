@@ -1,0 +1,494 @@
+//! The changeover end to end: real server releases packed with the release tools, served by
+//! a stock static server, agents with hooks, and the server killed at every step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use changeover_protocol::release::current_platform;
+use changeover_tests::feeds::{StaticServer, Vendor, server_tree, stub_server_tree};
+use changeover_tests::{ADMIN_PASSWORD, Process, Server, binary, eventually, start_agent, status};
+use serde_json::Value;
+
+/// A vendor and a feed with two real server releases, 1.0.0 and 1.1.0, packed once for
+/// every test in this file.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    vendor: Vendor,
+    feed: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = Vendor::create(&dir.path().join("vendor"));
+        let feed = dir.path().join("feed");
+        for version in ["1.0.0", "1.1.0"] {
+            let defaults = format!("shipped_with = \"{version}\"\n");
+            let tree = server_tree(
+                &dir.path().join(format!("tree-{version}")),
+                &[("config/release-defaults.toml", defaults.as_bytes())],
+            );
+            vendor.pack("server", version, &tree, &feed);
+        }
+        Fixture {
+            _dir: dir,
+            vendor,
+            feed,
+        }
+    })
+}
+
+fn archive_name(version: &str) -> String {
+    format!("server-{version}-{}.tar.gz", current_platform())
+}
+
+/// A product folder with 1.0.0 installed, site files to carry, and a feed server.
+struct Site {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    feed_server: StaticServer,
+    carried: Vec<(String, Vec<u8>)>,
+}
+
+impl Site {
+    fn new() -> Site {
+        Site::with_feed(&fixture().feed)
+    }
+
+    fn with_feed(feed: &Path) -> Site {
+        let fixture = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("office");
+        let output = Command::new(binary("changeover-server"))
+            .args(["install", "--root"])
+            .arg(&root)
+            .arg("--package")
+            .arg(fixture.feed.join(archive_name("1.0.0")))
+            .arg("--public-key")
+            .arg(&fixture.vendor.public_key)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // What the site must never lose: preferences, backups, certificates.
+        let mut big = Vec::with_capacity(2 * 1024 * 1024);
+        for i in 0..(2 * 1024 * 1024u32) {
+            big.push((i.wrapping_mul(2_654_435_761) >> 24) as u8);
+        }
+        let carried = vec![
+            (
+                "config/site-preferences.toml".to_owned(),
+                b"company = \"Muster GmbH\"\n".to_vec(),
+            ),
+            ("backups/2026-11-27.bak".to_owned(), big),
+            (
+                "certs/server.pem".to_owned(),
+                b"-----BEGIN CERTIFICATE-----\nMIIB\n".to_vec(),
+            ),
+        ];
+        for (path, contents) in &carried {
+            let file = root.join("server").join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, contents).unwrap();
+        }
+        let feed_server = StaticServer::python(feed, dir.path());
+        Site {
+            dir,
+            root,
+            feed_server,
+            carried,
+        }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 20\n",
+            self.feed_server.url()
+        )
+    }
+
+    fn start(&self, env: &[(&str, &str)]) -> Server {
+        Server::start_installed_with_env(&self.root, &self.config(), env)
+    }
+
+    fn installed_version(&self) -> String {
+        let text = std::fs::read_to_string(self.root.join("server/release.json")).unwrap();
+        let info: Value = serde_json::from_str(&text).unwrap();
+        info["version"].as_str().unwrap().to_owned()
+    }
+
+    fn assert_carried_files_intact(&self) {
+        for (path, contents) in &self.carried {
+            let now = std::fs::read(self.root.join("server").join(path))
+                .unwrap_or_else(|err| panic!("{path} is gone: {err}"));
+            assert!(now == *contents, "{path} changed");
+        }
+    }
+
+    fn agent(&self, server: &Server, user: &str) -> (Process, PathBuf) {
+        let hook_log = self.dir.path().join(format!("{user}-hooks.log"));
+        let log = hook_log.display();
+        let warn = format!(
+            "echo \"warning $CHANGEOVER_SECONDS_LEFT $CHANGEOVER_TARGET_VERSION\" >> {log}"
+        );
+        let logout = format!("echo \"logout $CHANGEOVER_TARGET_VERSION\" >> {log}");
+        let agent = start_agent(
+            &server.url(),
+            user,
+            &self.dir.path().join(user),
+            &["--warn-hook", &warn, "--logout-hook", &logout],
+        );
+        (agent, hook_log)
+    }
+}
+
+/// `admin update` in the background, its output collected when it ends.
+fn update(server: &Server, args: &[&str]) -> Child {
+    Command::new(binary("changeover-agent"))
+        .args(["admin", "update", "--server", &server.url(), "--json"])
+        .args(args)
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> (bool, Vec<Value>, String) {
+    let output = child.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    (
+        output.status.success(),
+        events,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn users(report: &Value) -> usize {
+    report["sessions"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn a_full_changeover_with_three_agents() {
+    let site = Site::new();
+    let server = site.start(&[]);
+    let pid = server.process.pid();
+    let agents: Vec<(Process, PathBuf)> = ["anna", "ben", "cleo"]
+        .iter()
+        .map(|user| site.agent(&server, user))
+        .collect();
+    eventually(Duration::from_secs(20), "three agents", || {
+        (users(&status(&server.url())) == 3).then_some(())
+    });
+
+    let (ok, events, stderr) = finish(update(&server, &["--grace", "6"]));
+    assert!(ok, "{stderr}\n{events:?}");
+    let finished = events.last().unwrap();
+    assert_eq!(finished["type"], "changeover_finished");
+    assert_eq!(finished["outcome"], "committed");
+    assert_eq!(finished["sessions_warned"], 3);
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "changeover_progress")
+        .filter_map(|e| e["phase"].as_str())
+        .collect();
+    // In this order; the last few may be cut off by the restart, which ends the admin's
+    // connection before they are written.
+    let expected = [
+        "preparing",
+        "counting_down",
+        "logging_out",
+        "stopping",
+        "carrying_over",
+        "swapping",
+        "restarting",
+    ];
+    let positions: Vec<usize> = phases
+        .iter()
+        .map(|phase| {
+            expected
+                .iter()
+                .position(|e| e == phase)
+                .expect("a known phase")
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|pair| pair[0] <= pair[1]),
+        "{phases:?}"
+    );
+    assert!(
+        phases.starts_with(&["preparing", "counting_down"]),
+        "{phases:?}"
+    );
+    assert!(phases.contains(&"logging_out"), "{phases:?}");
+
+    // The same process (a supervisor keeps tracking it) now runs the new release.
+    assert_eq!(server.process.pid(), pid);
+    let report = eventually(Duration::from_secs(30), "agents back on 1.1.0", || {
+        let report = status(&server.url());
+        (report["server_version"] == "1.1.0" && users(&report) == 3).then_some(report)
+    });
+    assert_eq!(report["last_changeover"]["outcome"], "committed");
+    assert_eq!(site.installed_version(), "1.1.0");
+    site.assert_carried_files_intact();
+    assert!(
+        !site.root.join("server_old").exists(),
+        "the old release is deleted after the commit"
+    );
+    // The release's own defaults stay beside the site's carried config.
+    assert!(
+        site.root
+            .join("server/config.release-default/release-defaults.toml")
+            .exists()
+    );
+
+    for (agent, hook_log) in &agents {
+        let hooks = std::fs::read_to_string(hook_log).unwrap();
+        let lines: Vec<&str> = hooks.lines().collect();
+        assert_eq!(lines.first(), Some(&"warning 6 1.1.0"), "{hooks}");
+        assert!(
+            lines.contains(&"warning 5 1.1.0"),
+            "repeated near the deadline: {hooks}"
+        );
+        assert_eq!(lines.last(), Some(&"logout 1.1.0"), "{hooks}");
+        assert!(agent.log_text().contains("logged out for the update"));
+    }
+}
+
+#[test]
+fn a_release_that_fails_its_preflight_disturbs_nobody() {
+    // A release whose binary cannot run its self-check.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture();
+    let feed = dir.path().join("feed");
+    std::fs::create_dir_all(&feed).unwrap();
+    for name in [
+        archive_name("1.0.0"),
+        format!("{}.minisig", archive_name("1.0.0")),
+    ] {
+        std::fs::copy(fixture.feed.join(&name), feed.join(&name)).unwrap();
+    }
+    std::fs::copy(
+        fixture.feed.join("manifest.json"),
+        feed.join("manifest.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture.feed.join("manifest.json.minisig"),
+        feed.join("manifest.json.minisig"),
+    )
+    .unwrap();
+    let broken = stub_server_tree(&dir.path().join("broken"), "1.2.0", &[]);
+    std::fs::write(
+        broken.join("bin/changeover-server"),
+        "#!/bin/sh\necho 'cannot start' >&2\nexit 3\n",
+    )
+    .unwrap();
+    fixture.vendor.pack("server", "1.2.0", &broken, &feed);
+
+    let site = Site::with_feed(&feed);
+    let server = site.start(&[]);
+    let (_agent, hook_log) = site.agent(&server, "dora");
+    eventually(Duration::from_secs(20), "dora", || {
+        (users(&status(&server.url())) == 1).then_some(())
+    });
+
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "2", "--version", "1.2.0"]));
+    assert!(!ok);
+    assert!(
+        stderr.contains("self-check failed") && stderr.contains("cannot start"),
+        "{stderr}"
+    );
+    let report = status(&server.url());
+    assert_eq!(report["last_changeover"]["outcome"], "failed");
+    assert_eq!(report["last_changeover"]["phase"], "preparing");
+    assert_eq!(report["server_version"], "1.0.0");
+    assert!(!hook_log.exists(), "nobody was warned");
+    assert_eq!(users(&report), 1, "nobody was logged out");
+    assert!(!site.root.join(".server.staging").exists());
+    site.assert_carried_files_intact();
+}
+
+#[test]
+fn a_cancelled_countdown_changes_nothing_and_users_are_told() {
+    let site = Site::new();
+    let server = site.start(&[]);
+    let (agent, hook_log) = site.agent(&server, "emil");
+    eventually(Duration::from_secs(20), "emil", || {
+        (users(&status(&server.url())) == 1).then_some(())
+    });
+
+    let follower = update(&server, &["--grace", "60"]);
+    eventually(Duration::from_secs(30), "the first warning", || {
+        hook_log.exists().then_some(())
+    });
+    let report = status(&server.url());
+    assert_eq!(report["phase"], "counting_down");
+    assert!(report["changeover"]["deadline"].is_string(), "{report}");
+
+    let cancel = changeover_tests::admin(&["cancel", "--server", &server.url()], ADMIN_PASSWORD);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let (ok, _, stderr) = finish(follower);
+    assert!(!ok);
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    eventually(Duration::from_secs(10), "emil told", || {
+        agent.log_text().contains("called off").then_some(())
+    });
+    let report = status(&server.url());
+    assert_eq!(report["last_changeover"]["outcome"], "cancelled");
+    assert_eq!(report["phase"], "idle");
+    assert_eq!(report["server_version"], "1.0.0");
+    assert_eq!(users(&report), 1);
+    assert!(
+        !std::fs::read_to_string(&hook_log)
+            .unwrap()
+            .contains("logout")
+    );
+    assert!(!site.root.join(".server.staging").exists());
+    // Too late or nothing to cancel is a clear refusal.
+    let again = changeover_tests::admin(&["cancel", "--server", &server.url()], ADMIN_PASSWORD);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no changeover"));
+}
+
+#[test]
+fn a_grace_period_out_of_range_is_refused() {
+    let site = Site::new();
+    let server = site.start(&[]);
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "3601"]));
+    assert!(!ok);
+    assert!(stderr.contains("out of range"), "{stderr}");
+}
+
+#[test]
+fn a_new_release_that_fails_its_health_check_is_rolled_back() {
+    let site = Site::new();
+    // The switch is inherited across the re-exec; only the new release's health check
+    // consults it.
+    let server = site.start(&[("CHANGEOVER_FAULT_AT", "unhealthy")]);
+    let (ok, events, stderr) = finish(update(&server, &["--grace", "0"]));
+    assert!(!ok, "{events:?}");
+    assert!(
+        stderr.contains("rolled_back") && stderr.contains("health check"),
+        "{stderr}\nserver log:\n{}",
+        server.process.log_text()
+    );
+    let report = eventually(Duration::from_secs(30), "the old release serving", || {
+        let report = status(&server.url());
+        (report["server_version"] == "1.0.0").then_some(report)
+    });
+    assert_eq!(report["last_changeover"]["outcome"], "rolled_back");
+    assert_eq!(site.installed_version(), "1.0.0");
+    site.assert_carried_files_intact();
+    assert!(
+        site.root.join("server_failed/release.json").exists(),
+        "kept for diagnosis"
+    );
+    assert!(!site.root.join("server_old").exists());
+}
+
+/// Kills the server at `step` (as a crash or power loss would), starts it again as a
+/// supervisor would, and checks how the changeover ended.
+fn crash_at(step: &str, expected_outcome: &str, expected_version: &str) {
+    let site = Site::new();
+    let mut server = site.start(&[("CHANGEOVER_FAULT_AT", step)]);
+    let follower = update(&server, &["--grace", "0"]);
+    let status = server.process.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{step}: the server should have died");
+    server.restart();
+    let (ok, events, stderr) = finish(follower);
+    assert_eq!(
+        ok,
+        expected_outcome == "committed",
+        "{step}: {stderr} {events:?}"
+    );
+    let report = eventually(Duration::from_secs(30), "the server settled", || {
+        let report = changeover_tests::status(&server.url());
+        (report["last_changeover"].is_object() && report["phase"] == "idle").then_some(report)
+    });
+    assert_eq!(
+        report["last_changeover"]["outcome"], expected_outcome,
+        "{step}: {report}"
+    );
+    assert_eq!(report["server_version"], expected_version, "{step}");
+    assert_eq!(site.installed_version(), expected_version, "{step}");
+    site.assert_carried_files_intact();
+    assert!(
+        !site.root.join(".server.staging").exists(),
+        "{step}: staging left"
+    );
+    assert!(
+        !site.root.join("state/changeover.json").exists(),
+        "{step}: journal left"
+    );
+    if expected_outcome == "committed" {
+        assert!(
+            !site.root.join("server_old").exists(),
+            "{step}: old release left"
+        );
+    }
+}
+
+#[test]
+fn a_crash_while_preparing_ends_with_the_old_release() {
+    crash_at("preparing", "failed", "1.0.0");
+}
+
+#[test]
+fn a_crash_while_logging_out_ends_with_the_old_release() {
+    crash_at("logging_out", "failed", "1.0.0");
+}
+
+#[test]
+fn a_crash_while_stopping_ends_with_the_old_release() {
+    crash_at("stopping", "failed", "1.0.0");
+}
+
+#[test]
+fn a_crash_before_carrying_over_ends_with_the_old_release() {
+    crash_at("carrying_over", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_half_way_through_the_carry_over_puts_every_file_back() {
+    crash_at("carried_partly", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_before_the_swap_ends_with_the_old_release() {
+    crash_at("swapping", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_right_after_the_exchange_finishes_forward() {
+    crash_at("swapped", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_before_the_restart_finishes_forward() {
+    crash_at("restarting", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_of_the_new_release_during_its_health_check_finishes_forward_on_the_next_start() {
+    crash_at("health_check", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_while_committing_finishes_forward() {
+    crash_at("committing", "committed", "1.1.0");
+}
