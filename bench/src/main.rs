@@ -1,1 +1,206 @@
-fn main() {}
+//! `changeover-loadgen`: parses the command line, sets up logging, calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use changeover_bench::download::DownloadOptions;
+use changeover_bench::fleet::{DEFAULT_AGENTS_PER_SOURCE_ADDRESS, FleetOptions};
+use changeover_bench::idle_rss::IdleRssOptions;
+use changeover_bench::procfs::SettlePolicy;
+use clap::{Parser, Subcommand};
+
+/// Load generator and measurements for the changeover server.
+#[derive(Debug, Parser)]
+#[command(name = "changeover-loadgen", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Open agent connections to a running server and hold them.
+    Connect {
+        /// The server, ws:// only.
+        #[arg(long, default_value = "ws://127.0.0.1:7600")]
+        url: String,
+        #[arg(long)]
+        agents: usize,
+        /// Connections between TCP connect and welcome at once.
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+        /// Hold the connections this many seconds [default: until Ctrl-C].
+        #[arg(long)]
+        hold_secs: Option<u64>,
+        /// Connections from one loopback source address before the next (127.0.0.2, …).
+        #[arg(long, default_value_t = DEFAULT_AGENTS_PER_SOURCE_ADDRESS)]
+        per_source_address: usize,
+    },
+    /// Measure the server's resident memory per idle agent, against a raw baseline.
+    IdleRss {
+        /// The changeover-server binary to start.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// Fleet size; repeat for several.
+        #[arg(long = "agents", required = true)]
+        agents: Vec<usize>,
+        /// Connections between TCP connect and welcome at once.
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+        /// Memory counts as settled when readings over this many seconds agree.
+        #[arg(long, default_value_t = 2)]
+        settle_secs: u64,
+        /// Connections from one loopback source address before the next (127.0.0.2, …).
+        #[arg(long, default_value_t = DEFAULT_AGENTS_PER_SOURCE_ADDRESS)]
+        per_source_address: usize,
+    },
+    /// Time the server's download + verify of a large release from a local nginx, against
+    /// curl fetching the same file; the server's memory and CPU while it downloads.
+    Download {
+        /// The release changeover-server: packs, installs, and is inside both releases.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// The changeover-agent binary (admin status, admin download).
+        #[arg(long)]
+        agent_bin: PathBuf,
+        #[arg(long, default_value = "nginx")]
+        nginx_bin: PathBuf,
+        #[arg(long, default_value = "curl")]
+        curl_bin: PathBuf,
+        /// Incompressible random data in the downloaded release, in MB (10^6 bytes).
+        #[arg(long, default_value_t = 200)]
+        payload_mb: u64,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        /// Seconds one download may take.
+        #[arg(long, default_value_t = 600)]
+        patience_secs: u64,
+        /// Keep the work folder (feed, nginx config and logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A bare tokio-tungstenite server with the changeover server's WebSocket settings:
+    /// answers the first message with a fixed welcome and holds the connection.
+    RawServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Listen backlog, as the changeover server's default.
+        #[arg(long, default_value_t = 4096)]
+        backlog: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    // Child servers inherit the raised limit too.
+    match changeover_server::platform::raise_open_file_limit() {
+        // The raw server's stdout is read for its address; keep it to that line.
+        Ok(limit) if matches!(cli.command, Command::RawServer { .. }) => {
+            tracing::debug!(%limit, "raised the open-file limit");
+        }
+        Ok(limit) => println!("{limit}"),
+        Err(err) => tracing::warn!(cause = %err, "cannot raise the open-file limit"),
+    }
+    let runtime = match &cli.command {
+        // The baseline runs like the changeover server: a worker thread per core.
+        Command::RawServer { .. } => tokio::runtime::Runtime::new(),
+        // One thread is plenty to hold idle connections and leaves a core to the server.
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Connect {
+                url,
+                agents,
+                concurrency,
+                hold_secs,
+                per_source_address,
+            } => {
+                let mut options = FleetOptions::new(url, agents);
+                options.concurrency = concurrency;
+                options.agents_per_source_address = per_source_address;
+                changeover_bench::fleet::connect_and_hold(
+                    &options,
+                    hold_secs.map(Duration::from_secs),
+                )
+                .await
+            }
+            Command::IdleRss {
+                server_bin,
+                agents,
+                concurrency,
+                settle_secs,
+                per_source_address,
+            } => {
+                let options = IdleRssOptions {
+                    server_bin,
+                    raw_bin: match std::env::current_exe() {
+                        Ok(path) => path,
+                        Err(err) => return Err(anyhow::anyhow!("cannot find this binary: {err}")),
+                    },
+                    agents,
+                    concurrency,
+                    agents_per_source_address: per_source_address,
+                    settle: SettlePolicy {
+                        window: Duration::from_secs(settle_secs),
+                        ..SettlePolicy::default()
+                    },
+                };
+                changeover_bench::idle_rss::run(&options).await.map(drop)
+            }
+            Command::Download {
+                server_bin,
+                agent_bin,
+                nginx_bin,
+                curl_bin,
+                payload_mb,
+                repetitions,
+                patience_secs,
+                keep,
+            } => {
+                let options = DownloadOptions {
+                    server_bin,
+                    agent_bin,
+                    nginx_bin,
+                    curl_bin,
+                    payload_mb,
+                    repetitions,
+                    patience: Duration::from_secs(patience_secs),
+                    keep,
+                };
+                changeover_bench::download::run(&options).await.map(drop)
+            }
+            Command::RawServer { listen, backlog } => {
+                changeover_bench::raw_server::run(listen, backlog).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use argon2::{Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _};
+use argon2::{Argon2, PasswordHash, PasswordHasher as _};
 use rand::RngExt as _;
 use tokio::sync::Semaphore;
 
@@ -29,8 +29,9 @@ pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
 // sources cannot grow the table without bound.
 const MAX_TRACKED_ADDRESSES: usize = 10_000;
 
-// Password checks running at once: argon2 is deliberately expensive.
-const CONCURRENT_VERIFICATIONS: usize = 2;
+// Password checks running at once: argon2 is deliberately expensive, and each check needs
+// its working memory (the hash's `m`, 19 MiB by default).
+const CONCURRENT_VERIFICATIONS: usize = 1;
 
 /// How the admin password came to be, so `run` can tell the operator once.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,6 +50,10 @@ pub struct AdminAuth {
     password_hash: Arc<str>,
     throttle: Arc<LoginThrottle>,
     verification_slots: Arc<Semaphore>,
+    /// argon2's working memory, allocated once and reused by every check. Freshly
+    /// allocated each time, glibc kept the freed megabytes and the server grew by ~19 MiB
+    /// per login up to hundreds of MiB (measured in BENCHMARKS.md).
+    working_memory: Arc<Mutex<Vec<argon2::Block>>>,
 }
 
 /// The outcome of a login attempt.
@@ -101,6 +106,7 @@ impl AdminAuth {
             password_hash: password_hash.into(),
             throttle: Arc::new(LoginThrottle::default()),
             verification_slots: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
+            working_memory: Arc::new(Mutex::new(Vec::new())),
         };
         Ok((auth, origin))
     }
@@ -124,16 +130,57 @@ impl AdminAuth {
             return false;
         };
         let hash = Arc::clone(&self.password_hash);
-        tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false)
+        let memory = Arc::clone(&self.working_memory);
+        tokio::task::spawn_blocking(move || {
+            let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
+            verify_password(&hash, &password, &mut memory)
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
-fn verify_password(hash: &str, password: &str) -> bool {
-    Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
+// Recomputes the hash with the stored salt and parameters in `memory` (grown once to the
+// parameters' size, then reused) and compares in constant time.
+fn verify_password(hash: &str, password: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let algorithm = match parsed.algorithm.as_ref() {
+        "argon2id" => argon2::Algorithm::Argon2id,
+        "argon2i" => argon2::Algorithm::Argon2i,
+        "argon2d" => argon2::Algorithm::Argon2d,
+        _ => return false,
+    };
+    let Ok(params) = argon2::Params::try_from(&parsed) else {
+        return false;
+    };
+    let block_count = params.block_count();
+    let argon = Argon2::new(algorithm, argon2::Version::V0x13, params);
+    if memory.len() < block_count {
+        memory.resize(block_count, argon2::Block::default());
+    }
+    let expected = expected.as_bytes();
+    let mut computed = vec![0u8; expected.len()];
+    if argon
+        .hash_password_into_with_memory(
+            password.as_bytes(),
+            salt.as_ref(),
+            &mut computed,
+            &mut memory[..block_count],
+        )
+        .is_err()
+    {
+        return false;
+    }
+    computed
+        .iter()
+        .zip(expected)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
 }
 
 fn hash_password(password: &str) -> anyhow::Result<String> {

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod changeover;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod download;
 pub mod feed;
 pub mod handshake;

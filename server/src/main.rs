@@ -35,6 +35,19 @@ enum Command {
     /// The vendor's release tools.
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// The whole changeover on this machine with nothing set up: a temporary product
+    /// folder, a local feed with a newer signed release, agents, and the update.
+    Demo {
+        /// How many agents (the first one is the admin).
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// Seconds from the first warning to the forced logout.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+        /// Keep the temporary folder afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Check that this release can serve a product folder (read its config and state)
     /// without changing anything; run by a changeover before anyone is warned.
     SelfCheck {
@@ -121,6 +134,30 @@ fn main() -> ExitCode {
                     .block_on(changeover_server::run(options, listener))
             })
         }
+        Command::Demo {
+            agents,
+            grace,
+            keep,
+        } => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|runtime| {
+                runtime.block_on(changeover_server::demo::run(
+                    changeover_server::demo::DemoOptions {
+                        agents,
+                        grace_secs: grace,
+                        keep,
+                    },
+                ))
+            })
+            .and_then(|ok| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "the demo changeover did not end on the new version"
+                    ))
+                }
+            }),
         Command::SelfCheck { root } => changeover_server::self_check(&root).map(|version| {
             println!("changeover-server {version} ok");
         }),

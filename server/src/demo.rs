@@ -1,0 +1,369 @@
+//! `changeover-server demo`: the whole changeover on this machine with nothing set up.
+//!
+//! A temporary product folder, a vendor key, a feed holding two signed releases of this very
+//! binary (1.0.0 installed, 1.1.0 offered) served over HTTP, real agent processes (one of
+//! them the admin who starts the update), and the real `admin update` following it to the
+//! end. It prints each phase as it happens and a summary, and succeeds only if the server
+//! ended on the new version, every agent came back, and every carried file is intact.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use changeover_protocol::release::{ReleaseKind, current_platform};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::install::{InstallOptions, install};
+use crate::release_tools::{KeygenOptions, PackOptions, keygen, pack};
+
+/// What `demo` was given.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub agents: usize,
+    pub grace_secs: u64,
+    /// Keep the temporary folder for a look afterwards.
+    pub keep: bool,
+}
+
+/// Children that die with the demo.
+#[derive(Debug, Default)]
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the demo; `Ok(true)` when everything ended on the new version.
+pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
+    let me = std::env::current_exe().context("cannot find this program")?;
+    let agent_binary = me.with_file_name("changeover-agent");
+    if !agent_binary.is_file() {
+        bail!(
+            "the demo needs changeover-agent beside this program ({}); build both: \
+             cargo build --release -p changeover-server -p changeover-agent",
+            agent_binary.display()
+        );
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("changeover-demo-")
+        .tempdir()?;
+    let dir = temp.path().to_owned();
+    let started = Instant::now();
+    let step = |text: &str| println!("[{:6.1}s] {text}", started.elapsed().as_secs_f64());
+
+    step(&format!("demo folder {}", dir.display()));
+    let vendor_key = dir.join("vendor/vendor.key");
+    let vendor_pub = dir.join("vendor/vendor.pub");
+    keygen(&KeygenOptions {
+        secret_key: vendor_key.clone(),
+        public_key: vendor_pub.clone(),
+        password: None,
+        force: false,
+    })?;
+    let feed = dir.join("feed");
+    for version in ["1.0.0", "1.1.0"] {
+        let tree = dir.join(format!("build/{version}"));
+        std::fs::create_dir_all(tree.join("bin"))?;
+        std::fs::copy(&me, tree.join(ReleaseKind::Server.binary_path()))
+            .context("cannot copy this program into a release tree")?;
+        let packed = pack(&PackOptions {
+            kind: ReleaseKind::Server,
+            version: version.parse()?,
+            from: tree,
+            secret_key: vendor_key.clone(),
+            password: None,
+            feed: feed.clone(),
+            platform: current_platform(),
+            notes: format!("demo release {version}"),
+        })?;
+        step(&format!(
+            "vendor packed and signed server {version} ({} bytes)",
+            packed.entry.size
+        ));
+    }
+    let root = dir.join("office");
+    install(&InstallOptions {
+        root: root.clone(),
+        package: feed.join(format!("server-1.0.0-{}.tar.gz", current_platform())),
+        public_key: vendor_pub,
+    })?;
+    step(&format!(
+        "installed server 1.0.0 into {}",
+        root.join("server").display()
+    ));
+    let carried = site_files(&root)?;
+
+    let feed_address = serve_folder(feed).await?;
+    step(&format!("feed served at http://{feed_address}/"));
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        format!("[server]\nheartbeat_secs = 5\n\n[feed]\nurl = \"http://{feed_address}/\"\n"),
+    )?;
+
+    let password = format!("demo-{}", std::process::id());
+    let mut children = Children::default();
+    let mut server = Command::new(root.join("server/bin/changeover-server"))
+        .args(["run", "--root"])
+        .arg(&root)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("CHANGEOVER_ADMIN_PASSWORD", &password)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.log"))?)
+        .spawn()
+        .context("cannot start the installed server")?;
+    let url = listening_url(&mut server)?;
+    children.0.push(server);
+    step(&format!("server 1.0.0 listening on {url}"));
+
+    let users: Vec<String> = (0..options.agents.max(1))
+        .map(|index| {
+            if index == 0 {
+                "admin".to_owned()
+            } else {
+                format!("user{index}")
+            }
+        })
+        .collect();
+    for user in &users {
+        let hook = format!(
+            "echo \"$(date +%T) logout: the client application closes\" >> {}/{user}.hooks",
+            dir.display()
+        );
+        let agent = Command::new(&agent_binary)
+            .args(["run", "--server", &url, "--user", user, "--state-dir"])
+            .arg(dir.join(format!("agents/{user}")))
+            .args(["--logout-hook", &hook])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{user}.log")))?)
+            .spawn()
+            .context("cannot start an agent")?;
+        children.0.push(agent);
+    }
+    wait_for_sessions(&agent_binary, &url, &password, users.len()).await?;
+    step(&format!(
+        "{} agents connected ({})",
+        users.len(),
+        users.join(", ")
+    ));
+
+    step(&format!(
+        "admin: changeover-agent admin update --grace {}",
+        options.grace_secs
+    ));
+    let mut update = Command::new(&agent_binary)
+        .args(["admin", "update", "--server", &url, "--grace"])
+        .arg(options.grace_secs.to_string())
+        .env("CHANGEOVER_ADMIN_PASSWORD", &password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot run admin update")?;
+    if let Some(stdout) = update.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("           | {line}");
+        }
+    }
+    let updated = update.wait()?.success();
+
+    let report = wait_for_back(&agent_binary, &url, &password, users.len()).await;
+    let mut ok = updated;
+    println!();
+    println!("summary");
+    match &report {
+        Ok(report) => {
+            let version = report["server_version"].as_str().unwrap_or("?");
+            let sessions = report["sessions"].as_array().map_or(0, Vec::len);
+            println!("  server version      {version}");
+            println!("  agents connected    {sessions} of {}", users.len());
+            ok &= version == "1.1.0" && sessions == users.len();
+            if let Some(last) = report.get("last_changeover") {
+                println!(
+                    "  changeover          {} (downtime {} ms)",
+                    last["outcome"].as_str().unwrap_or("?"),
+                    last["downtime_ms"]
+                );
+            }
+        }
+        Err(err) => {
+            println!("  the server did not answer: {err:#}");
+            ok = false;
+        }
+    }
+    let intact = carried.iter().all(|(path, contents)| {
+        std::fs::read(root.join("server").join(path)).ok().as_ref() == Some(contents)
+    });
+    println!(
+        "  carried files       {}",
+        if intact {
+            "intact"
+        } else {
+            "CHANGED OR MISSING"
+        }
+    );
+    ok &= intact;
+    println!(
+        "  old release         {}",
+        if root.join("server_old").exists() {
+            "still there"
+        } else {
+            "deleted after the commit"
+        }
+    );
+    let hooks = users
+        .iter()
+        .filter(|user| dir.join(format!("{user}.hooks")).exists())
+        .count();
+    println!("  logout hooks run    {hooks} of {}", users.len());
+    println!("  mail to the admin   not part of this build yet");
+    println!("  result              {}", if ok { "OK" } else { "FAILED" });
+    drop(children);
+    if options.keep {
+        let kept = temp.keep();
+        println!("  files kept in       {}", kept.display());
+    }
+    Ok(ok)
+}
+
+// Preferences, backups and a certificate the changeover must carry over untouched.
+fn site_files(root: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let files = vec![
+        (
+            "config/preferences.toml".to_owned(),
+            b"company = \"Office Maker demo\"\n".to_vec(),
+        ),
+        (
+            "backups/nightly.bak".to_owned(),
+            vec![42u8; 4 * 1024 * 1024],
+        ),
+        (
+            "certs/site.pem".to_owned(),
+            b"-----BEGIN CERTIFICATE-----\ndemo\n".to_vec(),
+        ),
+    ];
+    for (path, contents) in &files {
+        let file = root.join("server").join(path);
+        std::fs::create_dir_all(file.parent().context("a parent")?)?;
+        std::fs::write(&file, contents)?;
+    }
+    Ok(files)
+}
+
+fn listening_url(server: &mut Child) -> anyhow::Result<String> {
+    let stdout = server.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .context("the server ended before listening (see server.log)")??;
+    // Keep draining so the server never writes to a closed pipe.
+    std::thread::spawn(move || for _ in lines {});
+    first
+        .strip_prefix("listening on ")
+        .map(str::to_owned)
+        .with_context(|| format!("unexpected first line from the server: {first}"))
+}
+
+async fn status(agent: &Path, url: &str, password: &str) -> anyhow::Result<serde_json::Value> {
+    let output = tokio::process::Command::new(agent)
+        .args(["admin", "status", "--server", url, "--json"])
+        .env("CHANGEOVER_ADMIN_PASSWORD", password)
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+async fn wait_for_sessions(
+    agent: &Path,
+    url: &str,
+    password: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if let Ok(report) = status(agent, url, password).await
+            && report["sessions"].as_array().map_or(0, Vec::len) >= count
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the agents did not connect within 20 s")
+}
+
+async fn wait_for_back(
+    agent: &Path,
+    url: &str,
+    password: &str,
+    count: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut last = Err(anyhow::anyhow!("no answer"));
+    for _ in 0..150 {
+        last = status(agent, url, password).await;
+        if let Ok(report) = &last
+            && report["sessions"].as_array().map_or(0, Vec::len) >= count
+            && report["phase"] == "idle"
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last
+}
+
+/// A tiny static file server for the demo's feed (GET only; the real thing is any web
+/// server or CDN).
+async fn serve_folder(folder: PathBuf) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let folder = folder.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let Ok(read) = stream.read(&mut request).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&request[..read]);
+                let path = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/');
+                let plain = !path.is_empty() && !path.contains('/') && !path.starts_with('.');
+                let body = if plain {
+                    std::fs::read(folder.join(path)).ok()
+                } else {
+                    None
+                };
+                let response = match &body {
+                    Some(body) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_owned()
+                    }
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                if let Some(body) = body {
+                    let _ = stream.write_all(&body).await;
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok(address)
+}
