@@ -64,6 +64,14 @@ paths = ["config", "backups", "certs"]
 [changeover]
 # A new release that has not proved healthy this long after its start is rolled back.
 health_timeout_secs = 60
+
+[unattended]
+# For single-seat installs: update from the feed without an admin, inside the window.
+enabled = false
+# A daily window in UTC (HH:MM-HH:MM; it may wrap past midnight).
+window_utc = "22:00-05:00"
+# Seconds from the first warning to the logout, as `admin update --grace`.
+grace_secs = 300
 "#;
 
 /// The whole configuration.
@@ -75,6 +83,26 @@ pub struct Config {
     pub feed: FeedSection,
     pub carry_over: CarryOverSection,
     pub changeover: ChangeoverSection,
+    pub unattended: UnattendedSection,
+}
+
+/// `[unattended]`: updates without an admin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UnattendedSection {
+    pub enabled: bool,
+    pub window_utc: String,
+    pub grace_secs: u64,
+}
+
+impl Default for UnattendedSection {
+    fn default() -> Self {
+        UnattendedSection {
+            enabled: false,
+            window_utc: "22:00-05:00".to_owned(),
+            grace_secs: 300,
+        }
+    }
 }
 
 /// `[carry_over]`: what moves from release to release.
@@ -254,6 +282,13 @@ impl Config {
             self.feed.check_interval_secs >= 10,
             "feed.check_interval_secs must be at least 10"
         );
+        crate::unattended::Window::parse(&self.unattended.window_utc)
+            .map_err(|reason| anyhow::anyhow!("unattended.window_utc: {reason}"))?;
+        anyhow::ensure!(
+            self.unattended.grace_secs <= changeover_protocol::messages::MAX_GRACE_SECS,
+            "unattended.grace_secs must be at most {}",
+            changeover_protocol::messages::MAX_GRACE_SECS
+        );
         for path in &self.carry_over.paths {
             let plain = !path.is_empty()
                 && std::path::Path::new(path)
@@ -323,6 +358,10 @@ mod tests {
             parsed.changeover.health_timeout_secs,
             ChangeoverSection::default().health_timeout_secs
         );
+        let unattended = UnattendedSection::default();
+        assert_eq!(parsed.unattended.enabled, unattended.enabled);
+        assert_eq!(parsed.unattended.window_utc, unattended.window_utc);
+        assert_eq!(parsed.unattended.grace_secs, unattended.grace_secs);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod platform;
 pub mod release_tools;
 pub mod releases;
 pub mod tls;
+pub mod unattended;
 pub mod version;
 
 use std::net::SocketAddr;
@@ -186,6 +187,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     }
     let hub = HubHandle::spawn(config.server.max_sessions);
     let (changeover, driver_inbox) = changeover::driver::channel(&layout.state_dir());
+    let changeover_handle = changeover.clone();
     let context = Arc::new(ConnectionContext {
         hub: hub.clone(),
         auth,
@@ -264,6 +266,18 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                 }
             }
         }
+    }
+    if config.unattended.enabled {
+        let window = unattended::Window::parse(&config.unattended.window_utc)
+            .map_err(|reason| anyhow::anyhow!("unattended.window_utc: {reason}"))?;
+        tokio::spawn(unattended::run(
+            window,
+            config.unattended.grace_secs,
+            Duration::from_secs(60).min(Duration::from_secs(config.feed.check_interval_secs)),
+            Arc::clone(&releases),
+            changeover_handle.clone(),
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(driver.run(commands));
 

@@ -492,3 +492,55 @@ fn a_crash_of_the_new_release_during_its_health_check_finishes_forward_on_the_ne
 fn a_crash_while_committing_finishes_forward() {
     crash_at("committing", "committed", "1.1.0");
 }
+
+#[test]
+fn a_scheduled_changeover_shows_in_the_status_and_can_be_called_off() {
+    let site = Site::new();
+    let server = site.start(&[]);
+    // `admin update` follows a scheduled changeover too, so it runs in the background.
+    let follower = update(&server, &["--at", "1h", "--grace", "0"]);
+    let report = eventually(Duration::from_secs(20), "the changeover scheduled", || {
+        let report = status(&server.url());
+        (report["phase"] == "scheduled").then_some(report)
+    });
+    assert!(report["changeover"]["scheduled_at"].is_string(), "{report}");
+    let cancel = changeover_tests::admin(&["cancel", "--server", &server.url()], ADMIN_PASSWORD);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let report = status(&server.url());
+    assert_eq!(report["phase"], "idle");
+    assert_eq!(report["last_changeover"]["outcome"], "cancelled");
+    assert_eq!(report["server_version"], "1.0.0");
+    let (ok, events, stderr) = finish(follower);
+    assert!(!ok && stderr.contains("cancelled"), "{stderr}");
+    assert!(events[0]["scheduled_at"].is_string(), "{events:?}");
+}
+
+#[test]
+fn unattended_mode_updates_inside_its_window_by_itself() {
+    let site = Site::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute = |seconds: u64| {
+        let of_day = seconds % 86_400;
+        format!("{:02}:{:02}", of_day / 3600, (of_day % 3600) / 60)
+    };
+    let window = format!("{}-{}", minute(now - 3600), minute(now + 3600));
+    let config = format!(
+        "{}[unattended]\nenabled = true\nwindow_utc = \"{window}\"\ngrace_secs = 0\n",
+        site.config()
+            .replace("[feed]\n", "[feed]\ncheck_interval_secs = 10\n")
+    );
+    let server = Server::start_installed(&site.root, &config);
+    let report = eventually(Duration::from_secs(90), "the unattended update", || {
+        let report = status(&server.url());
+        (report["server_version"] == "1.1.0").then_some(report)
+    });
+    assert_eq!(report["last_changeover"]["outcome"], "committed");
+    site.assert_carried_files_intact();
+}
