@@ -89,6 +89,10 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 }
                 continue;
             }
+            SessionEnd::Refused {
+                code: ErrorCode::Updating,
+                message,
+            } => info!(%message, "the server is updating; trying again shortly"),
             SessionEnd::Refused { code, message } => {
                 error!(?code, %message, "the server refused this agent");
                 if code == ErrorCode::UnsupportedProtocol {

@@ -47,6 +47,16 @@ struct RunArgs {
     /// Run through `sh -c` when the server forces the logout: close the application here.
     #[arg(long)]
     logout_hook: Option<String>,
+    /// The vendor key for the agent's own updates. Accepted for the command-line contract;
+    /// this build does not update itself yet and says so in its log.
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// auto, ask or never. Accepted for the command-line contract; see --public-key.
+    #[arg(long, value_parser = ["auto", "ask", "never"])]
+    client_update: Option<String>,
+    /// Accepted for the command-line contract; see --public-key.
+    #[arg(long)]
+    ask_hook: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +170,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 Some(dir) => dir,
                 None => default_state_dir()?,
             };
+            if args.public_key.is_some() || args.client_update.is_some() || args.ask_hook.is_some()
+            {
+                tracing::warn!(
+                    "--public-key, --client-update and --ask-hook are accepted, but this build \
+                     of the agent does not update itself yet"
+                );
+            }
             let options = agent::AgentOptions {
                 server_url: args.server,
                 user: args.user,

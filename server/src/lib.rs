@@ -9,6 +9,7 @@ pub mod changeover;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod doctor;
 pub mod download;
 pub mod feed;
 pub mod handshake;

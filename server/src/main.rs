@@ -48,6 +48,13 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run every preflight check against an installed server and its feed without changing
+    /// anything; say what would fail and how to fix it. Exit 1 if a changeover would fail.
+    Doctor {
+        /// The product folder.
+        #[arg(long)]
+        root: PathBuf,
+    },
     /// Check that this release can serve a product folder (read its config and state)
     /// without changing anything; run by a changeover before anyone is warned.
     SelfCheck {
@@ -156,6 +163,19 @@ fn main() -> ExitCode {
                     Err(anyhow::anyhow!(
                         "the demo changeover did not end on the new version"
                     ))
+                }
+            }),
+        Command::Doctor { root } => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|runtime| runtime.block_on(changeover_server::doctor::examine(&root)))
+            .and_then(|findings| {
+                print!("{}", changeover_server::doctor::render(&findings));
+                if changeover_server::doctor::blocks_changeover(&findings) {
+                    Err(anyhow::anyhow!(
+                        "a changeover would fail; see the fixes above"
+                    ))
+                } else {
+                    Ok(())
                 }
             }),
         Command::SelfCheck { root } => changeover_server::self_check(&root).map(|version| {

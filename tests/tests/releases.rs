@@ -667,3 +667,54 @@ fn random_bytes(len: usize) -> Vec<u8> {
         .unwrap();
     bytes
 }
+
+#[test]
+fn doctor_names_what_would_block_a_changeover_and_changes_nothing() {
+    let site = Site::new(&["1.0.0", "1.1.0"], "1.0.0");
+    let mut http = StaticServer::python(&site.feed, site.dir.path());
+    std::fs::write(
+        site.root.join("server/config/changeover.toml"),
+        format!("[feed]\nurl = \"{}\"\n", http.url()),
+    )
+    .unwrap();
+    let doctor = || {
+        Command::new(site.root.join("server/bin/changeover-server"))
+            .args(["doctor", "--root"])
+            .arg(&site.root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let healthy = doctor();
+    let report = String::from_utf8_lossy(&healthy.stdout);
+    assert!(
+        healthy.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    assert!(
+        report.contains("ok    feed") && report.contains("1.1.0"),
+        "{report}"
+    );
+    assert!(report.contains("ok    vendor key"), "{report}");
+    assert!(
+        report.contains("WARN  mail"),
+        "SMTP is a warning only: {report}"
+    );
+
+    http.kill();
+    let blocked = doctor();
+    let report = String::from_utf8_lossy(&blocked.stdout);
+    assert!(!blocked.status.success());
+    assert!(
+        report.contains("FAIL  feed") && report.contains("fix:"),
+        "{report}"
+    );
+    // Nothing was changed: no journal, no staging, no probe left behind.
+    let leftovers: Vec<String> = list(&site.root)
+        .into_iter()
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!site.root.join("state/changeover.json").exists());
+}
