@@ -94,11 +94,22 @@ pub fn move_path(from_install: &Path, to_install: &Path, path: &str) -> anyhow::
         .with_context(|| format!("cannot move {} to {}", source.display(), target.display()))
 }
 
-/// Moves a carried path back (a rollback), restoring the release's own defaults.
+/// Moves a carried path back (a rollback), restoring the release's own defaults. The
+/// carried files always win: anything that appeared at the old place meanwhile is moved
+/// aside as `<path>.displaced`, never the other way round.
 pub fn move_back(from_install: &Path, to_install: &Path, path: &str) -> anyhow::Result<()> {
     let source = from_install.join(path);
     let target = to_install.join(path);
-    if source.exists() && !target.exists() {
+    if source.exists() {
+        if target.exists() {
+            let displaced = to_install.join(format!("{path}.displaced"));
+            if displaced.exists() {
+                std::fs::remove_dir_all(&displaced)
+                    .with_context(|| format!("cannot remove {}", displaced.display()))?;
+            }
+            std::fs::rename(&target, &displaced)
+                .with_context(|| format!("cannot move {} aside", target.display()))?;
+        }
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -213,6 +224,24 @@ mod tests {
             new.join("config/defaults.toml").exists(),
             "the release's defaults are restored"
         );
+    }
+
+    #[test]
+    fn moving_back_wins_over_what_appeared_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        let new = dir.path().join("new");
+        std::fs::create_dir_all(new.join("config")).unwrap();
+        std::fs::write(new.join("config/site.toml"), "site").unwrap();
+        // Something re-created the folder at the old place (a default config, say).
+        std::fs::create_dir_all(old.join("config")).unwrap();
+        std::fs::write(old.join("config/changeover.toml"), "defaults").unwrap();
+        move_back(&new, &old, "config").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(old.join("config/site.toml")).unwrap(),
+            "site"
+        );
+        assert!(old.join("config.displaced/changeover.toml").exists());
     }
 
     #[test]

@@ -514,16 +514,19 @@ impl Driver {
         };
         let _ = self.apply(Event::Stopped);
         fault_point("carrying_over");
-        if let Err(err) = self.carry_over() {
+        if let Err(err) = self.checkpoint().and_then(|()| self.carry_over()) {
             return self.roll_back_here(err, Some(tcp)).await;
         }
         let _ = self.apply(Event::CarriedOver);
         fault_point("swapping");
-        if let Err(err) = self.swap() {
+        if let Err(err) = self.checkpoint().and_then(|()| self.swap()) {
             return self.roll_back_here(err, Some(tcp)).await;
         }
         let _ = self.apply(Event::Swapped);
         fault_point("restarting");
+        if let Err(err) = self.checkpoint() {
+            return self.roll_back_here(err, Some(tcp)).await;
+        }
         let binary = self
             .parts
             .layout
@@ -628,8 +631,13 @@ impl Driver {
         self.journal_mut()?.carried = carried.clone();
         self.save();
         for (index, path) in paths.iter().enumerate() {
+            // A path the old release does not have is not carried, so a rollback will not
+            // move the new release's own copy of it into the old one.
+            if !install.join(path).exists() {
+                continue;
+            }
             self.journal_mut()?.moved.push(path.clone());
-            self.save();
+            self.checkpoint()?;
             carry::move_path(&install, &staging, path)?;
             if index == 0 {
                 fault_point("carried_partly");
@@ -742,6 +750,17 @@ impl Driver {
         }
         let view = (phase != ChangeoverPhase::Idle).then(|| self.view_now());
         self.view.send_replace(view);
+    }
+
+    /// Writes the journal and fails if it cannot: a step is only taken once it is recorded.
+    fn checkpoint(&self) -> anyhow::Result<()> {
+        match &self.journal {
+            Some(journal) => self
+                .files
+                .save(journal)
+                .context("cannot write the changeover journal, so the step is not taken"),
+            None => Ok(()),
+        }
     }
 
     fn save(&self) {
