@@ -65,6 +65,14 @@ paths = ["config", "backups", "certs"]
 # A new release that has not proved healthy this long after its start is rolled back.
 health_timeout_secs = 60
 
+[mail]
+# Where the admin's mail goes out: lettre's URL form, smtp://host:port (plain),
+# smtp://host:587?tls=required (STARTTLS), smtps://host:465 (TLS); user:password@ for login.
+# smtp_url = "smtp://127.0.0.1:25"
+from = "changeover@localhost"
+# Who gets the mail when `admin update` names nobody with --notify.
+# to = "admin@example.com"
+
 [unattended]
 # For single-seat installs: update from the feed without an admin, inside the window.
 enabled = false
@@ -84,6 +92,26 @@ pub struct Config {
     pub carry_over: CarryOverSection,
     pub changeover: ChangeoverSection,
     pub unattended: UnattendedSection,
+    pub mail: MailSection,
+}
+
+/// `[mail]`: the admin's mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MailSection {
+    pub smtp_url: Option<String>,
+    pub from: String,
+    pub to: Option<String>,
+}
+
+impl Default for MailSection {
+    fn default() -> Self {
+        MailSection {
+            smtp_url: None,
+            from: "changeover@localhost".to_owned(),
+            to: None,
+        }
+    }
 }
 
 /// `[unattended]`: updates without an admin.
@@ -372,7 +400,8 @@ mod tests {
         assert_eq!(config.server.max_sessions, 100_000);
         assert_eq!(config.feed.url.as_deref(), Some("http://h/"));
         assert_eq!(config.feed.check_interval_secs, 3600);
-        assert_eq!(unknown, vec!["mail".to_owned()]);
+        assert_eq!(unknown, Vec::<String>::new());
+        assert_eq!(config.mail.smtp_url.as_deref(), Some("smtp://x"));
     }
 
     #[test]

@@ -206,7 +206,7 @@ enum FeedSetting {
     },
 }
 
-/// The `[mail]` table this build does not use yet but doctor already checks.
+/// The `[mail]` table's SMTP server, as doctor checks it.
 #[derive(Debug, PartialEq, Eq)]
 enum MailSetting {
     NotConfigured {
@@ -1251,7 +1251,7 @@ fn hide_credentials(address: &str) -> String {
 
 // ---- 8. mail ------------------------------------------------------------------------------
 
-/// Reads `[mail] smtp_url` from the config text; this build's `Config` has no mail section.
+/// Reads `[mail] smtp_url` from the config text.
 fn mail_setting(config_text: &str, config_file: &Path) -> MailSetting {
     let Ok(table) = toml::from_str::<toml::Table>(config_text) else {
         return MailSetting::ConfigUnreadable;
@@ -1363,7 +1363,7 @@ async fn check_mail(setting: &MailSetting) -> Finding {
         CHECK_MAIL,
         format!(
             "cannot reach the SMTP server {host}:{port} ({reason}); a changeover is not held \
-             up by it (this build sends no mail yet)"
+             up by it (the mail waits in the outbox)"
         ),
         format!(
             "allow outbound TCP from this server to {host}:{port} in the firewall, or correct \
@@ -1659,20 +1659,23 @@ mod tests {
         let product = Product::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        product.append_config(&format!(
-            "\n[mail]\nsmtp_url = \"smtp://127.0.0.1:{port}\"\n"
-        ));
+        let config = std::fs::read_to_string(product.config_file()).unwrap();
+        let with_mail = config.replace(
+            "# smtp_url = \"smtp://127.0.0.1:25\"",
+            &format!("smtp_url = \"smtp://127.0.0.1:{port}\""),
+        );
+        assert_ne!(config, with_mail, "the default config documents smtp_url");
+        std::fs::write(product.config_file(), with_mail).unwrap();
         let findings = examine(&product.root()).await.unwrap();
         let mail = find(&findings, CHECK_MAIL);
         assert_eq!(mail.status, Status::Ok, "{mail:?}");
-        // This build does not know [mail] yet, and says so.
-        assert_eq!(status_of(&findings, CHECK_CONFIG), Status::Warning);
+        assert_eq!(status_of(&findings, CHECK_CONFIG), Status::Ok);
 
         drop(listener);
         let findings = examine(&product.root()).await.unwrap();
         let mail = find(&findings, CHECK_MAIL);
         assert_eq!(mail.status, Status::Warning, "{mail:?}");
-        assert!(mail.detail.contains("not held up"), "{mail:?}");
+        assert!(mail.detail.contains("outbox"), "{mail:?}");
         assert!(!blocks_changeover(&findings));
     }
 

@@ -18,6 +18,7 @@ pub mod inbox;
 pub mod install;
 pub mod layout;
 pub mod listener;
+pub mod mail;
 pub mod platform;
 pub mod release_tools;
 pub mod releases;
@@ -268,6 +269,15 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             }
         }
     }
+    tracker.spawn(mail::run_sender(
+        layout.state_dir(),
+        mail::MailSettings {
+            smtp_url: config.mail.smtp_url.clone(),
+            from: config.mail.from.clone(),
+            to: config.mail.to.clone(),
+        },
+        shutdown.clone(),
+    ));
     if config.unattended.enabled {
         let window = unattended::Window::parse(&config.unattended.window_utc)
             .map_err(|reason| anyhow::anyhow!("unattended.window_utc: {reason}"))?;

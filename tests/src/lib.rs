@@ -6,6 +6,7 @@
 //! per test process first.
 
 pub mod feeds;
+pub mod smtp;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;

@@ -544,3 +544,89 @@ fn unattended_mode_updates_inside_its_window_by_itself() {
     assert_eq!(report["last_changeover"]["outcome"], "committed");
     site.assert_carried_files_intact();
 }
+
+#[test]
+fn the_admins_mail_waits_while_smtp_is_down_and_arrives_exactly_once() {
+    let site = Site::new();
+    let smtp_port = changeover_tests::feeds::free_port();
+    let config = format!(
+        "{}[mail]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"changeover@example.com\"\nto = \"default@example.com\"\n",
+        site.config()
+    );
+    let mut server = Server::start_installed(&site.root, &config);
+    // The SMTP server is down during the whole changeover: it must not hold anything up.
+    let (ok, _, stderr) = finish(update(
+        &server,
+        &["--grace", "0", "--notify", "boss@example.com"],
+    ));
+    assert!(ok, "{stderr}");
+    let outbox = site.root.join("state/outbox");
+    let waiting = eventually(
+        Duration::from_secs(20),
+        "the mail waiting with a reason",
+        || {
+            let file = std::fs::read_dir(&outbox)
+                .ok()?
+                .flatten()
+                .find(|f| f.path().extension().is_some_and(|e| e == "json"))?;
+            let mail: Value = serde_json::from_slice(&std::fs::read(file.path()).ok()?).ok()?;
+            mail["last_error"].is_string().then_some(mail)
+        },
+    );
+    assert!(
+        waiting["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot send"),
+        "{waiting}"
+    );
+    // The server restarts while the mail waits; then the SMTP server comes up.
+    server.restart();
+    let sink = changeover_tests::smtp::SmtpSink::start(smtp_port, &site.dir.path().join("maildir"));
+    let mail = eventually(Duration::from_secs(90), "the mail delivered", || {
+        sink.messages().into_iter().next()
+    });
+    assert!(mail.contains("To: boss@example.com"), "{mail}");
+    assert!(
+        mail.contains("Subject: Server available again: updated 1.0.0 -> 1.1.0"),
+        "{mail}"
+    );
+    assert!(mail.contains("Message-ID: <co-"), "{mail}");
+    assert!(mail.contains("Downtime:"), "{mail}");
+    // Never twice, also not after another restart.
+    server.restart();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(sink.messages().len(), 1);
+    assert!(
+        site.root
+            .join("state/outbox/sent")
+            .read_dir()
+            .unwrap()
+            .count()
+            == 1
+    );
+}
+
+#[test]
+fn a_rollback_is_mailed_with_its_reason() {
+    let site = Site::new();
+    let smtp_port = changeover_tests::feeds::free_port();
+    let sink = changeover_tests::smtp::SmtpSink::start(smtp_port, &site.dir.path().join("maildir"));
+    let config = format!(
+        "{}[mail]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nto = \"it@example.com\"\n",
+        site.config()
+    );
+    let server = Server::start_installed_with_env(
+        &site.root,
+        &config,
+        &[("CHANGEOVER_FAULT_AT", "unhealthy")],
+    );
+    let (ok, _, _) = finish(update(&server, &["--grace", "0"]));
+    assert!(!ok);
+    let mail = eventually(Duration::from_secs(60), "the rollback mail", || {
+        sink.messages().into_iter().next()
+    });
+    assert!(mail.contains("To: it@example.com"), "{mail}");
+    assert!(mail.contains("rolled_back"), "{mail}");
+    assert!(mail.contains("health check"), "{mail}");
+}

@@ -96,9 +96,22 @@ impl JournalFiles {
         write_durably(&self.current, journal)
     }
 
-    /// Ends the journal: how it ended is kept, the journal itself is removed.
+    /// Ends the journal: how it ended is kept, the admin's mail queued, and the journal
+    /// itself removed (in that order, so a crash in between queues no mail twice: the
+    /// outbox skips a Message-ID it already holds).
     pub fn finish(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
         write_durably(&self.last, summary)?;
+        let notify = self
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|journal| journal.notify);
+        if let Some(state_dir) = self.current.parent()
+            && let Err(err) =
+                crate::mail::queue_changeover_mail(state_dir, summary, notify.as_deref())
+        {
+            tracing::error!(cause = %format!("{err:#}"), "cannot queue the mail to the admin");
+        }
         match std::fs::remove_file(&self.current) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

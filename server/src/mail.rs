@@ -1,0 +1,346 @@
+//! Mail to the admin: written to an on-disk outbox first, sent from there.
+//!
+//! `<root>/state/outbox/` holds one JSON file per mail. A sender task sends what is due
+//! over SMTP (lettre: `smtp://`, `smtp://…?tls=required`, `smtps://`), retries while the
+//! SMTP server is down or answers with a temporary error (at least once a minute, also
+//! across restarts, since the outbox is on disk), and moves each mail to `sent/` once the
+//! server accepted it, or to `failed/` with the reason when it refused it for good (a bad
+//! address). Every mail keeps the Message-ID it was given when queued, so a receiver can
+//! recognise the one resend that a crash right after the SMTP server's acceptance causes.
+//! An SMTP server that is down never holds up a changeover.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use changeover_protocol::{ChangeoverOutcome, ChangeoverSummary};
+use lettre::message::header::ContentType;
+use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The longest pause between two tries of a waiting mail.
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// One mail in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMail {
+    pub message_id: String,
+    /// The recipient; `None` means the configured `mail.to`.
+    pub to: Option<String>,
+    pub subject: String,
+    pub body: String,
+    #[serde(with = "changeover_protocol::messages::rfc3339")]
+    pub queued_at: SystemTime,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The outbox folder of a product folder.
+pub fn outbox_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("outbox")
+}
+
+/// Queues the mail that tells the admin how a changeover ended (none for a cancel: the
+/// admin who cancelled knows).
+pub fn queue_changeover_mail(
+    state_dir: &Path,
+    summary: &ChangeoverSummary,
+    notify: Option<&str>,
+) -> anyhow::Result<()> {
+    if summary.outcome == ChangeoverOutcome::Cancelled {
+        return Ok(());
+    }
+    let took = summary
+        .ended_at
+        .duration_since(summary.started_at)
+        .unwrap_or_default();
+    let (subject, opening) = match summary.outcome {
+        ChangeoverOutcome::Committed => (
+            format!(
+                "Server available again: updated {} -> {}",
+                summary.from_version, summary.target_version
+            ),
+            "The server has been updated and is available again.".to_owned(),
+        ),
+        outcome => (
+            format!(
+                "Server update {}: {} -> {}",
+                outcome, summary.from_version, summary.target_version
+            ),
+            format!(
+                "The server update did not complete ({outcome} during {}). The server runs version {} as before.",
+                summary.phase, summary.from_version
+            ),
+        ),
+    };
+    let downtime = summary
+        .downtime_ms
+        .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+        .unwrap_or_else(|| "none".to_owned());
+    let reason = summary
+        .reason
+        .as_deref()
+        .map(|reason| format!("Reason:         {reason}\n"))
+        .unwrap_or_default();
+    let body = format!(
+        "{opening}\n\n\
+         Changeover:     {}\n\
+         From version:   {}\n\
+         To version:     {}\n\
+         Outcome:        {}\n\
+         {reason}\
+         Started:        {}\n\
+         Ended:          {}\n\
+         Took:           {}\n\
+         Downtime:       {downtime}\n\
+         Sessions warned: {}\n\
+         Sessions logged out at the deadline: {}\n",
+        summary.changeover_id,
+        summary.from_version,
+        summary.target_version,
+        summary.outcome,
+        humantime::format_rfc3339_seconds(summary.started_at),
+        humantime::format_rfc3339_seconds(summary.ended_at),
+        humantime::format_duration(Duration::from_secs(took.as_secs())),
+        summary.sessions_warned,
+        summary.sessions_logged_out,
+    );
+    let host = gethostname();
+    let mail = QueuedMail {
+        message_id: format!("<{}.{}@{host}>", summary.changeover_id, summary.outcome),
+        to: notify.map(str::to_owned),
+        subject,
+        body,
+        queued_at: SystemTime::now(),
+        attempts: 0,
+        last_error: None,
+    };
+    queue(state_dir, &mail)
+}
+
+fn gethostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "changeover.invalid".to_owned())
+}
+
+/// Writes a mail into the outbox, durably; a mail with the same Message-ID already queued
+/// or sent is not queued twice.
+pub fn queue(state_dir: &Path, mail: &QueuedMail) -> anyhow::Result<()> {
+    let dir = outbox_dir(state_dir);
+    let name = file_name(&mail.message_id);
+    if dir.join(&name).exists() || dir.join("sent").join(&name).exists() {
+        return Ok(());
+    }
+    let bytes = serde_json::to_vec_pretty(mail).context("cannot encode the mail")?;
+    crate::release_tools::write_atomically(&dir.join(name), &bytes, true)
+}
+
+fn file_name(message_id: &str) -> String {
+    let plain: String = message_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{plain}.json")
+}
+
+/// Mails waiting in the outbox, oldest first.
+pub fn waiting(state_dir: &Path) -> Vec<QueuedMail> {
+    let Ok(listing) = std::fs::read_dir(outbox_dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut mails: Vec<QueuedMail> = listing
+        .flatten()
+        .filter(|item| item.path().extension().is_some_and(|ext| ext == "json"))
+        .filter_map(|item| serde_json::from_slice(&std::fs::read(item.path()).ok()?).ok())
+        .collect();
+    mails.sort_by_key(|mail| mail.queued_at);
+    mails
+}
+
+/// What the sender needs from the config.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    pub smtp_url: Option<String>,
+    pub from: String,
+    pub to: Option<String>,
+}
+
+/// Sends what waits in the outbox until `shutdown`: every mail at least once a minute
+/// while it waits.
+pub async fn run_sender(state_dir: PathBuf, settings: MailSettings, shutdown: CancellationToken) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let waiting = waiting(&state_dir);
+        let mut all_sent = true;
+        for mail in waiting {
+            match send(&settings, &mail).await {
+                Ok(()) => {
+                    info!(message_id = %mail.message_id, "mail sent");
+                    move_to(&state_dir, &mail, "sent", None);
+                }
+                Err(Failure::Permanent(reason)) => {
+                    warn!(message_id = %mail.message_id, %reason, "mail refused for good");
+                    move_to(&state_dir, &mail, "failed", Some(reason));
+                }
+                Err(Failure::Transient(reason)) => {
+                    all_sent = false;
+                    warn!(message_id = %mail.message_id, %reason, "mail waits in the outbox");
+                    let mut retried = mail.clone();
+                    retried.attempts += 1;
+                    retried.last_error = Some(reason);
+                    if let Ok(bytes) = serde_json::to_vec_pretty(&retried) {
+                        let path = outbox_dir(&state_dir).join(file_name(&mail.message_id));
+                        let _ = crate::release_tools::write_atomically(&path, &bytes, true);
+                    }
+                }
+            }
+        }
+        delay = if all_sent {
+            Duration::from_secs(1)
+        } else {
+            (delay * 2).min(MAX_RETRY)
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+async fn send(settings: &MailSettings, mail: &QueuedMail) -> Result<(), Failure> {
+    let Some(url) = &settings.smtp_url else {
+        return Err(Failure::Transient(
+            "no mail.smtp_url is configured; the mail waits until one is".to_owned(),
+        ));
+    };
+    let Some(to) = mail.to.as_ref().or(settings.to.as_ref()) else {
+        return Err(Failure::Permanent(
+            "no recipient: pass --notify to admin update or set mail.to".to_owned(),
+        ));
+    };
+    let from = settings.from.parse().map_err(|err| {
+        Failure::Permanent(format!(
+            "mail.from {:?} is not an address: {err}",
+            settings.from
+        ))
+    })?;
+    let to = to
+        .parse()
+        .map_err(|err| Failure::Permanent(format!("{to:?} is not an address: {err}")))?;
+    let message = Message::builder()
+        .message_id(Some(mail.message_id.clone()))
+        .from(from)
+        .to(to)
+        .subject(mail.subject.clone())
+        .header(ContentType::TEXT_PLAIN)
+        .body(mail.body.clone())
+        .map_err(|err| Failure::Permanent(format!("cannot build the mail: {err}")))?;
+    let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+        .map_err(|err| Failure::Transient(format!("mail.smtp_url {url:?} is not usable: {err}")))?
+        .timeout(Some(Duration::from_secs(20)))
+        .build();
+    match transport.send(message).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.is_permanent() => Err(Failure::Permanent(format!(
+            "the SMTP server refused the mail: {err}"
+        ))),
+        Err(err) => Err(Failure::Transient(format!(
+            "cannot send: {}",
+            crate::feed::error_chain(&err)
+        ))),
+    }
+}
+
+fn move_to(state_dir: &Path, mail: &QueuedMail, folder: &str, reason: Option<String>) {
+    let dir = outbox_dir(state_dir);
+    let name = file_name(&mail.message_id);
+    let target = dir.join(folder);
+    let moved = std::fs::create_dir_all(&target)
+        .and_then(|()| std::fs::rename(dir.join(&name), target.join(&name)));
+    if let Err(err) = moved {
+        warn!(cause = %err, "cannot move a mail out of the outbox");
+    }
+    if let Some(reason) = reason {
+        let _ = std::fs::write(
+            target.join(format!("{name}.reason.txt")),
+            format!("{reason}\n"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(outcome: ChangeoverOutcome) -> ChangeoverSummary {
+        ChangeoverSummary {
+            changeover_id: "co-1".to_owned(),
+            outcome,
+            from_version: "1.0.0".to_owned(),
+            target_version: "1.1.0".to_owned(),
+            phase: changeover_protocol::ChangeoverPhase::HealthCheck,
+            reason: Some("the health check failed".to_owned()),
+            started_at: SystemTime::UNIX_EPOCH,
+            ended_at: SystemTime::UNIX_EPOCH + Duration::from_secs(95),
+            downtime_ms: Some(640),
+            sessions_warned: 12,
+            sessions_logged_out: 3,
+        }
+    }
+
+    #[test]
+    fn a_changeover_queues_one_mail_and_a_cancel_none() {
+        let dir = tempfile::tempdir().unwrap();
+        queue_changeover_mail(
+            dir.path(),
+            &summary(ChangeoverOutcome::Committed),
+            Some("it@example.com"),
+        )
+        .unwrap();
+        queue_changeover_mail(
+            dir.path(),
+            &summary(ChangeoverOutcome::Committed),
+            Some("it@example.com"),
+        )
+        .unwrap();
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Cancelled), None).unwrap();
+        let queued = waiting(dir.path());
+        assert_eq!(queued.len(), 1, "queued once");
+        assert!(
+            queued[0].subject.contains("available again"),
+            "{}",
+            queued[0].subject
+        );
+        assert!(
+            queued[0].body.contains("Downtime:       0.6 s"),
+            "{}",
+            queued[0].body
+        );
+        assert_eq!(queued[0].to.as_deref(), Some("it@example.com"));
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::RolledBack), None).unwrap();
+        let rolled_back = &waiting(dir.path())[1];
+        assert!(
+            rolled_back.body.contains("the health check failed"),
+            "{}",
+            rolled_back.body
+        );
+    }
+}
