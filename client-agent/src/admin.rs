@@ -588,6 +588,15 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             candidate.version, candidate.source
         ));
     }
+    for mail in &report.outbox {
+        let why = mail.last_error.as_deref().unwrap_or("not tried yet");
+        out.push_str(&format!(
+            "mail waiting       {:?} to {} ({} tries; {why})\n",
+            mail.subject,
+            mail.to.as_deref().unwrap_or("the configured mail.to"),
+            mail.attempts
+        ));
+    }
     if let Some(refusal) = &report.last_refusal {
         out.push_str(&format!("last refusal       {refusal}\n"));
     }
@@ -706,6 +715,7 @@ mod tests {
             last_refusal: None,
             changeover: None,
             last_changeover: None,
+            outbox: Vec::new(),
             sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
         };
         let text = render_status(&report, since + Duration::from_secs(125));

@@ -18,7 +18,7 @@ pub use close::CloseCode;
 pub use messages::{
     AgentHello, CandidateState, CandidateStatus, ChangeoverOutcome, ChangeoverPhase,
     ChangeoverSummary, ChangeoverView, ClientMessage, DecodeError, ErrorCode, FeedStatus,
-    PackageSource, ServerMessage, SessionView, StatusReport,
+    OutboxEntry, PackageSource, ServerMessage, SessionView, StatusReport,
 };
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -313,8 +313,25 @@ pub struct StatusReport {
     /// How the last changeover ended.
     #[serde(default)]
     pub last_changeover: Option<ChangeoverSummary>,
+    /// Mail to the admin still waiting to be sent, oldest first; absent when none waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<OutboxEntry>,
     /// Every connected agent session, oldest first.
     pub sessions: Vec<SessionView>,
+}
+
+/// A mail waiting in the server's outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub message_id: String,
+    /// The recipient, or null for the configured default.
+    pub to: Option<String>,
+    pub subject: String,
+    #[serde(with = "rfc3339")]
+    pub queued_at: SystemTime,
+    pub attempts: u32,
+    /// Why the last try failed.
+    pub last_error: Option<String>,
 }
 
 /// The feed as the server last saw it.

@@ -102,6 +102,16 @@ fn status() -> ServerMessage {
         ),
         changeover: None,
         last_changeover: Some(last_committed()),
+        outbox: vec![changeover_protocol::OutboxEntry {
+            message_id: "<co-1795875400188.committed@srv-office>".to_owned(),
+            to: Some("it@muster-gmbh.de".to_owned()),
+            subject: "Server available again: updated 2.3.0 -> 2.4.0".to_owned(),
+            queued_at: at(1_795_875_503),
+            attempts: 3,
+            last_error: Some(
+                "cannot send: Connection error: Connection refused (os error 111)".to_owned(),
+            ),
+        }],
         sessions: two_sessions(),
     }))
 }
@@ -150,6 +160,7 @@ fn status_inbox_only() -> ServerMessage {
         last_refusal: None,
         changeover: None,
         last_changeover: None,
+        outbox: Vec::new(),
         sessions: Vec::new(),
     }))
 }
@@ -211,6 +222,7 @@ fn status_counting_down() -> ServerMessage {
             deadline: Some(at(DEADLINE)),
         }),
         last_changeover: Some(last_committed()),
+        outbox: Vec::new(),
         sessions: two_sessions(),
     }))
 }
@@ -244,6 +256,7 @@ fn status_scheduled() -> ServerMessage {
             deadline: None,
         }),
         last_changeover: Some(last_committed()),
+        outbox: Vec::new(),
         sessions: Vec::new(),
     }))
 }

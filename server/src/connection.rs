@@ -43,6 +43,8 @@ pub struct ConnectionContext {
     pub auth: AdminAuth,
     pub releases: Arc<Releases>,
     pub changeover: ChangeoverHandle,
+    /// `<root>/state`: the outbox the status report lists.
+    pub state_dir: std::path::PathBuf,
     pub server_version: String,
     /// How often to ping; two silent intervals end the connection.
     pub heartbeat: Duration,
@@ -393,6 +395,17 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
         last_refusal: snapshot.last_refusal,
         changeover,
         last_changeover: context.changeover.last(),
+        outbox: crate::mail::waiting(&context.state_dir)
+            .into_iter()
+            .map(|mail| changeover_protocol::OutboxEntry {
+                message_id: mail.message_id,
+                to: mail.to,
+                subject: mail.subject,
+                queued_at: mail.queued_at,
+                attempts: mail.attempts,
+                last_error: mail.last_error,
+            })
+            .collect(),
         sessions: context.hub.sessions().await,
     }))
 }

@@ -195,6 +195,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         auth,
         releases: Arc::clone(&releases),
         changeover,
+        state_dir: layout.state_dir(),
         server_version: server_version.clone(),
         heartbeat: config.server.heartbeat_interval(),
         hello_timeout: config.server.handshake_timeout(),
