@@ -1,9 +1,9 @@
 //! `changeover-server demo`: the whole changeover on this machine with nothing set up.
 //!
 //! A temporary product folder, a vendor key, a feed holding two signed releases of this very
-//! binary (1.0.0 installed, 1.1.0 offered) served over HTTP, real agent processes (one of
-//! them the admin who starts the update), and the real `admin update` following it to the
-//! end. It prints each phase as it happens and a summary, and succeeds only if the server
+//! binary (1.0.0 installed, 1.1.0 offered) served over HTTP, a local mail sink standing in
+//! for the site's SMTP server, real agent processes (one of them the admin who starts the
+//! update), and the real `admin update` following it to the end. It prints each phase as it happens and a summary, and succeeds only if the server
 //! ended on the new version, every agent came back, and every carried file is intact.
 
 use std::io::{BufRead as _, BufReader};
@@ -102,9 +102,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
 
     let feed_address = serve_folder(feed).await?;
     step(&format!("feed served at http://{feed_address}/"));
+    let (mail_address, mut mailbox) = mail_sink().await?;
+    step(&format!("mail sink listening on smtp://{mail_address}"));
     std::fs::write(
         root.join("server/config/changeover.toml"),
-        format!("[server]\nheartbeat_secs = 5\n\n[feed]\nurl = \"http://{feed_address}/\"\n"),
+        format!(
+            "[server]\nheartbeat_secs = 5\n\n[feed]\nurl = \"http://{feed_address}/\"\n\n\
+             [mail]\nsmtp_url = \"smtp://{mail_address}\"\nfrom = \"changeover@demo.invalid\"\n"
+        ),
     )?;
 
     let password = format!("demo-{}", std::process::id());
@@ -161,7 +166,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         options.grace_secs
     ));
     let mut update = Command::new(&agent_binary)
-        .args(["admin", "update", "--server", &url, "--grace"])
+        .args([
+            "admin",
+            "update",
+            "--server",
+            &url,
+            "--notify",
+            "admin@demo.invalid",
+            "--grace",
+        ])
         .arg(options.grace_secs.to_string())
         .env("CHANGEOVER_ADMIN_PASSWORD", &password)
         .stdin(Stdio::null())
@@ -225,7 +238,21 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         .filter(|user| dir.join(format!("{user}.hooks")).exists())
         .count();
     println!("  logout hooks run    {hooks} of {}", users.len());
-    println!("  mail to the admin   not part of this build yet");
+    let mail = tokio::time::timeout(Duration::from_secs(15), mailbox.recv())
+        .await
+        .ok()
+        .flatten();
+    match &mail {
+        Some(mail) => {
+            let subject = mail
+                .lines()
+                .find_map(|line| line.strip_prefix("Subject: "))
+                .unwrap_or("(no subject)");
+            println!("  mail to the admin   {subject:?}");
+        }
+        None => println!("  mail to the admin   NOT RECEIVED"),
+    }
+    ok &= mail.is_some();
     println!("  result              {}", if ok { "OK" } else { "FAILED" });
     drop(children);
     if options.keep {
@@ -320,6 +347,64 @@ async fn wait_for_back(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     last
+}
+
+/// A tiny SMTP sink standing in for the site's mail server: it accepts every mail and hands
+/// its text over.
+async fn mail_sink() -> anyhow::Result<(std::net::SocketAddr, tokio::sync::mpsc::Receiver<String>)>
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (mails, mailbox) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let mails = mails.clone();
+            tokio::spawn(async move {
+                let (reader, mut writer) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(reader);
+                let mut line = String::new();
+                let mut in_data = false;
+                let mut data = String::new();
+                if writer.write_all(b"220 demo mail sink\r\n").await.is_err() {
+                    return;
+                }
+                loop {
+                    line.clear();
+                    match tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if in_data {
+                        if line == ".\r\n" || line == ".\n" {
+                            in_data = false;
+                            let _ = mails.send(std::mem::take(&mut data)).await;
+                            let _ = writer.write_all(b"250 queued\r\n").await;
+                        } else {
+                            data.push_str(&line);
+                        }
+                        continue;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 demo\r\n",
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = writer.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    if writer.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((address, mailbox))
 }
 
 /// A tiny static file server for the demo's feed (GET only; the real thing is any web
