@@ -33,8 +33,8 @@ use crate::procfs::{self, CpuTime, Pid, ResidentSplit, SettlePolicy, SettledRss}
 use crate::server_process::{ADMIN_PASSWORD, ServerProcess};
 
 /// The version installed first, and the one downloaded.
-const OLD_VERSION: &str = "1.0.0";
-const NEW_VERSION: &str = "2.0.0";
+pub(crate) const OLD_VERSION: &str = "1.0.0";
+pub(crate) const NEW_VERSION: &str = "2.0.0";
 
 /// How often the server's `VmRSS` is read while it downloads.
 const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
@@ -129,7 +129,7 @@ pub async fn run(options: &DownloadOptions) -> anyhow::Result<Vec<Repetition>> {
 }
 
 async fn run_in(options: &DownloadOptions, work: &Path) -> anyhow::Result<Vec<Repetition>> {
-    let feed = prepare_feed(options, work)?;
+    let feed = prepare_feed(&options.server_bin, options.payload_mb, work)?;
     println!(
         "feed {}: {} ({} bytes = {:.1} MB)",
         feed.dir.display(),
@@ -178,19 +178,25 @@ async fn run_in(options: &DownloadOptions, work: &Path) -> anyhow::Result<Vec<Re
 
 /// The feed folder and what is in it.
 #[derive(Debug)]
-struct PreparedFeed {
-    dir: PathBuf,
-    public_key: PathBuf,
-    older_archive: PathBuf,
-    newer: PackageEntry,
+pub(crate) struct PreparedFeed {
+    pub(crate) dir: PathBuf,
+    pub(crate) public_key: PathBuf,
+    pub(crate) older_archive: PathBuf,
+    pub(crate) newer: PackageEntry,
 }
 
-fn prepare_feed(options: &DownloadOptions, work: &Path) -> anyhow::Result<PreparedFeed> {
+/// A vendor key and a feed folder under `work` with server 1.0.0 (`server_bin` alone) and
+/// 2.0.0 (`server_bin` and `payload_mb` MB of random data), readable by nginx.
+pub(crate) fn prepare_feed(
+    server_bin: &Path,
+    payload_mb: u64,
+    work: &Path,
+) -> anyhow::Result<PreparedFeed> {
     let keys = work.join("keys");
     let public_key = keys.join("vendor.pub");
     let secret_key = keys.join("vendor.key");
     let feed_dir = work.join("feed");
-    let mut keygen = Command::new(&options.server_bin);
+    let mut keygen = Command::new(server_bin);
     keygen
         .args(["release", "keygen", "--secret-key"])
         .arg(&secret_key)
@@ -199,14 +205,14 @@ fn prepare_feed(options: &DownloadOptions, work: &Path) -> anyhow::Result<Prepar
         .env_remove("CHANGEOVER_SIGNING_PASSWORD");
     run_tool(&mut keygen)?;
 
-    for (version, payload_bytes) in [(OLD_VERSION, 0), (NEW_VERSION, options.payload_mb * MB)] {
+    for (version, payload_bytes) in [(OLD_VERSION, 0), (NEW_VERSION, payload_mb * MB)] {
         let tree = work.join("trees").join(version);
         let binary = tree.join(ReleaseKind::Server.binary_path());
         std::fs::create_dir_all(binary.parent().context("binary path has a folder")?)?;
-        std::fs::copy(&options.server_bin, &binary).with_context(|| {
+        std::fs::copy(server_bin, &binary).with_context(|| {
             format!(
                 "cannot copy {} to {}",
-                options.server_bin.display(),
+                server_bin.display(),
                 binary.display()
             )
         })?;
@@ -215,7 +221,7 @@ fn prepare_feed(options: &DownloadOptions, work: &Path) -> anyhow::Result<Prepar
             write_random_file(&blob, payload_bytes)?;
         }
         let started = Instant::now();
-        let mut pack = Command::new(&options.server_bin);
+        let mut pack = Command::new(server_bin);
         pack.args(["release", "pack", "--kind", "server", "--version", version])
             .arg("--from")
             .arg(&tree)
@@ -303,7 +309,7 @@ async fn repeat_once(
     // the server sees the feed, and puts the login's argon2 memory into VmHWM before the
     // download starts.
     let status_started = Instant::now();
-    let status = admin_command(options, &server, &["status", "--json"])?;
+    let status = admin_command(&options.agent_bin, &server, &["status", "--json"])?;
     let admin_status = status_started.elapsed();
     let status: serde_json::Value =
         serde_json::from_slice(&status.stdout).context("admin status printed no JSON")?;
@@ -317,7 +323,7 @@ async fn repeat_once(
     let server_hwm_before = procfs::peak_resident_kib(pid).with_context(gone)?;
     let cpu_start = procfs::cpu_time(pid).with_context(gone)?;
     let (stop_sampling, sampler) = sample_peak_rss(pid);
-    let timeline = admin_download(options, &server, &folder).await;
+    let timeline = admin_download(&options.agent_bin, options.patience, &server, &folder).await;
     let server_cpu = procfs::cpu_time(pid).with_context(gone)?.since(cpu_start);
     let _ = stop_sampling.send(());
     let server_rss_peak = sampler.await.unwrap_or_default();
@@ -417,18 +423,19 @@ pub fn product_config(feed_url: &str) -> String {
 
 /// When the lines of `admin download --json` arrived, counted from its start.
 #[derive(Debug, Clone, Copy)]
-struct Timeline {
-    accepted: Duration,
-    started: Duration,
-    ready: Duration,
+pub(crate) struct Timeline {
+    pub(crate) accepted: Duration,
+    pub(crate) started: Duration,
+    pub(crate) ready: Duration,
 }
 
-fn admin_command(
-    options: &DownloadOptions,
+/// `agent_bin admin ARGS[0] --server URL ARGS[1..]` with the admin password, to its end.
+pub(crate) fn admin_command(
+    agent_bin: &Path,
     server: &ServerProcess,
     args: &[&str],
 ) -> anyhow::Result<std::process::Output> {
-    let mut command = Command::new(&options.agent_bin);
+    let mut command = Command::new(agent_bin);
     command
         .arg("admin")
         .arg(args[0])
@@ -438,8 +445,10 @@ fn admin_command(
     run_tool(&mut command)
 }
 
-async fn admin_download(
-    options: &DownloadOptions,
+/// Runs `admin download --json` until `package_ready`; a fresh download is required.
+pub(crate) async fn admin_download(
+    agent_bin: &Path,
+    patience: Duration,
     server: &ServerProcess,
     folder: &Path,
 ) -> anyhow::Result<Timeline> {
@@ -447,7 +456,7 @@ async fn admin_download(
     let stderr = std::fs::File::create(&stderr_path)
         .with_context(|| format!("cannot create {}", stderr_path.display()))?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(&options.agent_bin)
+    let mut child = tokio::process::Command::new(agent_bin)
         .args(["admin", "download", "--server", &server.url(), "--json"])
         .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .stdin(Stdio::null())
@@ -455,7 +464,7 @@ async fn admin_download(
         .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", options.agent_bin.display()))?;
+        .with_context(|| format!("cannot start {}", agent_bin.display()))?;
     let stdout = child.stdout.take().context("the agent has no stdout")?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let mut accepted = None;
@@ -483,13 +492,13 @@ async fn admin_download(
         }
         bail!("admin download ended without package_ready")
     };
-    let ready = match tokio::time::timeout(options.patience, follow).await {
+    let ready = match tokio::time::timeout(patience, follow).await {
         Ok(Ok(ready)) => ready,
         Ok(Err(err)) => {
             let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             return Err(err.context(format!("admin download's stderr: {}", stderr.trim_end())));
         }
-        Err(_elapsed) => bail!("no package_ready within {} s", options.patience.as_secs()),
+        Err(_elapsed) => bail!("no package_ready within {} s", patience.as_secs()),
     };
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
@@ -532,13 +541,13 @@ fn sample_peak_rss(
 
 /// nginx serving one folder on a loopback port, in the foreground, killed when dropped.
 #[derive(Debug)]
-struct Nginx {
+pub(crate) struct Nginx {
     child: Child,
     port: u16,
 }
 
 impl Nginx {
-    fn start(nginx_bin: &Path, root: &Path, prefix: &Path) -> anyhow::Result<Nginx> {
+    pub(crate) fn start(nginx_bin: &Path, root: &Path, prefix: &Path) -> anyhow::Result<Nginx> {
         std::fs::create_dir_all(prefix.join("temp"))
             .with_context(|| format!("cannot create {}", prefix.display()))?;
         let port = free_port()?;
@@ -583,7 +592,7 @@ impl Nginx {
         Ok(nginx)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/", self.port)
     }
 }
@@ -650,14 +659,14 @@ fn write_random_file(path: &Path, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot change the mode of {}", path.display()))
 }
 
-// Runs a command to its end; a failure carries its stderr.
-fn run_tool(command: &mut Command) -> anyhow::Result<std::process::Output> {
+/// Runs a command to its end; a failure carries its stderr.
+pub(crate) fn run_tool(command: &mut Command) -> anyhow::Result<std::process::Output> {
     let program = command.get_program().to_string_lossy().into_owned();
     let output = command
         .stdin(Stdio::null())
@@ -673,7 +682,8 @@ fn run_tool(command: &mut Command) -> anyhow::Result<std::process::Output> {
     Ok(output)
 }
 
-fn timed(command: &mut Command) -> anyhow::Result<Duration> {
+/// Runs a command to its end and says how long it took.
+pub(crate) fn timed(command: &mut Command) -> anyhow::Result<Duration> {
     let started = Instant::now();
     run_tool(command)?;
     Ok(started.elapsed())

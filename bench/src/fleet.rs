@@ -289,7 +289,7 @@ pub async fn connect_and_hold(
     Ok(())
 }
 
-async fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
     let request = url
         .into_client_request()
         .with_context(|| format!("{url:?} is not a ws:// URL"))?;

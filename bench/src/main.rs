@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use changeover_bench::changeover::ChangeoverOptions;
 use changeover_bench::download::DownloadOptions;
 use changeover_bench::fleet::{DEFAULT_AGENTS_PER_SOURCE_ADDRESS, FleetOptions};
 use changeover_bench::idle_rss::IdleRssOptions;
@@ -75,6 +76,44 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         repetitions: usize,
         /// Seconds one download may take.
+        #[arg(long, default_value_t = 600)]
+        patience_secs: u64,
+        /// Keep the work folder (feed, nginx config and logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Downtime of a changeover (last forced logout → new version accepting) and time of a
+    /// rollback (failed health check → old version serving), with a large release and
+    /// carried backups, against a plain restart and against copying the backups.
+    Changeover {
+        /// The release changeover-server: packs, installs, and is inside both releases.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// The changeover-agent binary (admin status, download, update).
+        #[arg(long)]
+        agent_bin: PathBuf,
+        #[arg(long, default_value = "nginx")]
+        nginx_bin: PathBuf,
+        #[arg(long, default_value = "curl")]
+        curl_bin: PathBuf,
+        /// Incompressible random data in release 2.0.0, in MB (10^6 bytes).
+        #[arg(long, default_value_t = 50)]
+        payload_mb: u64,
+        /// Backup files in server/backups/...
+        #[arg(long, default_value_t = 8)]
+        backup_files: usize,
+        /// ...of this many MiB each.
+        #[arg(long, default_value_t = 128)]
+        backup_file_mib: u64,
+        /// Agents connected during the changeover; they come back at once.
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// The agents' pause between failed connection attempts, in ms.
+        #[arg(long, default_value_t = 10)]
+        retry_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        /// Seconds one download or one changeover may take.
         #[arg(long, default_value_t = 600)]
         patience_secs: u64,
         /// Keep the work folder (feed, nginx config and logs) instead of removing it.
@@ -181,6 +220,36 @@ fn main() -> ExitCode {
                     keep,
                 };
                 changeover_bench::download::run(&options).await.map(drop)
+            }
+            Command::Changeover {
+                server_bin,
+                agent_bin,
+                nginx_bin,
+                curl_bin,
+                payload_mb,
+                backup_files,
+                backup_file_mib,
+                agents,
+                retry_ms,
+                repetitions,
+                patience_secs,
+                keep,
+            } => {
+                let options = ChangeoverOptions {
+                    server_bin,
+                    agent_bin,
+                    nginx_bin,
+                    curl_bin,
+                    payload_mb,
+                    backup_files,
+                    backup_file_mib,
+                    agents,
+                    retry: Duration::from_millis(retry_ms),
+                    repetitions,
+                    patience: Duration::from_secs(patience_secs),
+                    keep,
+                };
+                changeover_bench::changeover::run(&options).await.map(drop)
             }
             Command::RawServer { listen, backlog } => {
                 changeover_bench::raw_server::run(listen, backlog).await

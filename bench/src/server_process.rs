@@ -78,6 +78,33 @@ impl ServerProcess {
         ServerProcess::start(command, folder).await
     }
 
+    /// As [`ServerProcess::start_installed`], on a given address (a restart on the same
+    /// port), with extra environment, and logging at `info` without colours, so that
+    /// [`crate::server_log`] can read the steps from the log.
+    pub async fn start_installed_logging(
+        server_bin: &Path,
+        root: &Path,
+        listen: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let folder = tempfile::Builder::new()
+            .prefix("changeover-loadgen-log-")
+            .tempdir()
+            .context("cannot create a temporary folder")?;
+        let mut command = Command::new(server_bin);
+        command
+            .arg("run")
+            .arg("--root")
+            .arg(root)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
+        ServerProcess::start(command, folder).await
+    }
+
     /// `loadgen_bin raw-server --listen 127.0.0.1:0`.
     pub async fn start_raw(loadgen_bin: &Path) -> anyhow::Result<Self> {
         let folder = tempfile::Builder::new()
@@ -148,6 +175,34 @@ impl ServerProcess {
     /// The URL agents connect to.
     pub fn url(&self) -> String {
         format!("ws://{}", self.address)
+    }
+
+    /// Sends `signal` (SIGTERM: a graceful stop; SIGKILL: a crash) and waits until the
+    /// process has exited; it is killed if it takes longer than `patience`. Returns how
+    /// long it took to exit.
+    pub async fn stop_with(
+        &mut self,
+        signal: rustix::process::Signal,
+        patience: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = std::time::Instant::now();
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("the server has no valid process id")?;
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("cannot send {signal:?} to the server"))?;
+        loop {
+            if self.child.try_wait()?.is_some() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > patience {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                anyhow::bail!("the server did not exit within {patience:?} of {signal:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Lines of the log that contain `needle`.
