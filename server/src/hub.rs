@@ -77,6 +77,7 @@ enum HubCommand {
         reply: oneshot::Sender<usize>,
     },
     Reopen,
+    CloseDoor,
 }
 
 /// One connected agent as the hub keeps it.
@@ -187,7 +188,14 @@ impl HubHandle {
         response.await.unwrap_or(0)
     }
 
-    /// Accepts sessions again (a changeover that rolled back before the restart).
+    /// Refuses new sessions with "updating" until [`HubHandle::reopen`]: a new release
+    /// takes no users before it has proved healthy.
+    pub async fn close_door(&self) {
+        let _ = self.commands.send(HubCommand::CloseDoor).await;
+    }
+
+    /// Accepts sessions again (a changeover that rolled back before the restart, or a new
+    /// release that passed its health check).
     pub async fn reopen(&self) {
         let _ = self.commands.send(HubCommand::Reopen).await;
     }
@@ -253,6 +261,7 @@ impl Hub {
                     let _ = reply.send(count);
                 }
                 HubCommand::Reopen => self.updating = false,
+                HubCommand::CloseDoor => self.updating = true,
             }
         }
     }

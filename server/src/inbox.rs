@@ -38,7 +38,9 @@ pub async fn watch(inbox: PathBuf, releases: Arc<Releases>, shutdown: Cancellati
     }
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes count: the scan itself opens the folder, and reacting to that access
+        // would make every scan trigger the next.
+        if event.is_ok_and(|event| !matches!(event.kind, notify::EventKind::Access(_))) {
             // A full channel already means "look again".
             let _ = changed_tx.try_send(());
         }
@@ -63,6 +65,7 @@ pub async fn watch(inbox: PathBuf, releases: Arc<Releases>, shutdown: Cancellati
                 // Let a burst of writes settle, then look once.
                 loop {
                     tokio::select! {
+                        () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(SETTLE) => break,
                         _ = changed.recv() => {}
                     }

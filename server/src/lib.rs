@@ -188,6 +188,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         });
     }
     let hub = HubHandle::spawn(config.server.max_sessions);
+    let hub_for_health = hub.clone();
+    if matches!(resume, Resume::HealthCheck(_)) {
+        // No user session before the new release proved healthy: a rollback would cut it.
+        hub.close_door().await;
+    }
     let (changeover, driver_inbox) = changeover::driver::channel(&layout.state_dir());
     let changeover_handle = changeover.clone();
     let context = Arc::new(ConnectionContext {
@@ -244,6 +249,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                     changeover::health::commit(&layout, &journal_files, &journal, accepting_since)
                         .await?;
                 releases.publish(&changeover::health::finished(summary));
+                hub_for_health.reopen().await;
             }
             Err(err) => {
                 let reason = format!("the new release failed its health check: {err:#}");
