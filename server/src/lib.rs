@@ -216,7 +216,6 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     let tcp = tokio::net::TcpListener::from_std(std_listener)
         .context("cannot use the listening socket")?;
     let listener_control = ListenerControl::start(listener, tcp);
-    let accepting_since = std::time::SystemTime::now();
 
     let (driver, commands) = Driver::new(
         Collaborators {
@@ -246,7 +245,13 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         match outcome {
             Ok(()) => {
                 let summary =
-                    changeover::health::commit(&layout, &journal_files, &journal, accepting_since)
+                    // Sessions are taken from now on: that ends the downtime users see.
+                    changeover::health::commit(
+                        &layout,
+                        &journal_files,
+                        &journal,
+                        std::time::SystemTime::now(),
+                    )
                         .await?;
                 releases.publish(&changeover::health::finished(summary));
                 hub_for_health.reopen().await;

@@ -77,7 +77,7 @@ pub async fn commit(
     layout: &Layout,
     files: &JournalFiles,
     journal: &Journal,
-    accepting_since: SystemTime,
+    sessions_from: SystemTime,
 ) -> anyhow::Result<changeover_protocol::ChangeoverSummary> {
     fault_point("committing");
     let old = layout.old_install_dir();
@@ -90,7 +90,7 @@ pub async fn commit(
     let mut summary = summarize(journal, ChangeoverOutcome::Committed, journal.phase, None);
     summary.reason = None;
     summary.downtime_ms = journal.stopped_at.and_then(|stopped| {
-        accepting_since
+        sessions_from
             .duration_since(stopped)
             .ok()
             .map(|downtime| downtime.as_millis() as u64)
