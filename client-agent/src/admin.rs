@@ -631,6 +631,13 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             humantime::format_rfc3339_seconds(last.ended_at)
         ));
     }
+    match &report.agent_release {
+        Some(release) => out.push_str(&format!(
+            "agent release      {release} offered to older agents; {} behind\n",
+            report.agents_behind
+        )),
+        None => out.push_str("agent release      none on offer\n"),
+    }
     out.push_str(&format!("sessions           {}\n", report.sessions.len()));
     if report.sessions.is_empty() {
         return out;
@@ -639,11 +646,12 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         "USER",
         "HOST",
         "AGENT",
+        "UPDATE",
         "PLATFORM",
         "ADDRESS",
         "CONNECTED SINCE",
     ];
-    let rows: Vec<[String; 6]> = report
+    let rows: Vec<[String; 7]> = report
         .sessions
         .iter()
         .map(|session| {
@@ -654,6 +662,7 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
                 session.user.clone(),
                 session.host.clone(),
                 session.agent_version.clone(),
+                update_cell(session, report.agent_release.as_deref()),
                 session.platform.clone(),
                 session.address.clone(),
                 format!(
@@ -687,6 +696,30 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
     out
 }
 
+// The UPDATE column: the agent's own update as it reported it, else whether it is current.
+fn update_cell(session: &changeover_protocol::SessionView, release: Option<&str>) -> String {
+    if let Some(update) = &session.update {
+        let detail = update
+            .detail
+            .as_deref()
+            .map(|detail| format!(": {detail}"))
+            .unwrap_or_default();
+        return format!("{} {}{detail}", update.state, update.version);
+    }
+    let older = |release: &str| match (
+        session.agent_version.parse::<semver::Version>(),
+        release.parse::<semver::Version>(),
+    ) {
+        (Ok(running), Ok(release)) => running < release,
+        _ => false,
+    };
+    match release {
+        Some(release) if older(release) => format!("behind {release}"),
+        Some(_) => "current".to_owned(),
+        None => "-".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +738,7 @@ mod tests {
             protocol_version: 1,
             address: "10.0.0.7:50000".to_owned(),
             connected_since: since,
+            update: None,
         };
         let report = StatusReport {
             server_version: "1.2.0".to_owned(),
@@ -716,6 +750,8 @@ mod tests {
             changeover: None,
             last_changeover: None,
             outbox: Vec::new(),
+            agent_release: Some("1.2.0".to_owned()),
+            agents_behind: 0,
             sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
         };
         let text = render_status(&report, since + Duration::from_secs(125));
@@ -724,7 +760,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         let header = lines.iter().position(|l| l.starts_with("USER")).unwrap();
         assert!(
-            lines[header + 1].starts_with("alice  ws-1            1.2.0"),
+            lines[header + 1].starts_with("alice  ws-1            1.2.0  current"),
             "{text}"
         );
         assert!(lines[header + 2].contains("(2m 5s ago)"), "{text}");

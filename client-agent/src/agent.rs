@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::dial::{AgentStream, Dialer};
 use crate::hooks::{HookEvent, Hooks};
 use crate::identity::Identity;
+use crate::self_update::{UpdateEvent, UpdateSettings, Updater};
 use changeover_protocol::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 
 /// How long to wait for the welcome after sending the hello.
@@ -37,12 +38,33 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
     pub hooks: Hooks,
+    pub updates: UpdateSettings,
 }
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Why [`run`] returned.
+#[derive(Debug)]
+pub enum AgentExit {
+    /// `shutdown` was cancelled.
+    Stopped,
+    /// A new agent was put in place: start this binary again with the same arguments.
+    Restart(PathBuf),
+}
+
+/// Runs the agent until `shutdown` is cancelled or it updated itself.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<AgentExit> {
     let identity = Identity::load_or_create(&options.state_dir, options.user.clone())?;
     let dialer = Dialer::new(&options.server_url, options.ca_file.as_deref())?;
+    let updater = Updater::new(
+        options.updates.clone(),
+        &identity.agent_version,
+        dialer.tls_config(),
+    )?;
+    let (update_events, mut update_progress) = tokio::sync::mpsc::channel(16);
+    let mut link = UpdateLink {
+        updater,
+        events: update_events,
+        progress: &mut update_progress,
+    };
     info!(
         server = %dialer.url(),
         agent_id = %identity.agent_id,
@@ -54,14 +76,15 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     loop {
         info!(server = %dialer.url(), "connecting");
         let ending = tokio::select! {
-            ending = session(&dialer, &identity, &options.hooks, &shutdown) => ending,
+            ending = session(&dialer, &identity, &options.hooks, &shutdown, &mut link) => ending,
             () = shutdown.cancelled() => SessionEnd::Stopped,
         };
         match ending {
             SessionEnd::Stopped => {
                 info!("agent stopped");
-                return Ok(());
+                return Ok(AgentExit::Stopped);
             }
+            SessionEnd::Restart => return Ok(restart(&link.updater)),
             SessionEnd::ConnectFailed(err) => {
                 warn!(cause = %format!("{err:#}"), "cannot reach the server");
             }
@@ -80,12 +103,8 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                     pause_ms = pause.as_millis() as u64,
                     "logged out for the update; returning after a pause"
                 );
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = shutdown.cancelled() => {
-                        info!("agent stopped");
-                        return Ok(());
-                    }
+                if let Some(exit) = pause_for(pause, &shutdown, &mut link).await {
+                    return Ok(exit);
                 }
                 continue;
             }
@@ -105,14 +124,53 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             delay_ms = delay.as_millis() as u64,
             "reconnecting after a pause"
         );
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => {
-                info!("agent stopped");
-                return Ok(());
-            }
+        if let Some(exit) = pause_for(delay, &shutdown, &mut link).await {
+            return Ok(exit);
         }
     }
+}
+
+/// The agent's own update as the session loop sees it: the updater, and the channel its
+/// task reports on.
+struct UpdateLink<'a> {
+    updater: std::sync::Arc<Updater>,
+    events: tokio::sync::mpsc::Sender<UpdateEvent>,
+    progress: &'a mut tokio::sync::mpsc::Receiver<UpdateEvent>,
+}
+
+// Waits between connections; an update that finishes meanwhile restarts the agent.
+async fn pause_for(
+    pause: Duration,
+    shutdown: &CancellationToken,
+    link: &mut UpdateLink<'_>,
+) -> Option<AgentExit> {
+    let sleep = tokio::time::sleep(pause);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return None,
+            () = shutdown.cancelled() => {
+                info!("agent stopped");
+                return Some(AgentExit::Stopped);
+            }
+            event = link.progress.recv() => match event {
+                Some(UpdateEvent::Restart) => return Some(restart(&link.updater)),
+                // Reported when the server is back: it offers again and hears the outcome.
+                Some(UpdateEvent::Report { .. }) | None => {}
+            },
+        }
+    }
+}
+
+// The binary's path as found at start: once replaced, the running one reads as deleted.
+fn restart(updater: &Updater) -> AgentExit {
+    let exe = updater
+        .installation()
+        .map(|installation| installation.exe.clone())
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_default();
+    info!(binary = %exe.display(), "restarting into the updated agent");
+    AgentExit::Restart(exe)
 }
 
 /// How one connection ended.
@@ -128,6 +186,8 @@ enum SessionEnd {
     Refused { code: ErrorCode, message: String },
     /// The server logged everyone out for an update.
     LoggedOut { reconnect_within: Duration },
+    /// The agent updated itself and restarts.
+    Restart,
 }
 
 /// The agent's WebSocket settings: small buffers, the protocol's size limits.
@@ -144,6 +204,7 @@ async fn session(
     identity: &Identity,
     hooks: &Hooks,
     shutdown: &CancellationToken,
+    link: &mut UpdateLink<'_>,
 ) -> SessionEnd {
     let mut ws = match dialer.connect(websocket_config()).await {
         Ok(ws) => ws,
@@ -194,6 +255,20 @@ async fn session(
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
                 return SessionEnd::Stopped;
             }
+            event = link.progress.recv() => match event {
+                Some(UpdateEvent::Report { version, state, detail }) => {
+                    let report = ClientMessage::AgentUpdateReport { version, state, detail };
+                    if let Err(err) = send(&mut ws, &report).await {
+                        return SessionEnd::Lost { reason: format!("{err:#}") };
+                    }
+                }
+                Some(UpdateEvent::Restart) => {
+                    let frame = CloseFrame { code: WsCloseCode::Normal, reason: "agent restarting for its update".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                    return SessionEnd::Restart;
+                }
+                None => {}
+            },
             () = tokio::time::sleep_until(silent_since + silence_limit) => {
                 return SessionEnd::Lost {
                     reason: format!("nothing heard from the server for {} s", silence_limit.as_secs()),
@@ -217,6 +292,9 @@ async fn session(
                             warn!(%deadline, seconds_left, %target_version, %message, "the server will be updated: save your work");
                             let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message };
                             hooks.on_warning(&event).await;
+                        }
+                        Ok(ServerMessage::AgentUpdateOffer(offer)) => {
+                            link.updater.consider(*offer, link.events.clone());
                         }
                         Ok(ServerMessage::UpdateCancelled { message, .. }) => {
                             info!(%message, "the announced update was called off");

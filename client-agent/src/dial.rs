@@ -30,6 +30,7 @@ pub struct Dialer {
     host: String,
     port: u16,
     tls: Option<TlsConnector>,
+    tls_config: Option<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -60,8 +61,8 @@ impl Dialer {
             .trim_end_matches(']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-        let tls = if secure {
-            Some(tls_connector(ca_file)?)
+        let tls_config = if secure {
+            Some(tls_config(ca_file)?)
         } else {
             if ca_file.is_some() {
                 tracing::warn!("--ca-file is ignored for a ws:// URL");
@@ -72,12 +73,20 @@ impl Dialer {
             url: url.to_owned(),
             host,
             port,
-            tls,
+            tls: tls_config
+                .clone()
+                .map(|config| TlsConnector::from(Arc::new(config))),
+            tls_config,
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The TLS settings of a `wss://` server (the same roots for its HTTP downloads).
+    pub fn tls_config(&self) -> Option<rustls::ClientConfig> {
+        self.tls_config.clone()
     }
 
     /// Connects and upgrades, within [`CONNECT_TIMEOUT`].
@@ -125,7 +134,7 @@ impl Dialer {
     }
 }
 
-fn tls_connector(ca_file: Option<&Path>) -> anyhow::Result<TlsConnector> {
+fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca_file) = ca_file {
@@ -145,7 +154,7 @@ fn tls_connector(ca_file: Option<&Path>) -> anyhow::Result<TlsConnector> {
         .context("cannot set up TLS")?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 #[cfg(test)]

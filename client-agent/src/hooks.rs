@@ -4,7 +4,8 @@
 //! Hooks run through `sh -c` with the event's details in the environment
 //! (`CHANGEOVER_DEADLINE`, `CHANGEOVER_TARGET_VERSION`, `CHANGEOVER_MESSAGE`,
 //! `CHANGEOVER_SECONDS_LEFT`, `CHANGEOVER_EVENT`). The logout hook is how the client
-//! application is closed, so the agent waits for it (a bounded time).
+//! application is closed, so the agent waits for it (a bounded time). The ask hook
+//! (`CHANGEOVER_EVENT=ask`) decides on the agent's own update by its exit status.
 
 use std::time::Duration;
 
@@ -46,6 +47,19 @@ impl Hooks {
 }
 
 async fn run(command: &str, event: &HookEvent) {
+    match run_for_status(command, event).await {
+        Ok(status) if status.success() => info!(hook = event.event, "hook ran"),
+        Ok(status) => warn!(hook = event.event, %status, "hook failed"),
+        Err(reason) => warn!(hook = event.event, %reason, "hook did not run"),
+    }
+}
+
+/// Runs a hook and waits for it (at most [`HOOK_TIMEOUT`]); its exit status, or why
+/// there is none.
+pub async fn run_for_status(
+    command: &str,
+    event: &HookEvent,
+) -> Result<std::process::ExitStatus, String> {
     let mut child = tokio::process::Command::new("sh");
     child
         .arg("-c")
@@ -58,13 +72,12 @@ async fn run(command: &str, event: &HookEvent) {
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
-        Ok(Ok(status)) if status.success() => info!(hook = event.event, "hook ran"),
-        Ok(Ok(status)) => warn!(hook = event.event, %status, "hook failed"),
-        Ok(Err(err)) => warn!(hook = event.event, cause = %err, "cannot run the hook"),
-        Err(_) => warn!(
-            hook = event.event,
-            "hook did not finish in time; left behind"
-        ),
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(err)) => Err(format!("cannot run it: {err}")),
+        Err(_) => Err(format!(
+            "it did not finish within {} s",
+            HOOK_TIMEOUT.as_secs()
+        )),
     }
 }
 

@@ -2,11 +2,12 @@
 //! with the server, and the admin commands that talk to the server on an admin's behalf.
 //!
 //! `main.rs` only parses the command line; [`agent::run`] is the background agent and
-//! [`admin`] the admin commands.
+//! [`admin`] the admin commands; [`self_update`] is how the agent updates itself.
 
 pub mod admin;
 pub mod agent;
 pub mod dial;
 pub mod hooks;
 pub mod identity;
+pub mod self_update;
 pub mod version;

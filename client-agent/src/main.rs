@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use changeover_agent::self_update::{self, Policy, UpdateSettings};
 use changeover_agent::{admin, agent, dial::Dialer};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,20 @@ struct Cli {
 enum Command {
     /// Run the background agent: stay connected to the server, reconnecting forever.
     Run(RunArgs),
+    /// Install an agent release archive into a folder, verified against the vendor key
+    /// with the signature beside the archive.
+    Install {
+        /// The folder to install into (new or empty); gets bin/changeover-agent,
+        /// release.json and the vendor key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The release archive (agent-<version>-<platform>.tar.gz), its .minisig beside it.
+        #[arg(long)]
+        package: PathBuf,
+        /// The vendor's public key (minisign format).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
     /// Admin commands (need the admin password).
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -47,14 +62,16 @@ struct RunArgs {
     /// Run through `sh -c` when the server forces the logout: close the application here.
     #[arg(long)]
     logout_hook: Option<String>,
-    /// The vendor key for the agent's own updates. Accepted for the command-line contract;
-    /// this build does not update itself yet and says so in its log.
+    /// The vendor key the agent checks its own updates against [default: vendor.pub
+    /// beside the installed agent's release.json].
     #[arg(long)]
     public_key: Option<PathBuf>,
-    /// auto, ask or never. Accepted for the command-line contract; see --public-key.
-    #[arg(long, value_parser = ["auto", "ask", "never"])]
-    client_update: Option<String>,
-    /// Accepted for the command-line contract; see --public-key.
+    /// Whether to install a newer agent the server offers: at once (auto), when
+    /// --ask-hook exits 0 (ask), or not at all (never).
+    #[arg(long, value_enum, default_value_t = Policy::Auto)]
+    client_update: Policy,
+    /// Run through `sh -c` when an agent update is offered and --client-update is ask;
+    /// exit 0 to install it (CHANGEOVER_EVENT=ask, CHANGEOVER_TARGET_VERSION).
     #[arg(long)]
     ask_hook: Option<String>,
 }
@@ -154,8 +171,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let done = runtime.block_on(dispatch(cli.command));
+    // Connections and tasks end before the process becomes the new agent.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match done {
+        Ok(Done::Exit) => ExitCode::SUCCESS,
+        Ok(Done::Restart(exe)) => {
+            let err = self_update::restart_in_place(&exe);
+            eprintln!(
+                "error: the agent updated itself but cannot start {}: {err}",
+                exe.display()
+            );
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -163,38 +191,70 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+/// How a command ended.
+enum Done {
+    Exit,
+    /// The agent updated itself: start the new binary in this process.
+    Restart(PathBuf),
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<Done> {
     match command {
         Command::Run(args) => {
             let state_dir = match args.state_dir {
                 Some(dir) => dir,
                 None => default_state_dir()?,
             };
-            if args.public_key.is_some() || args.client_update.is_some() || args.ask_hook.is_some()
-            {
-                tracing::warn!(
-                    "--public-key, --client-update and --ask-hook are accepted, but this build \
-                     of the agent does not update itself yet"
-                );
+            if args.client_update == Policy::Ask && args.ask_hook.is_none() {
+                anyhow::bail!("--client-update ask needs an --ask-hook to ask with");
             }
             let options = agent::AgentOptions {
-                server_url: args.server,
+                server_url: args.server.clone(),
                 user: args.user,
-                state_dir,
-                ca_file: args.ca_file,
+                state_dir: state_dir.clone(),
+                ca_file: args.ca_file.clone(),
                 hooks: changeover_agent::hooks::Hooks {
                     warn: args.warn_hook,
                     logout: args.logout_hook,
                 },
+                updates: UpdateSettings {
+                    policy: args.client_update,
+                    ask_hook: args.ask_hook,
+                    public_key: args.public_key,
+                    state_dir,
+                    server_url: args.server,
+                    ca_file: args.ca_file,
+                },
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            agent::run(options, shutdown).await
+            match agent::run(options, shutdown).await? {
+                agent::AgentExit::Stopped => Ok(Done::Exit),
+                agent::AgentExit::Restart(exe) => Ok(Done::Restart(exe)),
+            }
+        }
+        Command::Install {
+            dir,
+            package,
+            public_key,
+        } => {
+            let version = self_update::install(&self_update::InstallOptions {
+                dir: dir.clone(),
+                package,
+                public_key,
+            })?;
+            println!(
+                "installed agent {version} in {}",
+                dir.join("bin/changeover-agent").display()
+            );
+            Ok(Done::Exit)
         }
         Command::Admin(AdminCommand::Status { connection, json }) => {
             let password = admin::admin_password(connection.password_file.as_deref())?;
             let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
-            admin::status_command(&dialer, password, json).await
+            admin::status_command(&dialer, password, json)
+                .await
+                .map(|()| Done::Exit)
         }
         Command::Admin(AdminCommand::Update {
             connection,
@@ -216,12 +276,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 message,
                 allow_downgrade,
             };
-            admin::update_command(&dialer, password, request, json).await
+            admin::update_command(&dialer, password, request, json)
+                .await
+                .map(|()| Done::Exit)
         }
         Command::Admin(AdminCommand::Cancel { connection }) => {
             let password = admin::admin_password(connection.password_file.as_deref())?;
             let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
-            admin::cancel_command(&dialer, password).await
+            admin::cancel_command(&dialer, password)
+                .await
+                .map(|()| Done::Exit)
         }
         Command::Admin(AdminCommand::Download {
             connection,
@@ -231,7 +295,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }) => {
             let password = admin::admin_password(connection.password_file.as_deref())?;
             let dialer = Dialer::new(&connection.server, connection.ca_file.as_deref())?;
-            admin::download_command(&dialer, password, version, allow_downgrade, json).await
+            admin::download_command(&dialer, password, version, allow_downgrade, json)
+                .await
+                .map(|()| Done::Exit)
         }
     }
 }

@@ -60,6 +60,70 @@ pub enum ClientMessage {
         #[serde(default)]
         allow_downgrade: bool,
     },
+    /// Agent only: how the agent's own update (offered with `agent_update_offer`) goes.
+    /// Shown in the status report; never answered.
+    AgentUpdateReport {
+        /// The offered version this report is about.
+        version: String,
+        state: AgentUpdateState,
+        /// Why it failed or was declined; what it is doing otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+}
+
+/// Where an agent's own update stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentUpdateState {
+    /// The server offered the update (set by the server, not reported by agents).
+    Offered,
+    /// The agent is fetching the package (or waiting for its turn to).
+    Downloading,
+    /// The package verified; the agent is putting it in place.
+    Installing,
+    /// The new agent is in place; the agent restarts and reconnects with it.
+    Restarting,
+    /// The update failed; the old agent keeps running. The detail says why.
+    Failed,
+    /// The agent's policy (`--client-update never`, or the ask hook) declined it.
+    Declined,
+    /// A state this build does not know (sent by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for AgentUpdateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentUpdateState::Offered => "offered",
+            AgentUpdateState::Downloading => "downloading",
+            AgentUpdateState::Installing => "installing",
+            AgentUpdateState::Restarting => "restarting",
+            AgentUpdateState::Failed => "failed",
+            AgentUpdateState::Declined => "declined",
+            AgentUpdateState::Unknown => "unknown",
+        })
+    }
+}
+
+/// An agent release the server offers: what the agent needs to fetch and verify it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUpdateOffer {
+    pub version: String,
+    pub platform: String,
+    /// The archive's file name.
+    pub archive: String,
+    pub size: u64,
+    /// SHA-256 of the archive, lowercase hex.
+    pub sha256: String,
+    /// Where to fetch it on this server, a path such as `/agent-updates/<archive>`,
+    /// over HTTP(S) on the port the WebSocket uses.
+    pub path: String,
+    /// The archive's minisign signature as the vendor made it (the `.minisig` file). The
+    /// agent checks it with the vendor key it trusts itself, so a server cannot push
+    /// anything the vendor did not sign.
+    pub signature: String,
 }
 
 /// What an agent says about itself when it connects.
@@ -182,6 +246,9 @@ pub enum ServerMessage {
         source: PackageSource,
         reason: String,
     },
+    /// To an agent older than the server's agent release, right after the welcome: update
+    /// yourself to this.
+    AgentUpdateOffer(Box<AgentUpdateOffer>),
     /// Something the peer sent was refused. Followed by a close, except for the codes that
     /// answer an admin request ([`ErrorCode::is_request_error`]).
     Error {
@@ -316,6 +383,13 @@ pub struct StatusReport {
     /// Mail to the admin still waiting to be sent, oldest first; absent when none waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<OutboxEntry>,
+    /// The agent release the server offers to older agents (its own version, from the
+    /// feed or the inbox), or null when it has none.
+    #[serde(default)]
+    pub agent_release: Option<String>,
+    /// Connected agents older than `agent_release`.
+    #[serde(default)]
+    pub agents_behind: u64,
     /// Every connected agent session, oldest first.
     pub sessions: Vec<SessionView>,
 }
@@ -511,6 +585,18 @@ pub struct SessionView {
     /// When the session began, RFC 3339 in UTC.
     #[serde(with = "rfc3339")]
     pub connected_since: SystemTime,
+    /// The agent's own update, when one was offered in this session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<AgentUpdateView>,
+}
+
+/// An agent's own update as the status report shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUpdateView {
+    pub version: String,
+    pub state: AgentUpdateState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Why a text frame could not be read as a [`ClientMessage`].
@@ -549,6 +635,7 @@ impl ClientMessage {
             ClientMessage::DownloadRequest { .. } => "download_request",
             ClientMessage::UpdateRequest { .. } => "update_request",
             ClientMessage::CancelRequest => "cancel_request",
+            ClientMessage::AgentUpdateReport { .. } => "agent_update_report",
         }
     }
 
@@ -567,13 +654,14 @@ impl ClientMessage {
             #[serde(rename = "type")]
             message_type: String,
         }
-        const KNOWN_TYPES: [&str; 6] = [
+        const KNOWN_TYPES: [&str; 7] = [
             "hello",
             "admin_login",
             "status_request",
             "download_request",
             "update_request",
             "cancel_request",
+            "agent_update_report",
         ];
 
         let value: serde_json::Value = match serde_json::from_str(text) {

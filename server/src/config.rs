@@ -65,6 +65,16 @@ paths = ["config", "backups", "certs"]
 # A new release that has not proved healthy this long after its start is rolled back.
 health_timeout_secs = 60
 
+[agent_updates]
+# After a changeover to version V the server offers the agent release V (fetched from the
+# feed with the server release, before anyone is warned) to every older agent, which
+# downloads it from this server over HTTP on the listening port and verifies it with its
+# own copy of the vendor key. Transfers served at once; agents beyond that are told to come
+# back after a randomised pause.
+max_transfers = 32
+# Offer agent updates at all.
+enabled = true
+
 [mail]
 # Where the admin's mail goes out: lettre's URL form, smtp://host:port (plain),
 # smtp://host:587?tls=required (STARTTLS), smtps://host:465 (TLS); user:password@ for login.
@@ -93,6 +103,24 @@ pub struct Config {
     pub changeover: ChangeoverSection,
     pub unattended: UnattendedSection,
     pub mail: MailSection,
+    pub agent_updates: AgentUpdatesSection,
+}
+
+/// `[agent_updates]`: the agents' own updates, served by this server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AgentUpdatesSection {
+    pub enabled: bool,
+    pub max_transfers: usize,
+}
+
+impl Default for AgentUpdatesSection {
+    fn default() -> Self {
+        AgentUpdatesSection {
+            enabled: true,
+            max_transfers: 32,
+        }
+    }
 }
 
 /// `[mail]`: the admin's mail.
@@ -310,6 +338,10 @@ impl Config {
             self.feed.check_interval_secs >= 10,
             "feed.check_interval_secs must be at least 10"
         );
+        anyhow::ensure!(
+            self.agent_updates.max_transfers >= 1,
+            "agent_updates.max_transfers must be at least 1"
+        );
         crate::unattended::Window::parse(&self.unattended.window_utc)
             .map_err(|reason| anyhow::anyhow!("unattended.window_utc: {reason}"))?;
         anyhow::ensure!(
@@ -390,6 +422,12 @@ mod tests {
         assert_eq!(parsed.unattended.enabled, unattended.enabled);
         assert_eq!(parsed.unattended.window_utc, unattended.window_utc);
         assert_eq!(parsed.unattended.grace_secs, unattended.grace_secs);
+        let agent_updates = AgentUpdatesSection::default();
+        assert_eq!(parsed.agent_updates.enabled, agent_updates.enabled);
+        assert_eq!(
+            parsed.agent_updates.max_transfers,
+            agent_updates.max_transfers
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use changeover_protocol::version::ProtocolRange;
 use changeover_protocol::{
-    AgentHello, ChangeoverPhase, ClientMessage, CloseCode, ErrorCode, ServerMessage, StatusReport,
+    AgentHello, AgentUpdateState, AgentUpdateView, ChangeoverPhase, ClientMessage, CloseCode,
+    ErrorCode, ServerMessage, StatusReport,
 };
 use futures_util::{SinkExt as _, StreamExt as _};
 use rand::RngExt as _;
@@ -25,6 +26,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::agent_updates::AgentUpdates;
 use crate::auth::{AdminAuth, LoginOutcome};
 use crate::changeover::driver::{ChangeoverHandle, UpdateParams};
 use crate::hub::{HubHandle, Kick, RegisterError, encode};
@@ -42,6 +44,8 @@ pub struct ConnectionContext {
     pub hub: HubHandle,
     pub auth: AdminAuth,
     pub releases: Arc<Releases>,
+    /// The agent release offered to older agents, and its transfers.
+    pub agent_updates: Arc<AgentUpdates>,
     pub changeover: ChangeoverHandle,
     /// `<root>/state`: the outbox the status report lists.
     pub state_dir: std::path::PathBuf,
@@ -115,6 +119,10 @@ pub async fn serve<S>(
             ));
             refuse(&mut ws, refusal, &context).await
         }
+        Ok(ClientMessage::AgentUpdateReport { .. }) => {
+            let refusal = Refusal::unexpected("agent_update_report", "before hello");
+            refuse(&mut ws, refusal, &context).await
+        }
     };
     match ending {
         Ending::Closed(code, reason) if is_peer_fault(code) => {
@@ -157,6 +165,9 @@ where
     let mut broadcasts = context.hub.subscribe();
     let user = hello.user.clone();
     let agent_version = hello.agent_version.clone();
+    let update_offer = context
+        .agent_updates
+        .offer_for(&hello.platform, &hello.agent_version);
     let registration = match context.hub.register(hello, peer).await {
         Ok(registration) => registration,
         Err(err @ RegisterError::ServerFull { .. }) => {
@@ -191,14 +202,15 @@ where
         heartbeat_secs: context.heartbeat.as_secs(),
     };
     let mut heartbeat = Heartbeat::start(context.heartbeat);
-    let greeted = match send(ws, &welcome, context).await {
-        Ok(()) => match notice {
-            // Joining during a countdown: the warning comes at once.
-            Some(notice) => send_frame(ws, Message::Text(notice), context).await,
-            None => Ok(()),
-        },
-        Err(ending) => Err(ending),
-    };
+    let mut greeted = send(ws, &welcome, context).await;
+    // Joining during a countdown: the warning comes at once.
+    if let (Ok(()), Some(notice)) = (&greeted, notice) {
+        greeted = send_frame(ws, Message::Text(notice), context).await;
+    }
+    // An agent older than the server's agent release is offered it at once.
+    if let (Ok(()), Some(offer)) = (&greeted, update_offer) {
+        greeted = send_frame(ws, Message::Text(offer), context).await;
+    }
     let ending = match greeted {
         Err(ending) => ending,
         Ok(()) => loop {
@@ -243,7 +255,13 @@ where
                         Incoming::Alive => {}
                         Incoming::Gone(reason) => break Ending::PeerGone(reason),
                         Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
-                        // Protocol 1 has nothing for an agent to send after its hello.
+                        Incoming::Message(ClientMessage::AgentUpdateReport { version, state, detail }) => {
+                            match state {
+                                AgentUpdateState::Failed => warn!(%peer, session_id, %user, %version, detail = detail.as_deref().unwrap_or(""), "agent update failed"),
+                                _ => info!(%peer, session_id, %user, %version, %state, detail = detail.as_deref().unwrap_or(""), "agent update"),
+                            }
+                            context.hub.set_update(session_id, AgentUpdateView { version, state, detail }).await;
+                        }
                         Incoming::Message(
                             request @ (ClientMessage::StatusRequest
                             | ClientMessage::DownloadRequest { .. }
@@ -384,6 +402,8 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
     .await;
     let snapshot = releases.snapshot();
     let changeover = context.changeover.current();
+    let mut sessions = context.hub.sessions().await;
+    let agents_behind = context.agent_updates.annotate(&mut sessions);
     ServerMessage::Status(Box::new(StatusReport {
         server_version: context.server_version.clone(),
         available_version: releases.available_version(),
@@ -406,7 +426,12 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
                 last_error: mail.last_error,
             })
             .collect(),
-        sessions: context.hub.sessions().await,
+        agent_release: context
+            .agent_updates
+            .release_version()
+            .map(|version| version.to_string()),
+        agents_behind,
+        sessions,
     }))
 }
 

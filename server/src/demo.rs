@@ -1,10 +1,12 @@
 //! `changeover-server demo`: the whole changeover on this machine with nothing set up.
 //!
 //! A temporary product folder, a vendor key, a feed holding two signed releases of this very
-//! binary (1.0.0 installed, 1.1.0 offered) served over HTTP, a local mail sink standing in
-//! for the site's SMTP server, real agent processes (one of them the admin who starts the
-//! update), and the real `admin update` following it to the end. It prints each phase as it happens and a summary, and succeeds only if the server
-//! ended on the new version, every agent came back, and every carried file is intact.
+//! binary and of the agent beside it (1.0.0 installed, 1.1.0 offered) served over HTTP, a
+//! local mail sink standing in for the site's SMTP server, real agent processes installed
+//! with `changeover-agent install` (one of them the admin who starts the update), and the
+//! real `admin update` following it to the end. It prints each phase as it happens and a
+//! summary, and succeeds only if the server ended on the new version, every agent came back
+//! and updated itself to the new version, and every carried file is intact.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -69,30 +71,35 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     })?;
     let feed = dir.join("feed");
     for version in ["1.0.0", "1.1.0"] {
-        let tree = dir.join(format!("build/{version}"));
-        std::fs::create_dir_all(tree.join("bin"))?;
-        std::fs::copy(&me, tree.join(ReleaseKind::Server.binary_path()))
-            .context("cannot copy this program into a release tree")?;
-        let packed = pack(&PackOptions {
-            kind: ReleaseKind::Server,
-            version: version.parse()?,
-            from: tree,
-            secret_key: vendor_key.clone(),
-            password: None,
-            feed: feed.clone(),
-            platform: current_platform(),
-            notes: format!("demo release {version}"),
-        })?;
-        step(&format!(
-            "vendor packed and signed server {version} ({} bytes)",
-            packed.entry.size
-        ));
+        for (kind, binary) in [
+            (ReleaseKind::Server, &me),
+            (ReleaseKind::Agent, &agent_binary),
+        ] {
+            let tree = dir.join(format!("build/{kind}-{version}"));
+            std::fs::create_dir_all(tree.join("bin"))?;
+            std::fs::copy(binary, tree.join(kind.binary_path()))
+                .with_context(|| format!("cannot copy {} into a release tree", binary.display()))?;
+            let packed = pack(&PackOptions {
+                kind,
+                version: version.parse()?,
+                from: tree,
+                secret_key: vendor_key.clone(),
+                password: None,
+                feed: feed.clone(),
+                platform: current_platform(),
+                notes: format!("demo release {version}"),
+            })?;
+            step(&format!(
+                "vendor packed and signed {kind} {version} ({} bytes)",
+                packed.entry.size
+            ));
+        }
     }
     let root = dir.join("office");
     install(&InstallOptions {
         root: root.clone(),
         package: feed.join(format!("server-1.0.0-{}.tar.gz", current_platform())),
-        public_key: vendor_pub,
+        public_key: vendor_pub.clone(),
     })?;
     step(&format!(
         "installed server 1.0.0 into {}",
@@ -100,7 +107,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     ));
     let carried = site_files(&root)?;
 
-    let feed_address = serve_folder(feed).await?;
+    let feed_address = serve_folder(feed.clone()).await?;
     step(&format!("feed served at http://{feed_address}/"));
     let (mail_address, mut mailbox) = mail_sink().await?;
     step(&format!("mail sink listening on smtp://{mail_address}"));
@@ -138,12 +145,36 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
             }
         })
         .collect();
+    let agent_package = feed.join(format!("agent-1.0.0-{}.tar.gz", current_platform()));
+    for user in &users {
+        let installed = dir.join(format!("workstations/{user}"));
+        let output = Command::new(&agent_binary)
+            .args(["install", "--dir"])
+            .arg(&installed)
+            .arg("--package")
+            .arg(&agent_package)
+            .arg("--public-key")
+            .arg(&vendor_pub)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run changeover-agent install")?;
+        if !output.status.success() {
+            bail!(
+                "changeover-agent install failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+    }
+    step(&format!(
+        "installed agent 1.0.0 on {} workstations (changeover-agent install)",
+        users.len()
+    ));
     for user in &users {
         let hook = format!(
             "echo \"$(date +%T) logout: the client application closes\" >> {}/{user}.hooks",
             dir.display()
         );
-        let agent = Command::new(&agent_binary)
+        let agent = Command::new(dir.join(format!("workstations/{user}/bin/changeover-agent")))
             .args(["run", "--server", &url, "--user", user, "--state-dir"])
             .arg(dir.join(format!("agents/{user}")))
             .args(["--logout-hook", &hook])
@@ -197,9 +228,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         Ok(report) => {
             let version = report["server_version"].as_str().unwrap_or("?");
             let sessions = report["sessions"].as_array().map_or(0, Vec::len);
+            let updated = agents_on(report, "1.1.0");
             println!("  server version      {version}");
             println!("  agents connected    {sessions} of {}", users.len());
-            ok &= version == "1.1.0" && sessions == users.len();
+            println!(
+                "  agents on 1.1.0     {updated} of {} (updated themselves)",
+                users.len()
+            );
+            ok &= version == "1.1.0" && sessions == users.len() && updated == users.len();
             if let Some(last) = report.get("last_changeover") {
                 println!(
                     "  changeover          {} (downtime {} ms)",
@@ -329,6 +365,16 @@ async fn wait_for_sessions(
     bail!("the agents did not connect within 20 s")
 }
 
+// Connected agents running `version`.
+fn agents_on(report: &serde_json::Value, version: &str) -> usize {
+    report["sessions"].as_array().map_or(0, |sessions| {
+        sessions
+            .iter()
+            .filter(|session| session["agent_version"] == version)
+            .count()
+    })
+}
+
 async fn wait_for_back(
     agent: &Path,
     url: &str,
@@ -336,11 +382,12 @@ async fn wait_for_back(
     count: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let mut last = Err(anyhow::anyhow!("no answer"));
-    for _ in 0..150 {
+    for _ in 0..200 {
         last = status(agent, url, password).await;
         if let Ok(report) = &last
-            && report["sessions"].as_array().map_or(0, Vec::len) >= count
             && report["phase"] == "idle"
+            && report["server_version"] == "1.1.0"
+            && agents_on(report, "1.1.0") >= count
         {
             break;
         }

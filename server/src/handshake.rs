@@ -3,8 +3,10 @@
 //! Every connection starts as HTTP/1.1. A WebSocket upgrade becomes an agent or admin
 //! session; anything else gets a short, clear HTTP answer instead of a silently dropped
 //! socket: `426 Upgrade Required` for a plain request (a browser, a health probe, `curl`),
-//! `400 Bad Request` for bytes that are not HTTP at all. The request head is read here
-//! (bounded in size) and handed to tungstenite for the upgrade itself.
+//! `400 Bad Request` for bytes that are not HTTP at all. The one plain request served is
+//! an agent fetching its own update (`GET /agent-updates/…`), handed back to the caller.
+//! The request head is read here (bounded in size) and handed to tungstenite for the
+//! upgrade itself.
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::WebSocketStream;
@@ -25,11 +27,21 @@ pub enum UpgradeError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads the request head and upgrades it to a WebSocket, or answers it with an HTTP error.
-pub async fn upgrade<S>(
-    mut stream: S,
-    config: WebSocketConfig,
-) -> Result<WebSocketStream<S>, UpgradeError>
+/// What a connection turned out to be.
+#[derive(Debug)]
+pub enum Opened<S> {
+    WebSocket(WebSocketStream<S>),
+    /// A plain `GET`/`HEAD` under [`crate::agent_updates::PATH_PREFIX`]: an agent fetching
+    /// its update. The request head is consumed; the caller answers.
+    AgentDownload {
+        stream: S,
+        request: http::Request<()>,
+    },
+}
+
+/// Reads the request head and upgrades it to a WebSocket, hands an agent's download
+/// request back, or answers it with an HTTP error.
+pub async fn upgrade<S>(mut stream: S, config: WebSocketConfig) -> Result<Opened<S>, UpgradeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -55,6 +67,9 @@ where
     };
     let response = match create_response(&request) {
         Ok(response) => response,
+        Err(_) if crate::agent_updates::is_download(&request) => {
+            return Ok(Opened::AgentDownload { stream, request });
+        }
         Err(err) => {
             let reason = format!(
                 "this is a changeover server: connect with the changeover agent over WebSocket ({err})"
@@ -69,7 +84,9 @@ where
     stream.flush().await?;
     // Whatever the client sent after the head (a pipelined first frame) is not lost.
     let rest = buffer.split_off(head_len);
-    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(config)).await)
+    Ok(Opened::WebSocket(
+        WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(config)).await,
+    ))
 }
 
 type ParsedHead = (http::Request<()>, usize);
@@ -103,17 +120,41 @@ async fn answer<S>(stream: &mut S, status: u16, phrase: &str, reason: String) ->
 where
     S: AsyncWrite + Unpin,
 {
-    let body = format!("{reason}\n");
-    let response = format!(
-        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
     // The peer may already be gone; the refusal is logged either way.
-    if stream.write_all(response.as_bytes()).await.is_ok() {
+    if plain_answer(stream, status, phrase, &[], &reason)
+        .await
+        .is_ok()
+    {
         let _ = stream.shutdown().await;
     }
     UpgradeError::Refused { status, reason }
+}
+
+/// Writes a short `text/plain` HTTP answer with `extra_headers` (name, value); the
+/// connection closes after it.
+pub async fn plain_answer<S>(
+    stream: &mut S,
+    status: u16,
+    phrase: &str,
+    extra_headers: &[(&str, String)],
+    reason: &str,
+) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let body = format!("{reason}\n");
+    let mut response = format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        response.push_str(&format!("{name}: {value}\r\n"));
+    }
+    response.push_str("\r\n");
+    response.push_str(&body);
+    stream.write_all(response.as_bytes()).await?;
+    stream.flush().await
 }
 
 #[cfg(test)]
@@ -126,7 +167,7 @@ mod tests {
         client_write.write_all(request).await.unwrap();
         let outcome = upgrade(server, WebSocketConfig::default())
             .await
-            .map(drop)
+            .map(|opened| assert!(matches!(opened, Opened::WebSocket(_))))
             .map_err(|err| err.to_string());
         drop(client_write);
         let mut answer = vec![0u8; 4096];

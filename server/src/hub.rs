@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use changeover_protocol::{AgentHello, ServerMessage, SessionView};
+use changeover_protocol::{AgentHello, AgentUpdateView, ServerMessage, SessionView};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -72,6 +72,10 @@ enum HubCommand {
         reply: oneshot::Sender<Vec<SessionView>>,
     },
     SetNotice(Option<Utf8Bytes>),
+    SetUpdate {
+        session_id: u64,
+        update: AgentUpdateView,
+    },
     LogOutAll {
         logout: Utf8Bytes,
         reply: oneshot::Sender<usize>,
@@ -166,6 +170,14 @@ impl HubHandle {
         response.await.unwrap_or_default()
     }
 
+    /// Records what an agent reported about its own update, for the status report.
+    pub async fn set_update(&self, session_id: u64, update: AgentUpdateView) {
+        let _ = self
+            .commands
+            .send(HubCommand::SetUpdate { session_id, update })
+            .await;
+    }
+
     /// Sets (or clears) the message every newly registered session gets first.
     pub async fn set_notice(&self, message: Option<&ServerMessage>) {
         let notice = message.map(|message| Utf8Bytes::from(encode(message)));
@@ -213,7 +225,11 @@ impl HubHandle {
     /// Sends `message` to every subscribed connection, serialised once. Returns how many
     /// connections it was queued for.
     pub fn broadcast(&self, message: &ServerMessage) -> usize {
-        let bytes = Utf8Bytes::from(encode(message));
+        self.broadcast_encoded(Utf8Bytes::from(encode(message)))
+    }
+
+    /// [`HubHandle::broadcast`] for a message serialised already.
+    pub fn broadcast_encoded(&self, bytes: Utf8Bytes) -> usize {
         self.broadcast.send(bytes).unwrap_or(0)
     }
 }
@@ -250,6 +266,11 @@ impl Hub {
                     let _ = reply.send(views);
                 }
                 HubCommand::SetNotice(notice) => self.notice = notice,
+                HubCommand::SetUpdate { session_id, update } => {
+                    if let Some(session) = self.sessions.get_mut(&session_id) {
+                        session.view.update = Some(update);
+                    }
+                }
                 HubCommand::LogOutAll { logout, reply } => {
                     self.updating = true;
                     self.notice = None;
@@ -304,6 +325,7 @@ impl Hub {
             protocol_version: hello.protocol_version,
             address: address.to_string(),
             connected_since: SystemTime::now(),
+            update: None,
         };
         self.by_agent.insert(view.agent_id.clone(), session_id);
         self.sessions.insert(session_id, Session { view, kick });

@@ -4,6 +4,7 @@
 //! [`run`] is what `changeover-server run` does; the modules are its parts. The binary's
 //! `main.rs` only parses the command line and sets up logging.
 
+pub mod agent_updates;
 pub mod auth;
 pub mod changeover;
 pub mod config;
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::agent_updates::{AgentUpdateSettings, AgentUpdates};
 use crate::auth::{ADMIN_PASSWORD_ENV, AdminAuth, PasswordOrigin};
 use crate::changeover::driver::{Collaborators, Driver};
 use crate::changeover::journal::JournalFiles;
@@ -193,12 +195,22 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         // No user session before the new release proved healthy: a rollback would cut it.
         hub.close_door().await;
     }
+    let agent_updates = AgentUpdates::new(
+        Arc::clone(&releases),
+        AgentUpdateSettings {
+            enabled: config.agent_updates.enabled,
+            max_transfers: config.agent_updates.max_transfers,
+            write_timeout: config.server.write_timeout(),
+        },
+    );
+    tracker.spawn(Arc::clone(&agent_updates).run(hub.clone(), shutdown.clone()));
     let (changeover, driver_inbox) = changeover::driver::channel(&layout.state_dir());
     let changeover_handle = changeover.clone();
     let context = Arc::new(ConnectionContext {
         hub: hub.clone(),
         auth,
         releases: Arc::clone(&releases),
+        agent_updates,
         changeover,
         state_dir: layout.state_dir(),
         server_version: server_version.clone(),

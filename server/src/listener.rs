@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::connection::{self, ConnectionContext};
+use crate::handshake::Opened;
 
 /// Binds with an explicit backlog (std's default is 128, far too short for a reconnect
 /// storm) and address reuse, so a restarted server can bind while old sockets linger in
@@ -109,8 +110,8 @@ impl Listener {
                     hello_deadline,
                     upgrade(stream, tls),
                 ));
-                let ws = match handshake.await {
-                    Ok(Ok(ws)) => ws,
+                let opened = match handshake.await {
+                    Ok(Ok(opened)) => opened,
                     Ok(Err(err)) => {
                         warn!(%peer, cause = %err, "handshake failed");
                         return;
@@ -121,7 +122,17 @@ impl Listener {
                     }
                 };
                 drop(permit);
-                connection::serve(ws, peer, hello_deadline, context).await;
+                match opened {
+                    Opened::WebSocket(ws) => {
+                        connection::serve(ws, peer, hello_deadline, context).await;
+                    }
+                    Opened::AgentDownload { stream, request } => {
+                        context
+                            .agent_updates
+                            .serve(stream, request, peer, &context.shutdown)
+                            .await;
+                    }
+                }
             });
         }
     }
@@ -133,7 +144,7 @@ type ServerStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStr
 async fn upgrade(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<ServerStream>> {
+) -> anyhow::Result<Opened<ServerStream>> {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(cause = %err, "cannot set TCP_NODELAY");
     }

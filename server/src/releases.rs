@@ -139,6 +139,103 @@ impl Releases {
         self.state.borrow().clone()
     }
 
+    /// Wakes whenever the snapshot changes (a package became ready, a download moved).
+    pub fn watch(&self) -> watch::Receiver<ReleaseSnapshot> {
+        self.state.subscribe()
+    }
+
+    /// The verified agent packages of the installed server version, one per platform:
+    /// what this server offers to older agents.
+    pub fn agent_releases(&self) -> Vec<ReadyPackage> {
+        let installed = &self.settings.installed_version;
+        self.state
+            .borrow()
+            .ready
+            .iter()
+            .filter(|package| {
+                package.entry.kind == ReleaseKind::Agent && &package.entry.version == installed
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Fetches and verifies the agent releases of `version` from the feed (every platform
+    /// it has), so that a changeover to `version` can offer them to the agents afterwards.
+    /// A feed without an agent release of that version, or no feed at all, is not an
+    /// error: the agents then stay as they are. A package that fails its verification is.
+    pub async fn fetch_agent_releases(
+        &self,
+        version: &semver::Version,
+    ) -> Result<Vec<ReadyPackage>, String> {
+        let ready_now = || {
+            self.snapshot()
+                .ready
+                .into_iter()
+                .filter(|package| {
+                    package.entry.kind == ReleaseKind::Agent && &package.entry.version == version
+                })
+                .collect::<Vec<_>>()
+        };
+        let Ok(feed) = &self.feed else {
+            return Ok(ready_now());
+        };
+        let manifest = {
+            let _one_check_at_a_time = self.check_lock.lock().await;
+            let result = feed.manifest().await;
+            self.record_check(&result);
+            match result {
+                Ok(manifest) => manifest,
+                Err(err) => {
+                    warn!(cause = %err, "cannot read the feed for the agent release; offering what is here");
+                    return Ok(ready_now());
+                }
+            }
+        };
+        let wanted: Vec<PackageEntry> = manifest
+            .releases
+            .iter()
+            .filter(|entry| entry.kind == ReleaseKind::Agent && &entry.version == version)
+            .cloned()
+            .collect();
+        for entry in wanted {
+            let have = ready_now().iter().any(|ready| {
+                ready.entry.same_release(&entry)
+                    && ready.entry.sha256.eq_ignore_ascii_case(&entry.sha256)
+            });
+            if have {
+                continue;
+            }
+            // One download at a time: wait for an admin's download to end.
+            while self
+                .download_running
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let outcome = match feed.package_signature(&entry).await {
+                Ok((signature, text)) => {
+                    self.download(entry.clone(), signature, text).await;
+                    Ok(())
+                }
+                Err(err) => Err(err.to_string()),
+            };
+            self.download_running.store(false, Ordering::Release);
+            outcome.map_err(|reason| format!("agent release {}: {reason}", entry.archive))?;
+            let fetched = ready_now()
+                .iter()
+                .any(|ready| ready.entry.same_release(&entry));
+            if !fetched {
+                let reason = self
+                    .snapshot()
+                    .last_refusal
+                    .unwrap_or_else(|| "it did not verify".to_owned());
+                return Err(format!("agent release {}: {reason}", entry.archive));
+            }
+        }
+        Ok(ready_now())
+    }
+
     /// Every event from now on, serialised once for all admins.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Utf8Bytes> {
         self.events.subscribe()
@@ -393,10 +490,15 @@ impl Releases {
             .settings
             .downloads_dir
             .join(format!("{}.part", entry.archive));
-        info!(%version, size = entry.size, "downloading a release");
-        self.state.send_modify(|snapshot| {
-            snapshot.downloading = Some((entry.version.clone(), 0, entry.size));
-        });
+        info!(kind = %entry.kind, %version, size = entry.size, "downloading a release");
+        // Progress is the admin's for server releases; an agent release comes along with
+        // one, quietly (the admin follows the server's download).
+        let announce = entry.kind == ReleaseKind::Server;
+        if announce {
+            self.state.send_modify(|snapshot| {
+                snapshot.downloading = Some((entry.version.clone(), 0, entry.size));
+            });
+        }
         let download = Download {
             feed,
             entry: &entry,
@@ -407,6 +509,7 @@ impl Releases {
         let mut last_report = Instant::now() - PROGRESS_INTERVAL;
         let result = download
             .run(|event| match event {
+                _ if !announce => {}
                 DownloadEvent::Started { resumed_from } => {
                     self.publish(&ServerMessage::DownloadStarted {
                         version: version.clone(),
@@ -442,8 +545,10 @@ impl Releases {
                 }
             })
             .await;
-        self.state
-            .send_modify(|snapshot| snapshot.downloading = None);
+        if announce {
+            self.state
+                .send_modify(|snapshot| snapshot.downloading = None);
+        }
         let outcome = result.map_err(|err| err.to_string()).and_then(|()| {
             // The signature goes in first: an archive without one is never trusted.
             crate::release_tools::write_atomically(

@@ -88,6 +88,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Takes over a child started by the test itself, logging to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Process {
+        Process { child, log }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

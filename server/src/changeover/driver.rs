@@ -834,6 +834,24 @@ async fn prepare(
 ) -> anyhow::Result<(PathBuf, Vec<super::journal::CarriedFile>)> {
     fault_point("preparing");
     let package = ready_package(&releases, &target, allow_downgrade).await?;
+    // The agents' own release comes along now, so that it can be offered the moment they
+    // reconnect; one that fails to verify stops the changeover before anyone is warned.
+    let agent_releases = releases
+        .fetch_agent_releases(&package.entry.version)
+        .await
+        .map_err(|reason| anyhow::anyhow!("cannot fetch the agent release: {reason}"))?;
+    if agent_releases.is_empty() {
+        warn!(
+            version = %package.entry.version,
+            "no agent release of this version in the feed or inbox; agents will not be offered an update"
+        );
+    } else {
+        let platforms: Vec<&str> = agent_releases
+            .iter()
+            .map(|ready| ready.entry.platform.as_str())
+            .collect();
+        info!(version = %package.entry.version, ?platforms, "agent release ready to offer after the changeover");
+    }
     let root = layout.root().to_owned();
     let archive = package.archive.clone();
     let staging = preflight::staging_dir(&layout);

@@ -1,0 +1,836 @@
+//! The agent's own updates, and its first install.
+//!
+//! An installed agent lives in a folder of its own: `DIR/bin/changeover-agent`,
+//! `DIR/release.json` (its version) and `DIR/vendor.pub` (the vendor key it trusts).
+//! When the server offers a newer agent release, the agent, as its policy says
+//! (`--client-update auto|ask|never`):
+//!
+//! 1. checks the offer against the vendor's signature that comes with it, using its own
+//!    key: a server can pass on only what the vendor signed, for this platform, newer;
+//! 2. downloads the archive from the server (resuming with `Range`, waiting its turn when
+//!    the server says `503` + `Retry-After`), verifying size, hash and signature as the
+//!    bytes arrive;
+//! 3. unpacks it into a staging folder and runs the new binary's `--version`;
+//! 4. puts the release in place: the other files first, the binary with self-replace,
+//!    `release.json` last, so an interrupted update reports the old version and is
+//!    simply offered again;
+//! 5. restarts in place and reconnects, reporting the new version.
+//!
+//! Every step is reported to the server (`agent_update_report`). Whatever fails leaves
+//! the running agent as it was; the failure is reported, and the same release is tried
+//! again only after [`RETRY_FAILED_AFTER`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use changeover_protocol::package::{self, PackageSignature, PackageVerifier, VendorKey};
+use changeover_protocol::release::{ReleaseKind, current_platform};
+use changeover_protocol::{AgentUpdateOffer, AgentUpdateState};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// The vendor key's file name in an installed agent's folder.
+pub const VENDOR_KEY_FILE: &str = "vendor.pub";
+
+/// A release that failed is not tried again before this long (or a restart).
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// Download attempts after network failures before the update counts as failed.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// How long the agent keeps waiting for a transfer slot the server has none of.
+const MAX_QUEUE_WAIT: Duration = Duration::from_secs(60 * 60);
+
+/// How long the new binary's `--version` may take.
+const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The staging folder's name inside the install folder.
+const STAGING_DIR: &str = ".update-staging";
+
+/// `--client-update`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Update as soon as the server offers a newer release.
+    Auto,
+    /// Run `--ask-hook`; update when it exits 0.
+    Ask,
+    /// Never update; report the offer as declined.
+    Never,
+}
+
+/// Where the running agent is installed.
+#[derive(Debug, Clone)]
+pub struct Installation {
+    /// `DIR`, holding `bin/changeover-agent` and `release.json`.
+    pub dir: PathBuf,
+    /// The binary this process was started from.
+    pub exe: PathBuf,
+}
+
+impl Installation {
+    /// The install folder of the running binary, when it has a `release.json`.
+    pub fn of_running_binary() -> Option<Installation> {
+        let exe = std::env::current_exe().ok()?;
+        let dir = exe.parent()?.parent()?.to_owned();
+        dir.join("release.json")
+            .is_file()
+            .then_some(Installation { dir, exe })
+    }
+}
+
+/// What an update task tells the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateEvent {
+    /// Forward to the server as an `agent_update_report`.
+    Report {
+        version: String,
+        state: AgentUpdateState,
+        detail: Option<String>,
+    },
+    /// The new agent is in place: restart into it.
+    Restart,
+}
+
+/// What the agent was told about its own updates.
+#[derive(Debug, Clone)]
+pub struct UpdateSettings {
+    pub policy: Policy,
+    pub ask_hook: Option<String>,
+    /// `--public-key`; else the installation's `vendor.pub`.
+    pub public_key: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    /// The server's WebSocket URL; archives are fetched from the same host and port.
+    pub server_url: String,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Decides on offers and runs at most one update at a time.
+#[derive(Debug)]
+pub struct Updater {
+    settings: UpdateSettings,
+    installation: Option<Installation>,
+    running: semver::Version,
+    platform: String,
+    http: reqwest::Client,
+    base_url: reqwest::Url,
+    /// Versions that failed or were declined, when, and why.
+    outcomes: Mutex<HashMap<String, (Instant, AgentUpdateState, String)>>,
+    /// The version an update task is working on.
+    busy: Mutex<Option<String>>,
+}
+
+impl Updater {
+    pub fn new(
+        settings: UpdateSettings,
+        running_version: &str,
+        tls: Option<rustls::ClientConfig>,
+    ) -> anyhow::Result<Arc<Updater>> {
+        let base_url = http_base(&settings.server_url)?;
+        let mut http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("changeover-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = tls {
+            http = http.tls_backend_preconfigured(tls);
+        }
+        let http = http.build().context("cannot set up the HTTP client")?;
+        Ok(Arc::new(Updater {
+            installation: Installation::of_running_binary(),
+            running: running_version
+                .parse()
+                .unwrap_or(semver::Version::new(0, 0, 0)),
+            platform: current_platform(),
+            http,
+            base_url,
+            settings,
+            outcomes: Mutex::new(HashMap::new()),
+            busy: Mutex::new(None),
+        }))
+    }
+
+    /// Where the running agent was installed when it started.
+    pub fn installation(&self) -> Option<&Installation> {
+        self.installation.as_ref()
+    }
+
+    /// Handles an offer from the server: ignored when it is not for this agent, answered
+    /// from memory when this release already failed or was declined, else an update task
+    /// starts (unless one runs already).
+    pub fn consider(self: &Arc<Self>, offer: AgentUpdateOffer, events: mpsc::Sender<UpdateEvent>) {
+        let Ok(offered) = offer.version.parse::<semver::Version>() else {
+            warn!(version = %offer.version, "ignoring an update offer with an unreadable version");
+            return;
+        };
+        if offer.platform != self.platform || offered <= self.running {
+            return;
+        }
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if busy.is_some() {
+                return;
+            }
+            let mut outcomes = self
+                .outcomes
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if let Some((at, state, reason)) = outcomes.get(&offer.version) {
+                let remembered = match state {
+                    AgentUpdateState::Declined => true,
+                    _ => at.elapsed() < RETRY_FAILED_AFTER,
+                };
+                if remembered {
+                    let _ = events.try_send(UpdateEvent::Report {
+                        version: offer.version.clone(),
+                        state: *state,
+                        detail: Some(reason.clone()),
+                    });
+                    return;
+                }
+                outcomes.remove(&offer.version);
+            }
+            *busy = Some(offer.version.clone());
+        }
+        let updater = Arc::clone(self);
+        tokio::spawn(async move {
+            let version = offer.version.clone();
+            let report = |state, detail| UpdateEvent::Report {
+                version: version.clone(),
+                state,
+                detail,
+            };
+            match updater.update(&offer, &events).await {
+                Ok(Done::Installed) => {
+                    info!(%version, "agent update installed; restarting");
+                    let _ = events
+                        .send(report(
+                            AgentUpdateState::Restarting,
+                            Some("installed; restarting".to_owned()),
+                        ))
+                        .await;
+                    let _ = events.send(UpdateEvent::Restart).await;
+                    // Stays busy: nothing else happens before the restart.
+                    return;
+                }
+                Ok(Done::Declined(reason)) => {
+                    info!(%version, %reason, "agent update declined");
+                    updater.remember(&version, AgentUpdateState::Declined, &reason);
+                    let _ = events
+                        .send(report(AgentUpdateState::Declined, Some(reason)))
+                        .await;
+                }
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    warn!(%version, %reason, "agent update failed; the running agent stays");
+                    updater.remember(&version, AgentUpdateState::Failed, &reason);
+                    let _ = events
+                        .send(report(AgentUpdateState::Failed, Some(reason)))
+                        .await;
+                }
+            }
+            *updater
+                .busy
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = None;
+        });
+    }
+
+    fn remember(&self, version: &str, state: AgentUpdateState, reason: &str) {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(
+                version.to_owned(),
+                (Instant::now(), state, reason.to_owned()),
+            );
+    }
+
+    async fn update(
+        &self,
+        offer: &AgentUpdateOffer,
+        events: &mpsc::Sender<UpdateEvent>,
+    ) -> anyhow::Result<Done> {
+        match self.settings.policy {
+            Policy::Never => {
+                return Ok(Done::Declined(
+                    "this agent runs with --client-update never".to_owned(),
+                ));
+            }
+            Policy::Ask => {
+                if let Some(reason) = self.ask(offer).await {
+                    return Ok(Done::Declined(reason));
+                }
+            }
+            Policy::Auto => {}
+        }
+        let installation = self.installation.clone().context(
+            "this agent is not an installed release (no release.json beside its bin folder); \
+             install it with `changeover-agent install` to have it update itself",
+        )?;
+        let key_file = self
+            .settings
+            .public_key
+            .clone()
+            .unwrap_or_else(|| installation.dir.join(VENDOR_KEY_FILE));
+        let key = VendorKey::from_file(&key_file).with_context(|| {
+            format!(
+                "no vendor key to check the update with (pass --public-key, or keep it in {})",
+                installation.dir.join(VENDOR_KEY_FILE).display()
+            )
+        })?;
+        let signature = self.check_offer(offer)?;
+        let report = |state, detail: &str| UpdateEvent::Report {
+            version: offer.version.clone(),
+            state,
+            detail: Some(detail.to_owned()),
+        };
+        let _ = events
+            .send(report(
+                AgentUpdateState::Downloading,
+                &format!("{} bytes", offer.size),
+            ))
+            .await;
+        let archive = self.download(offer, &signature, &key).await?;
+        let _ = events
+            .send(report(AgentUpdateState::Installing, "verified"))
+            .await;
+        let version = offer.version.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let staging = installation.dir.join(STAGING_DIR);
+            let result = stage(&archive, &staging, &version)
+                .and_then(|()| put_in_place(&staging, &installation));
+            let _ = std::fs::remove_dir_all(&staging);
+            if result.is_ok() {
+                let _ = std::fs::remove_file(&archive);
+            }
+            result
+        })
+        .await
+        .context("the install task failed")?;
+        result.map(|()| Done::Installed)
+    }
+
+    // `--ask-hook`: `None` when it said yes (exit 0), else why not.
+    async fn ask(&self, offer: &AgentUpdateOffer) -> Option<String> {
+        let Some(command) = &self.settings.ask_hook else {
+            return Some("--client-update ask, but no --ask-hook to ask with".to_owned());
+        };
+        let event = crate::hooks::HookEvent {
+            event: "ask",
+            deadline: String::new(),
+            seconds_left: 0,
+            target_version: offer.version.clone(),
+            message: format!(
+                "agent {} is available ({} bytes); the running agent is {}",
+                offer.version, offer.size, self.running
+            ),
+        };
+        match crate::hooks::run_for_status(command, &event).await {
+            Ok(status) if status.success() => None,
+            Ok(status) => Some(format!("the ask hook declined ({status})")),
+            Err(reason) => Some(format!("the ask hook did not answer: {reason}")),
+        }
+    }
+
+    // The offer must be exactly what the vendor signed: an agent release for this
+    // platform, newer than the running one.
+    fn check_offer(&self, offer: &AgentUpdateOffer) -> anyhow::Result<PackageSignature> {
+        let signature = PackageSignature::decode(&offer.signature, &offer.archive)?;
+        let signed = signature.claimed_entry();
+        let matches = signed.kind == ReleaseKind::Agent
+            && signed.version.to_string() == offer.version
+            && signed.platform == offer.platform
+            && signed.archive == offer.archive
+            && signed.size == offer.size
+            && signed.sha256.eq_ignore_ascii_case(&offer.sha256);
+        if !matches {
+            bail!(
+                "the offer does not match the release its signature describes ({} {} {} for {})",
+                signed.kind,
+                signed.version,
+                signed.archive,
+                signed.platform
+            );
+        }
+        if signed.version <= self.running {
+            bail!(
+                "the offered {} is not newer than the running {}",
+                signed.version,
+                self.running
+            );
+        }
+        if offer.archive.contains('/')
+            || offer.archive.contains('\\')
+            || offer.archive.starts_with('.')
+        {
+            bail!(
+                "the archive name {:?} is not a plain file name",
+                offer.archive
+            );
+        }
+        Ok(signature)
+    }
+
+    // Fetches the archive into the state folder, verifying it as it arrives; returns the
+    // verified archive.
+    async fn download(
+        &self,
+        offer: &AgentUpdateOffer,
+        signature: &PackageSignature,
+        key: &VendorKey,
+    ) -> anyhow::Result<PathBuf> {
+        let folder = self.settings.state_dir.join("updates");
+        tokio::fs::create_dir_all(&folder)
+            .await
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        let part = folder.join(format!("{}.part", offer.archive));
+        let url = self
+            .base_url
+            .join(&offer.path)
+            .with_context(|| format!("{:?} is not a usable path", offer.path))?;
+        let started = Instant::now();
+        let mut failures = 0;
+        loop {
+            match self.attempt(&url, &part, offer, signature, key).await {
+                Ok(()) => break,
+                Err(Attempt::Refused(err)) => {
+                    let _ = tokio::fs::remove_file(&part).await;
+                    return Err(err);
+                }
+                Err(Attempt::ComeBack(after)) => {
+                    if started.elapsed() > MAX_QUEUE_WAIT {
+                        bail!(
+                            "the server had no transfer slot for {} minutes",
+                            MAX_QUEUE_WAIT.as_secs() / 60
+                        );
+                    }
+                    // The server's pause plus up to as much again, so a queue spreads.
+                    let jitter = rand::random_range(0..=after.as_millis() as u64);
+                    tokio::time::sleep(after + Duration::from_millis(jitter)).await;
+                }
+                Err(Attempt::Broken(reason)) => {
+                    failures += 1;
+                    if failures >= MAX_ATTEMPTS {
+                        bail!("gave up after {failures} attempts: {reason}");
+                    }
+                    let pause =
+                        Duration::from_millis(rand::random_range(500..=1000u64 << failures.min(5)));
+                    warn!(%reason, pause_ms = pause.as_millis() as u64, "agent update download broke off; resuming");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+        let archive = folder.join(&offer.archive);
+        tokio::fs::rename(&part, &archive)
+            .await
+            .with_context(|| format!("cannot move the download to {}", archive.display()))?;
+        Ok(archive)
+    }
+
+    async fn attempt(
+        &self,
+        url: &reqwest::Url,
+        part: &Path,
+        offer: &AgentUpdateOffer,
+        signature: &PackageSignature,
+        key: &VendorKey,
+    ) -> Result<(), Attempt> {
+        let mut verifier = signature
+            .verifier(key, &offer.archive)
+            .map_err(|err| Attempt::Refused(err.into()))?;
+        let mut have = match tokio::fs::metadata(part).await {
+            Ok(metadata) if metadata.len() <= offer.size => metadata.len(),
+            _ => 0,
+        };
+        if have > 0 {
+            hash_prefix(part, &mut verifier).await?;
+        }
+        if have < offer.size {
+            let mut request = self.http.get(url.clone());
+            if have > 0 {
+                request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+            }
+            let mut response = request
+                .send()
+                .await
+                .map_err(|err| Attempt::Broken(error_chain(&err)))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                let after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|text| text.trim().parse::<u64>().ok())
+                    .unwrap_or(5)
+                    .clamp(1, 300);
+                return Err(Attempt::ComeBack(Duration::from_secs(after)));
+            }
+            let append = status == reqwest::StatusCode::PARTIAL_CONTENT && have > 0;
+            if !append {
+                if !status.is_success() {
+                    let reason = format!("the server answered {status} for {url}");
+                    return Err(if status.is_server_error() {
+                        Attempt::Broken(reason)
+                    } else {
+                        Attempt::Refused(anyhow::anyhow!(reason))
+                    });
+                }
+                if have > 0 {
+                    // Sent from the start after all: hash from the start.
+                    verifier = signature
+                        .verifier(key, &offer.archive)
+                        .map_err(|err| Attempt::Refused(err.into()))?;
+                    have = 0;
+                }
+            }
+            let mut file = open_part(part, append).await?;
+            loop {
+                let chunk = match response.chunk().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(err) => {
+                        let _ = file.flush().await;
+                        return Err(Attempt::Broken(error_chain(&err)));
+                    }
+                };
+                verifier
+                    .update(&chunk)
+                    .map_err(|err| Attempt::Refused(err.into()))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|err| local(part, err))?;
+                have += chunk.len() as u64;
+            }
+            file.flush().await.map_err(|err| local(part, err))?;
+            file.get_ref()
+                .sync_data()
+                .await
+                .map_err(|err| local(part, err))?;
+            if have < offer.size {
+                return Err(Attempt::Broken(format!(
+                    "the transfer ended after {have} of {} bytes",
+                    offer.size
+                )));
+            }
+        }
+        verifier
+            .finish()
+            .map(drop)
+            .map_err(|err| Attempt::Refused(err.into()))
+    }
+}
+
+enum Done {
+    Installed,
+    Declined(String),
+}
+
+enum Attempt {
+    /// Not worth trying again: a bad signature, a refused request.
+    Refused(anyhow::Error),
+    /// The server's slots are busy: come back after this long.
+    ComeBack(Duration),
+    /// The network: resume after a pause.
+    Broken(String),
+}
+
+fn local(path: &Path, err: std::io::Error) -> Attempt {
+    Attempt::Refused(anyhow::anyhow!("cannot write {}: {err}", path.display()))
+}
+
+async fn open_part(
+    path: &Path,
+    append: bool,
+) -> Result<tokio::io::BufWriter<tokio::fs::File>, Attempt> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.create(true);
+    if append {
+        options.append(true);
+    } else {
+        options.write(true).truncate(true);
+    }
+    let file = options.open(path).await.map_err(|err| local(path, err))?;
+    Ok(tokio::io::BufWriter::with_capacity(256 * 1024, file))
+}
+
+// What is on disk from an earlier attempt counts toward the hash first.
+async fn hash_prefix(path: &Path, verifier: &mut PackageVerifier<'_>) -> Result<(), Attempt> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|err| local(path, err))?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .await
+            .map_err(|err| local(path, err))?;
+        if read == 0 {
+            return Ok(());
+        }
+        verifier
+            .update(&buffer[..read])
+            .map_err(|err| Attempt::Refused(err.into()))?;
+    }
+}
+
+// ws://host:port → http://host:port/, wss:// → https://.
+fn http_base(server_url: &str) -> anyhow::Result<reqwest::Url> {
+    let mut url =
+        reqwest::Url::parse(server_url).with_context(|| format!("{server_url:?} is not a URL"))?;
+    let scheme = match url.scheme() {
+        "ws" => "http",
+        "wss" => "https",
+        other => bail!("{server_url:?} has the scheme {other}, not ws or wss"),
+    };
+    url.set_scheme(scheme)
+        .map_err(|()| anyhow::anyhow!("cannot turn {server_url:?} into an HTTP URL"))?;
+    url.set_path("/");
+    Ok(url)
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+// Unpacks the verified archive and runs the new binary's `--version`, which must name
+// the version offered.
+fn stage(archive: &Path, staging: &Path, version: &str) -> anyhow::Result<()> {
+    if staging.exists() {
+        std::fs::remove_dir_all(staging)
+            .with_context(|| format!("cannot remove {}", staging.display()))?;
+    }
+    package::unpack(archive, staging)?;
+    let binary = staging.join(ReleaseKind::Agent.binary_path());
+    anyhow::ensure!(
+        binary.is_file(),
+        "the release has no {}",
+        ReleaseKind::Agent.binary_path()
+    );
+    self_check(&binary, version)
+}
+
+fn self_check(binary: &Path, version: &str) -> anyhow::Result<()> {
+    let mut child = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("the new agent does not start: {}", binary.display()))?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > SELF_CHECK_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the new agent's --version did not finish within {} s",
+                SELF_CHECK_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        use std::io::Read as _;
+        let _ = stdout.read_to_string(&mut output);
+    }
+    anyhow::ensure!(
+        status.success(),
+        "the new agent's --version failed ({status})"
+    );
+    anyhow::ensure!(
+        output.split_whitespace().any(|word| word == version),
+        "the new agent says it is {:?}, not {version}",
+        output.trim()
+    );
+    Ok(())
+}
+
+// The other files first, then the binary (self-replace), then release.json: until the
+// last rename the agent still reports its old version and would be offered the update
+// again.
+fn put_in_place(staging: &Path, installation: &Installation) -> anyhow::Result<()> {
+    let binary = Path::new(ReleaseKind::Agent.binary_path());
+    let release_json = Path::new("release.json");
+    for file in files_under(staging)? {
+        let relative = file.strip_prefix(staging).context("a staged file")?;
+        if relative == binary || relative == release_json {
+            continue;
+        }
+        let target = installation.dir.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::rename(&file, &target)
+            .with_context(|| format!("cannot put {} in place", target.display()))?;
+    }
+    self_replace::self_replace(staging.join(binary)).context("cannot replace the agent binary")?;
+    std::fs::rename(
+        staging.join(release_json),
+        installation.dir.join(release_json),
+    )
+    .context("cannot put release.json in place")?;
+    Ok(())
+}
+
+fn files_under(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_owned()];
+    while let Some(folder) = folders.pop() {
+        for item in std::fs::read_dir(&folder)
+            .with_context(|| format!("cannot read {}", folder.display()))?
+        {
+            let item = item?;
+            if item.file_type()?.is_dir() {
+                folders.push(item.path());
+            } else {
+                files.push(item.path());
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Starts the agent binary again in this process, with the same arguments: the agent
+/// that was just put in place. Returns only when that fails.
+pub fn restart_in_place(exe: &Path) -> std::io::Error {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        std::process::Command::new(exe).args(&args).exec()
+    }
+    #[cfg(not(unix))]
+    {
+        match std::process::Command::new(exe).args(&args).spawn() {
+            Ok(_) => std::process::exit(0),
+            Err(err) => err,
+        }
+    }
+}
+
+/// What `changeover-agent install` was given.
+#[derive(Debug)]
+pub struct InstallOptions {
+    pub dir: PathBuf,
+    pub package: PathBuf,
+    pub public_key: PathBuf,
+}
+
+/// Installs an agent release into `DIR`, verified against the vendor key with the
+/// signature beside the archive; returns its version. Nothing is left behind on failure.
+pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
+    let key = VendorKey::from_file(&options.public_key)?;
+    let entry = package::verify_archive(&options.package, &key)
+        .with_context(|| format!("refusing to install {}", options.package.display()))?;
+    if entry.kind != ReleaseKind::Agent {
+        bail!(
+            "{} is a {} release; install server releases with `changeover-server install`",
+            options.package.display(),
+            entry.kind
+        );
+    }
+    let platform = current_platform();
+    if entry.platform != platform {
+        bail!(
+            "{} is built for {}, this machine is {platform}",
+            options.package.display(),
+            entry.platform
+        );
+    }
+    let dir = &options.dir;
+    if dir.join("release.json").exists() {
+        bail!(
+            "{} already holds an agent release; it updates itself from the server",
+            dir.display()
+        );
+    }
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .next()
+            .is_none();
+        anyhow::ensure!(
+            empty,
+            "{} exists and is not empty; install into a new or empty folder",
+            dir.display()
+        );
+        std::fs::remove_dir(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    let parent = dir
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .context("the install folder needs a name")?
+        .to_string_lossy();
+    let staging = parent.join(format!(".{name}.installing"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot remove {}", staging.display()))?;
+    }
+    let result = package::unpack(&options.package, &staging)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            anyhow::ensure!(
+                staging.join(ReleaseKind::Agent.binary_path()).is_file(),
+                "the release has no {}",
+                ReleaseKind::Agent.binary_path()
+            );
+            std::fs::copy(&options.public_key, staging.join(VENDOR_KEY_FILE))
+                .context("cannot copy the vendor key")?;
+            std::fs::rename(&staging, dir)
+                .with_context(|| format!("cannot move the release to {}", dir.display()))
+        });
+    if let Err(err) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(err);
+    }
+    Ok(entry.version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archives_come_from_the_websocket_host_and_port() {
+        assert_eq!(
+            http_base("ws://10.0.0.5:7600").unwrap().as_str(),
+            "http://10.0.0.5:7600/"
+        );
+        assert_eq!(
+            http_base("wss://server.example.com:7600/x")
+                .unwrap()
+                .join("/agent-updates/a.tar.gz")
+                .unwrap()
+                .as_str(),
+            "https://server.example.com:7600/agent-updates/a.tar.gz"
+        );
+        assert!(http_base("http://example.com").is_err());
+    }
+}

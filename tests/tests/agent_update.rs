@@ -1,0 +1,368 @@
+//! The agents' own update after a changeover, end to end: agent releases packed with the
+//! release tools and installed with `changeover-agent install`, a server changing over
+//! from 1.0.0 to 1.1.0 from a stock static feed, and agents that update themselves from
+//! the server, or refuse to.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use changeover_protocol::release::current_platform;
+use changeover_tests::feeds::{StaticServer, Vendor, server_tree};
+use changeover_tests::{ADMIN_PASSWORD, Process, Server, binary, eventually, status};
+use serde_json::Value;
+
+/// Server and agent releases 1.0.0 and 1.1.0 in one feed; agent 1.1.0 brings a file
+/// 1.0.0 does not have, so a test can tell the two apart on disk.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    vendor: Vendor,
+    /// A second vendor: an agent trusting only this key must refuse the first's releases.
+    stranger: Vendor,
+    feed: PathBuf,
+}
+
+const NEW_FILE: &str = "share/whats-new.txt";
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = Vendor::create(&dir.path().join("vendor"));
+        let stranger = Vendor::create(&dir.path().join("stranger"));
+        let feed = dir.path().join("feed");
+        for version in ["1.0.0", "1.1.0"] {
+            let tree = server_tree(&dir.path().join(format!("server-{version}")), &[]);
+            vendor.pack("server", version, &tree, &feed);
+            let agent_tree = dir.path().join(format!("agent-{version}"));
+            std::fs::create_dir_all(agent_tree.join("bin")).unwrap();
+            std::fs::copy(
+                binary("changeover-agent"),
+                agent_tree.join("bin/changeover-agent"),
+            )
+            .unwrap();
+            if version == "1.1.0" {
+                std::fs::create_dir_all(agent_tree.join("share")).unwrap();
+                std::fs::write(agent_tree.join(NEW_FILE), "agent 1.1.0\n").unwrap();
+            }
+            vendor.pack("agent", version, &agent_tree, &feed);
+        }
+        Fixture {
+            _dir: dir,
+            vendor,
+            stranger,
+            feed,
+        }
+    })
+}
+
+fn archive(kind: &str, version: &str) -> PathBuf {
+    fixture()
+        .feed
+        .join(format!("{kind}-{version}-{}.tar.gz", current_platform()))
+}
+
+/// Server 1.0.0 installed, the feed served by Python's http.server.
+struct Site {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    _feed_server: StaticServer,
+    config: String,
+}
+
+impl Site {
+    fn new() -> Site {
+        let fixture = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("office");
+        let output = Command::new(binary("changeover-server"))
+            .args(["install", "--root"])
+            .arg(&root)
+            .arg("--package")
+            .arg(archive("server", "1.0.0"))
+            .arg("--public-key")
+            .arg(&fixture.vendor.public_key)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let feed_server = StaticServer::python(&fixture.feed, dir.path());
+        let config = format!(
+            "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 20\n",
+            feed_server.url()
+        );
+        Site {
+            dir,
+            root,
+            _feed_server: feed_server,
+            config,
+        }
+    }
+
+    /// `changeover-agent install` of agent 1.0.0 into a workstation folder of its own.
+    fn install_agent(&self, user: &str) -> PathBuf {
+        let dir = self.dir.path().join(user).join("agent");
+        let output = Command::new(binary("changeover-agent"))
+            .args(["install", "--dir"])
+            .arg(&dir)
+            .arg("--package")
+            .arg(archive("agent", "1.0.0"))
+            .arg("--public-key")
+            .arg(&fixture().vendor.public_key)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(agent_version(&dir), "1.0.0");
+        dir
+    }
+
+    /// Runs the installed agent in `dir`.
+    fn run_agent(&self, server: &Server, user: &str, dir: &Path, extra: &[&str]) -> Process {
+        let state = self.dir.path().join(user).join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let log = state.join("agent.log");
+        let child = Command::new(dir.join("bin/changeover-agent"))
+            .args([
+                "run",
+                "--server",
+                &server.url(),
+                "--user",
+                user,
+                "--state-dir",
+            ])
+            .arg(&state)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process::from_child(child, log)
+    }
+}
+
+/// What `DIR/bin/changeover-agent --version` says.
+fn agent_version(dir: &Path) -> String {
+    let output = Command::new(dir.join("bin/changeover-agent"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_owned()
+}
+
+fn session<'a>(report: &'a Value, user: &str) -> Option<&'a Value> {
+    report["sessions"]
+        .as_array()?
+        .iter()
+        .find(|session| session["user"] == user)
+}
+
+/// Changes the server over to 1.1.0 with no grace period; returns when it is committed.
+fn change_over(server: &Server) {
+    let output = Command::new(binary("changeover-agent"))
+        .args([
+            "admin",
+            "update",
+            "--server",
+            &server.url(),
+            "--grace",
+            "0",
+            "--json",
+        ])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn older_agents_update_themselves_after_the_changeover() {
+    let site = Site::new();
+    let server = Server::start_installed(&site.root, &site.config);
+    let anna = site.install_agent("anna");
+    let ben = site.install_agent("ben");
+    let cleo = site.install_agent("cleo");
+    let dora = site.install_agent("dora");
+    let hook_log = site.dir.path().join("ask.log");
+    let ask_yes = format!(
+        "echo \"$CHANGEOVER_EVENT $CHANGEOVER_TARGET_VERSION\" >> {}",
+        hook_log.display()
+    );
+    let mut agents = [
+        site.run_agent(&server, "anna", &anna, &[]),
+        site.run_agent(&server, "ben", &ben, &[]),
+        site.run_agent(
+            &server,
+            "cleo",
+            &cleo,
+            &["--client-update", "ask", "--ask-hook", &ask_yes],
+        ),
+        site.run_agent(&server, "dora", &dora, &["--client-update", "never"]),
+    ];
+    let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+    eventually(Duration::from_secs(20), "four agents on 1.0.0", || {
+        let report = status(&server.url());
+        (report["sessions"].as_array().map_or(0, Vec::len) == 4).then_some(())
+    });
+    // Nothing to offer yet: the server has no agent release of its own version.
+    let report = status(&server.url());
+    assert_eq!(report["agent_release"], Value::Null, "{report:#}");
+
+    change_over(&server);
+
+    let report = eventually(
+        Duration::from_secs(60),
+        "three agents updated to 1.1.0, one declined",
+        || {
+            let report = status(&server.url());
+            let on = |user: &str, version: &str| {
+                session(&report, user).is_some_and(|s| s["agent_version"] == version)
+            };
+            let declined =
+                session(&report, "dora").is_some_and(|s| s["update"]["state"] == "declined");
+            (report["server_version"] == "1.1.0"
+                && on("anna", "1.1.0")
+                && on("ben", "1.1.0")
+                && on("cleo", "1.1.0")
+                && on("dora", "1.0.0")
+                && declined)
+                .then_some(report)
+        },
+    );
+    assert_eq!(report["agent_release"], "1.1.0", "{report:#}");
+    assert_eq!(report["agents_behind"], 1, "{report:#}");
+
+    for dir in [&anna, &ben, &cleo] {
+        assert_eq!(agent_version(dir), "1.1.0");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(NEW_FILE)).unwrap(),
+            "agent 1.1.0\n"
+        );
+        let info: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("release.json")).unwrap())
+                .unwrap();
+        assert_eq!(info["version"], "1.1.0");
+        assert!(!dir.join(".update-staging").exists());
+    }
+    assert_eq!(agent_version(&dora), "1.0.0");
+    assert!(!dora.join(NEW_FILE).exists());
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap().trim(),
+        "ask 1.1.0"
+    );
+    // Restarted in place: the same processes, now running the new release.
+    for (agent, pid) in agents.iter_mut().zip(pids) {
+        assert_eq!(agent.pid(), pid);
+        assert!(agent.try_status().is_none(), "{}", agent.log_text());
+    }
+    assert!(
+        agents[0]
+            .log_text()
+            .contains("restarting into the updated agent")
+    );
+    // The text table says the same.
+    let table = changeover_tests::admin(&["status", "--server", &server.url()], ADMIN_PASSWORD);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("agent release      1.1.0 offered to older agents; 1 behind"),
+        "{table}"
+    );
+    assert!(table.contains("declined 1.1.0"), "{table}");
+}
+
+#[test]
+fn an_agent_refuses_an_update_its_own_key_does_not_vouch_for() {
+    let site = Site::new();
+    let server = Server::start_installed(&site.root, &site.config);
+    let dir = site.install_agent("erik");
+    // This agent trusts another vendor: to it, the server pushes an unsigned binary.
+    let stranger_key = fixture().stranger.public_key.display().to_string();
+    let mut agent = site.run_agent(&server, "erik", &dir, &["--public-key", &stranger_key]);
+    eventually(Duration::from_secs(20), "the agent connected", || {
+        session(&status(&server.url()), "erik").map(drop)
+    });
+
+    change_over(&server);
+
+    let report = eventually(
+        Duration::from_secs(60),
+        "the update reported failed",
+        || {
+            let report = status(&server.url());
+            session(&report, "erik")
+                .is_some_and(|s| s["update"]["state"] == "failed")
+                .then_some(report)
+        },
+    );
+    let erik = session(&report, "erik").unwrap();
+    assert_eq!(erik["agent_version"], "1.0.0");
+    let detail = erik["update"]["detail"].as_str().unwrap();
+    assert!(detail.contains("key"), "{detail}");
+    assert_eq!(agent_version(&dir), "1.0.0");
+    assert!(!dir.join(NEW_FILE).exists());
+    assert!(agent.try_status().is_none(), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("the running agent stays"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn agent_install_refuses_a_tampered_package_and_leaves_nothing() {
+    let site = Site::new();
+    let copy = site.dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    let original = archive("agent", "1.0.0");
+    let tampered = copy.join(original.file_name().unwrap());
+    let mut bytes = std::fs::read(&original).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&tampered, bytes).unwrap();
+    let mut signature = original.as_os_str().to_owned();
+    signature.push(".minisig");
+    let mut copied_signature = tampered.as_os_str().to_owned();
+    copied_signature.push(".minisig");
+    std::fs::copy(PathBuf::from(signature), PathBuf::from(copied_signature)).unwrap();
+
+    let dir = site.dir.path().join("agent");
+    let output = Command::new(binary("changeover-agent"))
+        .args(["install", "--dir"])
+        .arg(&dir)
+        .arg("--package")
+        .arg(&tampered)
+        .arg("--public-key")
+        .arg(&fixture().vendor.public_key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refusing to install"), "{stderr}");
+    assert!(!dir.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(site.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|item| item.file_name().to_string_lossy().contains("installing"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
