@@ -19,6 +19,7 @@ pub mod inbox;
 pub mod install;
 pub mod layout;
 pub mod listener;
+pub mod log_file;
 pub mod mail;
 pub mod platform;
 pub mod release_tools;
@@ -92,6 +93,8 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
 
 /// Runs the server until SIGINT or SIGTERM, then closes every session with a reason.
 pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> anyhow::Result<()> {
+    // The socket has its descriptor: the log file may have the next one.
+    log_file::attach(&Layout::new(&options.root).state_dir());
     match platform::raise_open_file_limit() {
         Ok(limit) => info!(%limit, "one file descriptor per agent"),
         Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),

@@ -44,13 +44,28 @@ pub fn outbox_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("outbox")
 }
 
+/// What the journal adds to a changeover's mail beyond its summary.
+#[derive(Debug, Clone, Default)]
+pub struct MailDetails {
+    /// `admin update --notify`; the configured `mail.to` when absent.
+    pub notify: Option<String>,
+    /// The agent release fetched with the server release, if the feed had one.
+    pub agent_release: Option<String>,
+    /// Sessions logged out that ran an agent older than the new version.
+    pub agents_to_update: u64,
+}
+
+/// Lines of the server log a failure mail ends with.
+const LOG_LINES_IN_MAIL: usize = 30;
+
 /// Queues the mail that tells the admin how a changeover ended (none for a cancel: the
 /// admin who cancelled knows).
 pub fn queue_changeover_mail(
     state_dir: &Path,
     summary: &ChangeoverSummary,
-    notify: Option<&str>,
+    details: &MailDetails,
 ) -> anyhow::Result<()> {
+    let notify = details.notify.as_deref();
     if summary.outcome == ChangeoverOutcome::Cancelled {
         return Ok(());
     }
@@ -86,6 +101,33 @@ pub fn queue_changeover_mail(
         .as_deref()
         .map(|reason| format!("Reason:         {reason}\n"))
         .unwrap_or_default();
+    let agents = match (&details.agent_release, summary.outcome) {
+        (Some(release), ChangeoverOutcome::Committed) => format!(
+            "Agent release:  {release}, offered to every older agent as it reconnects\n\
+             Agents to update: {} (`changeover-agent admin status` shows their progress)\n",
+            details.agents_to_update
+        ),
+        (None, ChangeoverOutcome::Committed) => format!(
+            "Agent release:  none of version {} in the feed; the agents keep their version\n",
+            summary.target_version
+        ),
+        _ => String::new(),
+    };
+    let log = if summary.outcome == ChangeoverOutcome::Committed {
+        String::new()
+    } else {
+        let lines = crate::log_file::tail(state_dir, LOG_LINES_IN_MAIL);
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\nThe last {} lines of the server log ({}):\n\n{}\n",
+                lines.len(),
+                state_dir.join(crate::log_file::FILE_NAME).display(),
+                lines.join("\n")
+            )
+        }
+    };
     let body = format!(
         "{opening}\n\n\
          Changeover:     {}\n\
@@ -98,7 +140,8 @@ pub fn queue_changeover_mail(
          Took:           {}\n\
          Downtime:       {downtime}\n\
          Sessions warned: {}\n\
-         Sessions logged out at the deadline: {}\n",
+         Sessions logged out at the deadline: {}\n\
+         {agents}{log}",
         summary.changeover_id,
         summary.from_version,
         summary.target_version,
@@ -309,19 +352,17 @@ mod tests {
     #[test]
     fn a_changeover_queues_one_mail_and_a_cancel_none() {
         let dir = tempfile::tempdir().unwrap();
-        queue_changeover_mail(
-            dir.path(),
-            &summary(ChangeoverOutcome::Committed),
-            Some("it@example.com"),
-        )
-        .unwrap();
-        queue_changeover_mail(
-            dir.path(),
-            &summary(ChangeoverOutcome::Committed),
-            Some("it@example.com"),
-        )
-        .unwrap();
-        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Cancelled), None).unwrap();
+        let details = MailDetails {
+            notify: Some("it@example.com".to_owned()),
+            agent_release: Some("1.1.0".to_owned()),
+            agents_to_update: 3,
+        };
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Committed), &details)
+            .unwrap();
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Committed), &details)
+            .unwrap();
+        let no_one = MailDetails::default();
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Cancelled), &no_one).unwrap();
         let queued = waiting(dir.path());
         assert_eq!(queued.len(), 1, "queued once");
         assert!(
@@ -334,13 +375,35 @@ mod tests {
             "{}",
             queued[0].body
         );
+        assert!(
+            queued[0].body.contains("Agents to update: 3"),
+            "{}",
+            queued[0].body
+        );
         assert_eq!(queued[0].to.as_deref(), Some("it@example.com"));
-        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::RolledBack), None).unwrap();
+        std::fs::write(
+            dir.path().join(crate::log_file::FILE_NAME),
+            "line one\nERROR the new release failed its health check\n",
+        )
+        .unwrap();
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::RolledBack), &no_one)
+            .unwrap();
         let rolled_back = &waiting(dir.path())[1];
         assert!(
             rolled_back.body.contains("the health check failed"),
             "{}",
             rolled_back.body
         );
+        assert!(
+            rolled_back
+                .body
+                .contains("The last 2 lines of the server log")
+                && rolled_back
+                    .body
+                    .ends_with("ERROR the new release failed its health check\n"),
+            "{}",
+            rolled_back.body
+        );
+        assert!(!rolled_back.body.contains("Agent release"));
     }
 }

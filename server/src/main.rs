@@ -290,9 +290,11 @@ fn signing_password(password_file: Option<&std::path::Path>) -> anyhow::Result<O
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Stderr, and the product folder's state/server.log once `run` has attached it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(false)
+        .with_writer(changeover_server::log_file::Tee::default);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -596,6 +596,8 @@ fn the_admins_mail_waits_while_smtp_is_down_and_arrives_exactly_once() {
     );
     assert!(mail.contains("Message-ID: <co-"), "{mail}");
     assert!(mail.contains("Downtime:"), "{mail}");
+    // This feed has no agent release: the admin learns the agents stay as they are.
+    assert!(mail.contains("Agent release:  none of version 1.1.0"), "{mail}");
     // Never twice, also not after another restart.
     server.restart();
     std::thread::sleep(Duration::from_secs(4));
@@ -632,4 +634,7 @@ fn a_rollback_is_mailed_with_its_reason() {
     assert!(mail.contains("To: it@example.com"), "{mail}");
     assert!(mail.contains("rolled_back"), "{mail}");
     assert!(mail.contains("health check"), "{mail}");
+    // The server log's last lines, from the release that failed and the one that took over.
+    assert!(mail.contains("lines of the server log"), "{mail}");
+    assert!(mail.contains("unhealthy"), "{mail}");
 }

@@ -278,6 +278,8 @@ impl Driver {
             failure: None,
             sessions_warned: 0,
             sessions_logged_out: 0,
+            agent_release: None,
+            agents_to_update: 0,
         };
         self.journal = Some(journal);
         let scheduled = params.at.is_some_and(|at| at > SystemTime::now());
@@ -390,10 +392,11 @@ impl Driver {
                 let _ = self.apply(Event::PrepareFailed(reason));
                 return;
             }
-            Some(Ok((archive, carried))) => {
+            Some(Ok(prepared)) => {
                 if let Some(journal) = self.journal.as_mut() {
-                    journal.archive = archive;
-                    journal.carried = carried;
+                    journal.archive = prepared.archive;
+                    journal.carried = prepared.carried;
+                    journal.agent_release = prepared.agent_release;
                 }
             }
         }
@@ -584,11 +587,27 @@ impl Driver {
 
     async fn log_out(&mut self) -> anyhow::Result<()> {
         fault_point("logging_out");
-        let count = self.parts.hub.session_count().await;
+        let sessions = self.parts.hub.sessions().await;
+        let count = sessions.len();
         // Spread the return over a window that grows with the crowd: about 2 s for a
         // handful, a minute at most.
         let window_ms = (2_000 + count as u64 * 2).min(60_000);
         let journal = self.journal()?;
+        let agents_to_update = journal
+            .target_version
+            .parse::<semver::Version>()
+            .map(|target| {
+                sessions
+                    .iter()
+                    .filter(|session| {
+                        session
+                            .agent_version
+                            .parse::<semver::Version>()
+                            .is_ok_and(|running| running < target)
+                    })
+                    .count() as u64
+            })
+            .unwrap_or(0);
         let logout = ServerMessage::Logout {
             changeover_id: journal.changeover_id.clone(),
             reason: format!(
@@ -600,6 +619,7 @@ impl Driver {
         let logged_out = self.parts.hub.log_out_all(&logout).await as u64;
         let journal = self.journal_mut()?;
         journal.sessions_logged_out = logged_out;
+        journal.agents_to_update = agents_to_update;
         journal.stopped_at = Some(SystemTime::now());
         info!(logged_out, "sessions logged out");
         Ok(())
@@ -823,15 +843,24 @@ impl Driver {
     }
 }
 
-/// The preflight: everything checked before anyone is warned. Returns the package and the
-/// carried files as recorded now.
+/// What the preflight found ready.
+struct Prepared {
+    /// The verified server package.
+    archive: PathBuf,
+    /// The carried files as recorded now.
+    carried: Vec<super::journal::CarriedFile>,
+    /// The agent release of the target version, when the feed (or inbox) had one.
+    agent_release: Option<String>,
+}
+
+/// The preflight: everything checked before anyone is warned.
 async fn prepare(
     layout: Layout,
     carry_paths: Vec<String>,
     releases: Arc<Releases>,
     target: String,
     allow_downgrade: bool,
-) -> anyhow::Result<(PathBuf, Vec<super::journal::CarriedFile>)> {
+) -> anyhow::Result<Prepared> {
     fault_point("preparing");
     let package = ready_package(&releases, &target, allow_downgrade).await?;
     // The agents' own release comes along now, so that it can be offered the moment they
@@ -871,7 +900,11 @@ async fn prepare(
     .await
     .context("the preflight task failed")??;
     preflight::self_check(&staging, layout.root(), &target).await?;
-    Ok((package.archive, carried))
+    Ok(Prepared {
+        archive: package.archive,
+        carried,
+        agent_release: (!agent_releases.is_empty()).then(|| package.entry.version.to_string()),
+    })
 }
 
 /// The verified package for `version`, fetched from the feed first if need be.

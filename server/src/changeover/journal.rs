@@ -58,6 +58,12 @@ pub struct Journal {
     pub sessions_warned: u64,
     #[serde(default)]
     pub sessions_logged_out: u64,
+    /// The agent release fetched with the server release, offered to agents afterwards.
+    #[serde(default)]
+    pub agent_release: Option<String>,
+    /// Sessions logged out that ran an agent older than the target version.
+    #[serde(default)]
+    pub agents_to_update: u64,
 }
 
 /// One carried file as it was recorded.
@@ -101,14 +107,18 @@ impl JournalFiles {
     /// outbox skips a Message-ID it already holds).
     pub fn finish(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
         write_durably(&self.last, summary)?;
-        let notify = self
+        let details = self
             .load()
             .ok()
             .flatten()
-            .and_then(|journal| journal.notify);
+            .map(|journal| crate::mail::MailDetails {
+                notify: journal.notify,
+                agent_release: journal.agent_release,
+                agents_to_update: journal.agents_to_update,
+            })
+            .unwrap_or_default();
         if let Some(state_dir) = self.current.parent()
-            && let Err(err) =
-                crate::mail::queue_changeover_mail(state_dir, summary, notify.as_deref())
+            && let Err(err) = crate::mail::queue_changeover_mail(state_dir, summary, &details)
         {
             tracing::error!(cause = %format!("{err:#}"), "cannot queue the mail to the admin");
         }
@@ -188,6 +198,8 @@ mod tests {
             failure: None,
             sessions_warned: 3,
             sessions_logged_out: 1,
+            agent_release: Some("1.1.0".to_owned()),
+            agents_to_update: 1,
         }
     }
 

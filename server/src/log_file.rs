@@ -1,0 +1,149 @@
+//! The server's log, kept in `<root>/state/server.log` as well as on stderr.
+//!
+//! Stderr goes wherever the service manager sends it; the copy in the state folder is what
+//! the server itself can read back: the mail about a failed or rolled-back changeover ends
+//! with its last lines, written by whichever process (old or new release) saw the failure.
+//! The file is bounded: past [`MAX_BYTES`] it becomes `server.log.1` and a new one starts.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The size at which the log file is rotated.
+pub const MAX_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The log file's name in the state folder.
+pub const FILE_NAME: &str = "server.log";
+
+/// The log file of one product folder, shared by every writer.
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    state: Mutex<Option<(File, u64)>>,
+}
+
+impl LogFile {
+    /// Opens (appending) `state_dir/server.log`; `None` when it cannot be written, and the
+    /// log goes to stderr only.
+    pub fn open(state_dir: &Path) -> Option<Arc<LogFile>> {
+        std::fs::create_dir_all(state_dir).ok()?;
+        let path = state_dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok()?;
+        let size = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+        Some(Arc::new(LogFile {
+            path,
+            state: Mutex::new(Some((file, size))),
+        }))
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some((_, size)) = state.as_ref()
+            && *size + bytes.len() as u64 > MAX_BYTES
+        {
+            *state = None;
+            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+            *state = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok()
+                .map(|file| (file, 0));
+        }
+        if let Some((file, size)) = state.as_mut()
+            && file.write_all(bytes).is_ok()
+        {
+            *size += bytes.len() as u64;
+        }
+    }
+}
+
+/// The process's log file, once [`attach`]ed.
+static PROCESS_LOG: OnceLock<Arc<LogFile>> = OnceLock::new();
+
+/// From now on the log is copied to `state_dir/server.log` too. Called after the listening
+/// socket is open, so that the socket, not the log file, is descriptor 3.
+pub fn attach(state_dir: &Path) {
+    if let Some(file) = LogFile::open(state_dir) {
+        let _ = PROCESS_LOG.set(file);
+    }
+}
+
+/// Writes each log line to stderr and to the log file: the process's (see [`attach`]) or
+/// the one given.
+#[derive(Debug, Clone, Default)]
+pub struct Tee {
+    file: Option<Arc<LogFile>>,
+}
+
+impl Tee {
+    pub fn new(file: Option<Arc<LogFile>>) -> Tee {
+        Tee { file }
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // A log line that cannot be written anywhere is dropped, never an error.
+        let _ = std::io::stderr().write_all(bytes);
+        if let Some(file) = self.file.as_ref().or_else(|| PROCESS_LOG.get()) {
+            file.append(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// The last `count` lines of the log in `state_dir` (reaching into the rotated file when
+/// the current one is shorter), oldest first.
+pub fn tail(state_dir: &Path, count: usize) -> Vec<String> {
+    let read = |path: PathBuf| {
+        std::fs::read(path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    };
+    let current = read(state_dir.join(FILE_NAME));
+    let mut lines: Vec<String> = current.lines().map(str::to_owned).collect();
+    if lines.len() < count {
+        let rotated = read(state_dir.join(FILE_NAME).with_extension("log.1"));
+        let mut older: Vec<String> = rotated.lines().map(str::to_owned).collect();
+        older.append(&mut lines);
+        lines = older;
+    }
+    let skip = lines.len().saturating_sub(count);
+    lines.split_off(skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_spans_the_rotation_and_the_file_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::open(dir.path()).unwrap();
+        let mut tee = Tee::new(Some(log));
+        let line = format!("{}\n", "x".repeat(1023));
+        for _ in 0..(MAX_BYTES / 1024 + 10) {
+            tee.write_all(line.as_bytes()).unwrap();
+        }
+        tee.write_all(b"the last line\n").unwrap();
+        let size = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        assert!(size < MAX_BYTES, "{size}");
+        assert!(dir.path().join("server.log.1").exists());
+        let tail = tail(dir.path(), 20);
+        assert_eq!(tail.len(), 20);
+        assert_eq!(tail.last().map(String::as_str), Some("the last line"));
+    }
+}
