@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use changeover_protocol::release::{FeedManifest, PRODUCT, PackageEntry, ReleaseKind};
 use changeover_protocol::version::ProtocolRange;
 use changeover_protocol::{
-    AgentHello, CandidateState, CandidateStatus, ChangeoverOutcome, ChangeoverPhase,
-    ChangeoverSummary, ChangeoverView, ClientMessage, ErrorCode, FeedStatus, PackageSource,
-    ServerMessage, SessionView, StatusReport,
+    AgentHello, AgentUpdateOffer, AgentUpdateState, AgentUpdateView, CandidateState,
+    CandidateStatus, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView,
+    ClientMessage, ErrorCode, FeedStatus, PackageSource, ServerMessage, SessionView, StatusReport,
 };
 
 /// A fixed moment, so snapshots do not change from run to run.
@@ -112,6 +112,8 @@ fn status() -> ServerMessage {
                 "cannot send: Connection error: Connection refused (os error 111)".to_owned(),
             ),
         }],
+        agent_release: Some("2.3.0".to_owned()),
+        agents_behind: 0,
         sessions: two_sessions(),
     }))
 }
@@ -129,6 +131,7 @@ fn two_sessions() -> Vec<SessionView> {
             address: "10.20.4.31:51822".to_owned(),
             // 2026-11-28T07:58:41Z
             connected_since: at(1_795_852_721),
+            update: None,
         },
         SessionView {
             session_id: 4182,
@@ -141,6 +144,7 @@ fn two_sessions() -> Vec<SessionView> {
             address: "[fd00:20:7::112]:60315".to_owned(),
             // 2026-11-28T09:15:02Z
             connected_since: at(1_795_857_302),
+            update: None,
         },
     ]
 }
@@ -161,6 +165,8 @@ fn status_inbox_only() -> ServerMessage {
         changeover: None,
         last_changeover: None,
         outbox: Vec::new(),
+        agent_release: None,
+        agents_behind: 0,
         sessions: Vec::new(),
     }))
 }
@@ -223,6 +229,8 @@ fn status_counting_down() -> ServerMessage {
         }),
         last_changeover: Some(last_committed()),
         outbox: Vec::new(),
+        agent_release: Some("2.3.0".to_owned()),
+        agents_behind: 0,
         sessions: two_sessions(),
     }))
 }
@@ -257,8 +265,101 @@ fn status_scheduled() -> ServerMessage {
         }),
         last_changeover: Some(last_committed()),
         outbox: Vec::new(),
+        agent_release: Some("2.3.0".to_owned()),
+        agents_behind: 0,
         sessions: Vec::new(),
     }))
+}
+
+// After the changeover to 2.4.0 (committed at 12:32:11): the server offers agent 2.4.0.
+// mkoenig's agent updated itself and came back as 2.4.0; aschmidt's could not install it;
+// jwagner's asks its user (ask hook) and has not reported yet; tbraun's, which connected
+// a moment ago, is fetching it.
+fn status_after_changeover() -> ServerMessage {
+    ServerMessage::Status(Box::new(StatusReport {
+        server_version: "2.4.0".to_owned(),
+        available_version: None,
+        phase: ChangeoverPhase::Idle,
+        feed: FeedStatus {
+            url: Some("https://updates.example.com/changeover/".to_owned()),
+            // 2026-11-28T12:41:54Z
+            checked_at: Some(at(1_795_869_714)),
+            newest_version: Some("2.4.0".to_owned()),
+            error: None,
+        },
+        candidate: None,
+        last_refusal: None,
+        changeover: None,
+        last_changeover: Some(committed()),
+        outbox: Vec::new(),
+        agent_release: Some("2.4.0".to_owned()),
+        agents_behind: 3,
+        sessions: sessions_after_changeover(),
+    }))
+}
+
+fn sessions_after_changeover() -> Vec<SessionView> {
+    let update = |state, detail: Option<&str>| {
+        Some(AgentUpdateView {
+            version: "2.4.0".to_owned(),
+            state,
+            detail: detail.map(str::to_owned),
+        })
+    };
+    vec![
+        SessionView {
+            session_id: 1,
+            agent_id: "c2b8e4f1-6a0d-4f3e-8b57-1e9d2c4a7b60".to_owned(),
+            user: "aschmidt".to_owned(),
+            host: "ws-reception-01".to_owned(),
+            platform: "linux-x86_64".to_owned(),
+            agent_version: "2.3.0".to_owned(),
+            protocol_version: 1,
+            address: "10.20.4.31:52214".to_owned(),
+            // 2026-11-28T12:32:11Z
+            connected_since: at(1_795_869_131),
+            update: update(AgentUpdateState::Failed, Some(AGENT_UPDATE_FAILURE)),
+        },
+        SessionView {
+            session_id: 3,
+            agent_id: "5f0c2a9e-3b7d-4e61-9c28-7a1d4b6e0f93".to_owned(),
+            user: "mkoenig".to_owned(),
+            host: "ws-accounting-07".to_owned(),
+            platform: "windows-x86_64".to_owned(),
+            agent_version: "2.4.0".to_owned(),
+            protocol_version: 1,
+            address: "10.20.7.112:60788".to_owned(),
+            // 2026-11-28T12:32:14Z
+            connected_since: at(1_795_869_134),
+            update: None,
+        },
+        SessionView {
+            session_id: 4,
+            agent_id: "f3299712-96fe-4eca-b845-3b228bd25945".to_owned(),
+            user: "jwagner".to_owned(),
+            host: "ws-accounting-03".to_owned(),
+            platform: "windows-x86_64".to_owned(),
+            agent_version: "2.3.0".to_owned(),
+            protocol_version: 1,
+            address: "10.20.7.103:49731".to_owned(),
+            // 2026-11-28T12:41:49Z
+            connected_since: at(1_795_869_709),
+            update: update(AgentUpdateState::Offered, None),
+        },
+        SessionView {
+            session_id: 5,
+            agent_id: "7d7d1d8e-ded6-4256-b171-1e611c7aea00".to_owned(),
+            user: "tbraun".to_owned(),
+            host: "ws-sales-04".to_owned(),
+            platform: "windows-x86_64".to_owned(),
+            agent_version: "2.3.0".to_owned(),
+            protocol_version: 1,
+            address: "10.20.9.24:55102".to_owned(),
+            // 2026-11-28T12:41:52Z
+            connected_since: at(1_795_869_712),
+            update: update(AgentUpdateState::Downloading, Some("9873410 bytes")),
+        },
+    ]
 }
 
 // Every field, as for a maintenance window in the evening.
@@ -331,7 +432,12 @@ fn changeover_progress_phase() -> ServerMessage {
 }
 
 fn changeover_finished() -> ServerMessage {
-    ServerMessage::ChangeoverFinished(ChangeoverSummary {
+    ServerMessage::ChangeoverFinished(committed())
+}
+
+// How the changeover most examples follow ended.
+fn committed() -> ChangeoverSummary {
+    ChangeoverSummary {
         changeover_id: CHANGEOVER_ID.to_owned(),
         outcome: ChangeoverOutcome::Committed,
         from_version: "2.3.0".to_owned(),
@@ -344,7 +450,7 @@ fn changeover_finished() -> ServerMessage {
         downtime_ms: Some(1_874),
         sessions_warned: 2,
         sessions_logged_out: 2,
-    })
+    }
 }
 
 // A step between the logout and the restart failed; the old release serves again.
@@ -452,6 +558,59 @@ fn logout() -> ServerMessage {
         changeover_id: CHANGEOVER_ID.to_owned(),
         reason: "the server is being updated to version 2.4.0".to_owned(),
         reconnect_within_ms: 2_004,
+    }
+}
+
+/// The vendor's signature of agent 2.4.0 for windows-x86_64, as `release pack` writes it
+/// (`agent-2.4.0-windows-x86_64.tar.gz.minisig`); its trusted comment is the package entry
+/// in the feed's manifest. The signature bytes are illustrative.
+const AGENT_SIGNATURE: &str = concat!(
+    "untrusted comment: signature from the changeover release tools\n",
+    "RUTOnSShnx35tH0ufd0kOVdQnLdMKa5ZlN3Zynn9OZguTbEqHQUV1+1d+ouUt8rFWjQG",
+    "uSnugXu2D8R5cU5/W23ZQAIHJJ7cKAE=\n",
+    "trusted comment: {\"product\":\"changeover\",\"kind\":\"agent\",\"version\":\"2.4.0\",",
+    "\"platform\":\"windows-x86_64\",\"archive\":\"agent-2.4.0-windows-x86_64.tar.gz\",",
+    "\"size\":9873410,",
+    "\"sha256\":\"9ba4c411748c88f878df8289cbac949858c2c202f986c839205f5d7ae845920d\",",
+    "\"notes\":\"Faster month-end reports; fixes the duplicate invoice number warning\",",
+    "\"date\":\"2026-11-27T16:40:12Z\"}\n",
+    "ZbaAhLUtA2wji3FCiLonydJxMXV95P5LMg5xTEaVz2FuHGTJYgV0ODgopVgMolsHiA8v",
+    "AgiMRe94Cd6wcHuPAA==\n",
+);
+
+/// Why aschmidt's agent could not install its update: it runs as the user, and its
+/// install folder belongs to root.
+const AGENT_UPDATE_FAILURE: &str =
+    "cannot create /opt/changeover-agent/.update-staging: Permission denied (os error 13)";
+
+// To mkoenig's agent 2.3.0, right after its welcome from the new server 2.4.0.
+fn agent_update_offer() -> ServerMessage {
+    ServerMessage::AgentUpdateOffer(Box::new(AgentUpdateOffer {
+        version: "2.4.0".to_owned(),
+        platform: "windows-x86_64".to_owned(),
+        archive: "agent-2.4.0-windows-x86_64.tar.gz".to_owned(),
+        size: 9_873_410,
+        sha256: "9ba4c411748c88f878df8289cbac949858c2c202f986c839205f5d7ae845920d".to_owned(),
+        path: "/agent-updates/agent-2.4.0-windows-x86_64.tar.gz".to_owned(),
+        signature: AGENT_SIGNATURE.to_owned(),
+    }))
+}
+
+// The agent verified the offer and fetches the archive.
+fn agent_update_report_downloading() -> ClientMessage {
+    ClientMessage::AgentUpdateReport {
+        version: "2.4.0".to_owned(),
+        state: AgentUpdateState::Downloading,
+        detail: Some("9873410 bytes".to_owned()),
+    }
+}
+
+// The update failed; the old agent keeps running.
+fn agent_update_report_failed() -> ClientMessage {
+    ClientMessage::AgentUpdateReport {
+        version: "2.4.0".to_owned(),
+        state: AgentUpdateState::Failed,
+        detail: Some(AGENT_UPDATE_FAILURE.to_owned()),
     }
 }
 
@@ -582,6 +741,11 @@ fn client_samples() -> Vec<(&'static str, ClientMessage)> {
         ("update_request", update_request()),
         ("update_request_now", update_request_now()),
         ("cancel_request", ClientMessage::CancelRequest),
+        ("agent_update_report", agent_update_report_failed()),
+        (
+            "agent_update_report_downloading",
+            agent_update_report_downloading(),
+        ),
     ]
 }
 
@@ -594,6 +758,7 @@ fn server_samples() -> Vec<(&'static str, ServerMessage)> {
         ("status_inbox_only", status_inbox_only()),
         ("status_counting_down", status_counting_down()),
         ("status_scheduled", status_scheduled()),
+        ("status_after_changeover", status_after_changeover()),
         ("update_accepted", update_accepted()),
         ("update_accepted_scheduled", update_accepted_scheduled()),
         ("cancel_accepted", cancel_accepted()),
@@ -613,6 +778,7 @@ fn server_samples() -> Vec<(&'static str, ServerMessage)> {
         ("warning_last", warning_last()),
         ("update_cancelled", update_cancelled()),
         ("logout", logout()),
+        ("agent_update_offer", agent_update_offer()),
         ("download_accepted", download_accepted()),
         ("download_started", download_started()),
         ("download_progress", download_progress()),
@@ -696,8 +862,8 @@ fn server_messages() {
     }
 }
 
-// The names a reader may meet in `code`, `phase`, `outcome`, `source` and a candidate's
-// `state`, as they travel.
+// The names a reader may meet in `code`, `phase`, `outcome`, `source`, a candidate's
+// `state` and an agent update's `state`, as they travel.
 #[test]
 fn code_and_phase_names() {
     insta::assert_json_snapshot!("error_codes", common::unit_variants::<ErrorCode>());
@@ -710,6 +876,10 @@ fn code_and_phase_names() {
         common::unit_variants::<ChangeoverOutcome>()
     );
     insta::assert_json_snapshot!("package_sources", common::unit_variants::<PackageSource>());
+    insta::assert_json_snapshot!(
+        "agent_update_states",
+        common::unit_variants::<AgentUpdateState>()
+    );
     // `CandidateState` reads unknown states as `unknown`, so serde cannot list its names;
     // the states are shown as they travel instead.
     insta::assert_json_snapshot!(
@@ -729,6 +899,7 @@ fn code_and_phase_names() {
         "phase": common::fallback_variant::<ChangeoverPhase>(),
         "outcome": common::fallback_variant::<ChangeoverOutcome>(),
         "source": common::fallback_variant::<PackageSource>(),
+        "update_state": common::fallback_variant::<AgentUpdateState>(),
         "state": serde_json::to_value(
             serde_json::from_value::<CandidateState>(serde_json::json!({"state": "future_state"}))
                 .expect("an unknown state reads")

@@ -177,6 +177,37 @@ async fn garbage_gets_errors_and_closes_while_real_agents_stay_served() {
         "{answer}"
     );
 
+    // The agent-update path serves only archives on offer: no path tricks, no listing,
+    // and an agent sending an update report before its hello is refused.
+    for request in [
+        "GET /agent-updates/../../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /agent-updates/%2e%2e%2fstate%2fadmin.argon2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /agent-updates/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        "HEAD /agent-updates/agent-9.9.9-linux-x86_64.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=garbage\r\n\r\n",
+    ] {
+        let mut raw = TcpStream::connect(server.address).await.unwrap();
+        raw.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
+            .await
+            .expect("the server answers and closes")
+            .ok();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found"),
+            "{request}: {answer}"
+        );
+    }
+    let early_report = refusal_after(
+        &url,
+        vec![Message::text(
+            json!({"type": "agent_update_report", "version": "1.0.0", "state": "failed"})
+                .to_string(),
+        )],
+    )
+    .await;
+    assert_refused(&early_report, "unexpected_message", 1008);
+
     let mut junk = TcpStream::connect(server.address).await.unwrap();
     junk.write_all(b"\x00\x01\x02 definitely not HTTP\r\n\r\n")
         .await
