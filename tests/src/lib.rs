@@ -398,3 +398,30 @@ pub fn session_users(status: &serde_json::Value) -> Vec<String> {
     users.sort();
     users
 }
+
+/// Writes a site CA and a `localhost` server certificate it signed (`server.crt`,
+/// `server.key` in `certs_dir`); returns the CA file in `ca_dir`.
+pub fn make_site_certificates(certs_dir: &Path, ca_dir: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Example Site CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key"))
+        .expect("CA certificate");
+    let server_key = KeyPair::generate().expect("key");
+    let server_params =
+        CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+    let server_cert = server_params
+        .signed_by(&server_key, &ca)
+        .expect("server certificate");
+    std::fs::create_dir_all(certs_dir).expect("certs folder");
+    std::fs::write(certs_dir.join("server.crt"), server_cert.pem()).expect("certificate");
+    std::fs::write(certs_dir.join("server.key"), server_key.serialize_pem()).expect("key");
+    std::fs::create_dir_all(ca_dir).expect("CA folder");
+    let ca_file = ca_dir.join("site-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("CA file");
+    ca_file
+}

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use changeover_protocol::release::current_platform;
 use changeover_tests::feeds::{StaticServer, Vendor, server_tree};
-use changeover_tests::{ADMIN_PASSWORD, Process, Server, binary, eventually, status};
+use changeover_tests::{
+    ADMIN_PASSWORD, Process, Server, admin, binary, eventually, make_site_certificates, status,
+};
 use serde_json::Value;
 
 /// Server and agent releases 1.0.0 and 1.1.0 in one feed; agent 1.1.0 brings a file
@@ -73,6 +75,11 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
+        Site::with_server("1.0.0")
+    }
+
+    /// A site with server `version` installed.
+    fn with_server(version: &str) -> Site {
         let fixture = fixture();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("office");
@@ -80,7 +87,7 @@ impl Site {
             .args(["install", "--root"])
             .arg(&root)
             .arg("--package")
-            .arg(archive("server", "1.0.0"))
+            .arg(archive("server", version))
             .arg("--public-key")
             .arg(&fixture.vendor.public_key)
             .output()
@@ -126,18 +133,15 @@ impl Site {
 
     /// Runs the installed agent in `dir`.
     fn run_agent(&self, server: &Server, user: &str, dir: &Path, extra: &[&str]) -> Process {
+        self.run_agent_at(&server.url(), user, dir, extra)
+    }
+
+    fn run_agent_at(&self, url: &str, user: &str, dir: &Path, extra: &[&str]) -> Process {
         let state = self.dir.path().join(user).join("state");
         std::fs::create_dir_all(&state).unwrap();
         let log = state.join("agent.log");
         let child = Command::new(dir.join("bin/changeover-agent"))
-            .args([
-                "run",
-                "--server",
-                &server.url(),
-                "--user",
-                user,
-                "--state-dir",
-            ])
+            .args(["run", "--server", url, "--user", user, "--state-dir"])
             .arg(&state)
             .args(extra)
             .env("NO_COLOR", "1")
@@ -281,7 +285,7 @@ fn older_agents_update_themselves_after_the_changeover() {
             .contains("restarting into the updated agent")
     );
     // The text table says the same.
-    let table = changeover_tests::admin(&["status", "--server", &server.url()], ADMIN_PASSWORD);
+    let table = admin(&["status", "--server", &server.url()], ADMIN_PASSWORD);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.contains("agent release      1.1.0 offered to older agents; 1 behind"),
@@ -365,4 +369,56 @@ fn agent_install_refuses_a_tampered_package_and_leaves_nothing() {
         .filter(|item| item.file_name().to_string_lossy().contains("installing"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn over_wss_the_update_comes_over_https_and_is_offered_from_the_downloads_at_start() {
+    // A server that is 1.1.0 already, with agent 1.1.0 verified in its downloads folder
+    // (as a changeover leaves it): it offers the agent release from its first second.
+    let site = Site::with_server("1.1.0");
+    let downloads = site.root.join("state/downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let agent_archive = archive("agent", "1.1.0");
+    let name = agent_archive
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    std::fs::copy(&agent_archive, downloads.join(&name)).unwrap();
+    std::fs::copy(
+        fixture().feed.join(format!("{name}.minisig")),
+        downloads.join(format!("{name}.minisig")),
+    )
+    .unwrap();
+    let ca_file =
+        make_site_certificates(&site.root.join("server/certs"), &site.dir.path().join("ca"));
+    let config = format!(
+        "{}[tls]\ncert = \"certs/server.crt\"\nkey = \"certs/server.key\"\n",
+        site.config
+    );
+    let server = Server::start_installed(&site.root, &config);
+    let url = format!("wss://localhost:{}", server.address.port());
+    let ca = ca_file.to_str().unwrap();
+    let dir = site.install_agent("frida");
+    let agent = site.run_agent_at(&url, "frida", &dir, &["--ca-file", ca]);
+
+    let report = eventually(Duration::from_secs(60), "frida on 1.1.0", || {
+        let output = admin(
+            &["status", "--server", &url, "--json", "--ca-file", ca],
+            ADMIN_PASSWORD,
+        );
+        let report: Value = serde_json::from_slice(&output.stdout).ok()?;
+        session(&report, "frida")
+            .is_some_and(|s| s["agent_version"] == "1.1.0")
+            .then_some(report)
+    });
+    assert_eq!(report["agent_release"], "1.1.0");
+    assert_eq!(report["agents_behind"], 0);
+    assert_eq!(agent_version(&dir), "1.1.0");
+    assert!(dir.join(NEW_FILE).exists());
+    assert!(
+        agent.log_text().contains("agent update installed"),
+        "{}",
+        agent.log_text()
+    );
 }

@@ -597,7 +597,10 @@ fn the_admins_mail_waits_while_smtp_is_down_and_arrives_exactly_once() {
     assert!(mail.contains("Message-ID: <co-"), "{mail}");
     assert!(mail.contains("Downtime:"), "{mail}");
     // This feed has no agent release: the admin learns the agents stay as they are.
-    assert!(mail.contains("Agent release:  none of version 1.1.0"), "{mail}");
+    assert!(
+        mail.contains("Agent release:  none of version 1.1.0"),
+        "{mail}"
+    );
     // Never twice, also not after another restart.
     server.restart();
     std::thread::sleep(Duration::from_secs(4));

@@ -1,32 +1,10 @@
 //! wss:// with a site's own certificate authority, generated here.
 
-use std::path::Path;
 use std::time::Duration;
 
-use changeover_tests::{ADMIN_PASSWORD, Server, admin, eventually, start_agent};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-
-/// Writes a CA and a `localhost` server certificate it signed; returns the CA file.
-fn make_site_certificates(certs_dir: &Path, ca_dir: &Path) -> std::path::PathBuf {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Example Site CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-    let server_key = KeyPair::generate().unwrap();
-    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
-
-    std::fs::create_dir_all(certs_dir).unwrap();
-    std::fs::write(certs_dir.join("server.crt"), server_cert.pem()).unwrap();
-    std::fs::write(certs_dir.join("server.key"), server_key.serialize_pem()).unwrap();
-    std::fs::create_dir_all(ca_dir).unwrap();
-    let ca_file = ca_dir.join("site-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    ca_file
-}
+use changeover_tests::{
+    ADMIN_PASSWORD, Server, admin, eventually, make_site_certificates, start_agent,
+};
 
 #[test]
 fn agents_and_admins_connect_over_wss_with_the_site_ca() {
