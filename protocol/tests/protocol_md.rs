@@ -7,21 +7,23 @@
 //! the feed's files. Any other ```` ```json… ```` fence fails, so a typo cannot exempt a
 //! block from the checks.
 //!
-//! The lists of message types, error codes, changeover phases and outcomes, package sources
-//! and candidate states come from the types' serde derives (see `common`), so a new variant
-//! fails here until PROTOCOL.md documents it.
+//! The lists of message types, error codes, changeover phases and outcomes, package sources,
+//! candidate states and agent update states come from the types' serde derives (see
+//! `common`), so a new variant fails here until PROTOCOL.md documents it.
 
 mod common;
 
 use std::collections::BTreeSet;
 
 use changeover_protocol::messages::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
+use changeover_protocol::package::PackageSignature;
 use changeover_protocol::release::{
-    FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseInfo,
+    FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseInfo, ReleaseKind,
 };
 use changeover_protocol::{
-    CandidateState, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView,
-    ClientMessage, CloseCode, ErrorCode, FeedStatus, PackageSource, ServerMessage, StatusReport,
+    AgentUpdateState, CandidateState, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary,
+    ChangeoverView, ClientMessage, CloseCode, ErrorCode, FeedStatus, PackageSource, ServerMessage,
+    SessionView, StatusReport,
 };
 use serde_json::Value;
 
@@ -329,6 +331,109 @@ fn every_phase_outcome_source_and_candidate_state_has_an_example() {
     }
 }
 
+// Every agent update state is shown on the wire at least once: the agents' in an
+// `agent_update_report`, the server's own (`offered`) in a status session's `update`. The
+// `unknown` fallback is never sent.
+#[test]
+fn every_agent_update_state_has_an_example() {
+    let mut seen = BTreeSet::new();
+    for (_, value, _) in documented_messages() {
+        match value["type"].as_str() {
+            Some("agent_update_report") => {
+                seen.extend(value["state"].as_str().map(str::to_owned));
+            }
+            Some("status") => {
+                let sessions = value["sessions"]
+                    .as_array()
+                    .expect("a status lists sessions");
+                for session in sessions {
+                    seen.extend(session["update"]["state"].as_str().map(str::to_owned));
+                }
+            }
+            _ => {}
+        }
+    }
+    let fallback = common::fallback_variant::<AgentUpdateState>();
+    for name in common::unit_variants::<AgentUpdateState>() {
+        if fallback.as_deref() == Some(name) {
+            continue;
+        }
+        assert!(
+            seen.contains(name),
+            "PROTOCOL.md has no ```json agent_update_report or status session update with \
+             \"state\": {name:?}"
+        );
+    }
+}
+
+// An agent accepts an offer only when the vendor's signature describes exactly that release
+// (`client-agent/src/self_update.rs`); the examples must pass the same checks, and offer a
+// release the documented feed publishes.
+#[test]
+fn every_agent_update_offer_matches_its_signature_and_the_feed() {
+    let manifests: Vec<FeedManifest> = documented_feed_files()
+        .into_iter()
+        .filter_map(|(_, _, file)| match file {
+            FeedFile::Manifest(manifest) => Some(manifest),
+            _ => None,
+        })
+        .collect();
+    let mut offers = 0;
+    for (example, _, message) in documented_messages() {
+        let Message::Server(ServerMessage::AgentUpdateOffer(offer)) = message else {
+            continue;
+        };
+        offers += 1;
+        let line = example.line;
+        let signature = PackageSignature::decode(&offer.signature, &offer.archive)
+            .unwrap_or_else(|err| panic!("PROTOCOL.md line {line}: the signature: {err}"));
+        let signed = signature.claimed_entry();
+        assert_eq!(signed.kind, ReleaseKind::Agent, "PROTOCOL.md line {line}");
+        assert_eq!(
+            (
+                signed.version.to_string(),
+                signed.platform.as_str(),
+                signed.archive.as_str(),
+                signed.size,
+                signed.sha256.as_str(),
+            ),
+            (
+                offer.version.clone(),
+                offer.platform.as_str(),
+                offer.archive.as_str(),
+                offer.size,
+                offer.sha256.as_str(),
+            ),
+            "PROTOCOL.md line {line}: the offer is not the release its signature describes"
+        );
+        assert_eq!(
+            offer.path,
+            format!("/agent-updates/{}", offer.archive),
+            "PROTOCOL.md line {line}: the path is not where the server serves the archive"
+        );
+        // The trusted comment is the entry as one line, exactly as `release pack` writes it.
+        let comment = offer
+            .signature
+            .lines()
+            .find_map(|text| text.strip_prefix("trusted comment: "))
+            .expect("a signature has a trusted comment");
+        assert_eq!(
+            serde_json::to_string(signed).expect("an entry serialises"),
+            comment,
+            "PROTOCOL.md line {line}: the trusted comment is not the entry as `release pack` \
+             writes it"
+        );
+        assert!(
+            manifests
+                .iter()
+                .any(|manifest| manifest.releases.contains(signed)),
+            "PROTOCOL.md line {line}: {} is in no ```json feed-manifest",
+            signed.archive
+        );
+    }
+    assert!(offers > 0, "PROTOCOL.md has no agent_update_offer example");
+}
+
 #[test]
 fn every_feed_example_is_a_valid_feed_file_that_round_trips() {
     for (example, value, file) in documented_feed_files() {
@@ -486,6 +591,22 @@ fn every_error_code_is_in_the_error_code_table() {
     }
 }
 
+// The `unknown_message_type` row lists the types the server knows: every client message.
+#[test]
+fn the_unknown_message_type_row_names_every_client_message() {
+    let markdown = protocol_md();
+    let row = markdown
+        .lines()
+        .find(|line| line.starts_with("| `unknown_message_type` "))
+        .expect("PROTOCOL.md has an error code table row for unknown_message_type");
+    for message_type in common::tagged_variants::<ClientMessage>() {
+        assert!(
+            row.contains(&format!("`{message_type}`")),
+            "PROTOCOL.md: the unknown_message_type row does not name {message_type:?}: {row}"
+        );
+    }
+}
+
 // PROTOCOL.md promises a tolerant reader: fields a reader does not know are ignored in every
 // message and every feed file, nested objects included.
 #[test]
@@ -531,8 +652,9 @@ fn unknown_fields_are_ignored_in_every_documented_message_and_feed_file() {
 }
 
 // PROTOCOL.md says a reader takes a missing `available_version`, `candidate`,
-// `last_refusal`, `changeover` and `last_changeover` as null and a missing `feed` as one with
-// every field null.
+// `last_refusal`, `changeover`, `last_changeover` and `agent_release` as null, a missing
+// `agents_behind` as 0, a missing `feed` as one with every field null, and a session without
+// `update` as one without an agent update.
 #[test]
 fn a_status_without_the_newer_fields_reads_them_as_null() {
     let report: StatusReport =
@@ -544,6 +666,15 @@ fn a_status_without_the_newer_fields_reads_them_as_null() {
     assert_eq!(report.last_refusal, None);
     assert_eq!(report.changeover, None);
     assert_eq!(report.last_changeover, None);
+    assert_eq!(report.agent_release, None);
+    assert_eq!(report.agents_behind, 0);
+    let session: SessionView = serde_json::from_str(
+        r#"{"session_id":1,"agent_id":"a","user":"u","host":"h","platform":"linux-x86_64",
+            "agent_version":"2.3.0","protocol_version":1,"address":"10.0.0.1:50000",
+            "connected_since":"2026-11-28T12:32:11Z"}"#,
+    )
+    .expect("update may be left out");
+    assert_eq!(session.update, None);
 }
 
 // PROTOCOL.md says which fields of a changeover's view and summary a reader may miss, and
