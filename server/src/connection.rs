@@ -223,9 +223,10 @@ where
                         Ok(Kick::Replaced) => {
                             close(ws, CloseCode::Replaced, "the agent connected again", context).await
                         }
-                        Ok(Kick::Logout(logout)) => {
+                        Ok(Kick::Logout { logout, closed }) => {
                             let _ = send_frame(ws, Message::Text(logout), context).await;
-                            close(ws, CloseCode::ServerUpdating, "the server is updating", context).await
+                            // Once the close frame is written the changeover may go on.
+                            close_then(ws, CloseCode::ServerUpdating, "the server is updating", context, move || drop(closed)).await
                         }
                         Err(_) => close(ws, CloseCode::GoingAway, "server shutting down", context).await,
                     };
@@ -707,12 +708,29 @@ async fn close<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    close_then(ws, code, reason, context, || {}).await
+}
+
+// Sends the close frame, calls `sent` once it is written (or could not be), then waits a
+// little for the peer's answer.
+async fn close_then<S>(
+    ws: &mut WebSocketStream<S>,
+    code: CloseCode,
+    reason: &str,
+    context: &ConnectionContext,
+    sent: impl FnOnce(),
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let frame = CloseFrame {
         code: WsCloseCode::from(code.code()),
         reason: truncate_reason(reason).into(),
     };
     let closing = async {
-        ws.close(Some(frame)).await?;
+        let written = ws.close(Some(frame)).await;
+        sent();
+        written?;
         while ws.next().await.transpose()?.is_some() {}
         Ok::<_, tungstenite::Error>(())
     };

@@ -22,12 +22,26 @@ const COMMAND_QUEUE: usize = 1024;
 pub const BROADCAST_RING: usize = 64;
 
 /// Why the hub asks a connection to end.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Kick {
     /// The same agent connected again; the newer connection wins.
     Replaced,
-    /// The changeover's deadline: send this `logout` message, then close with 4009.
-    Logout(Utf8Bytes),
+    /// The changeover's deadline: send this `logout` message, then close with 4009, then
+    /// drop `closed`, which tells the changeover this connection is done.
+    Logout {
+        logout: Utf8Bytes,
+        closed: mpsc::Sender<()>,
+    },
+}
+
+/// What [`HubHandle::log_out_all`] did.
+#[derive(Debug)]
+pub struct LoggedOut {
+    /// Sessions logged out.
+    pub count: usize,
+    /// Ends (`recv` returns `None`) once every logged-out connection has written its
+    /// `logout` and close frame, or given up on it.
+    pub closing: mpsc::Receiver<()>,
 }
 
 /// Why a session could not be registered.
@@ -78,7 +92,7 @@ enum HubCommand {
     },
     LogOutAll {
         logout: Utf8Bytes,
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<LoggedOut>,
     },
     Reopen,
     CloseDoor,
@@ -185,19 +199,24 @@ impl HubHandle {
     }
 
     /// The deadline: every session gets `logout` and is closed; no new session is accepted
-    /// until [`HubHandle::reopen`]. Returns how many sessions were logged out.
-    pub async fn log_out_all(&self, logout: &ServerMessage) -> usize {
+    /// until [`HubHandle::reopen`]. Returns how many sessions were logged out, and a way
+    /// to wait until their connections have said so.
+    pub async fn log_out_all(&self, logout: &ServerMessage) -> LoggedOut {
         let (reply, response) = oneshot::channel();
         let logout = Utf8Bytes::from(encode(logout));
+        let nobody = || LoggedOut {
+            count: 0,
+            closing: mpsc::channel(1).1,
+        };
         if self
             .commands
             .send(HubCommand::LogOutAll { logout, reply })
             .await
             .is_err()
         {
-            return 0;
+            return nobody();
         }
-        response.await.unwrap_or(0)
+        response.await.unwrap_or_else(|_| nobody())
     }
 
     /// Refuses new sessions with "updating" until [`HubHandle::reopen`]: a new release
@@ -275,11 +294,15 @@ impl Hub {
                     self.updating = true;
                     self.notice = None;
                     let count = self.sessions.len();
+                    let (closed, closing) = mpsc::channel(1);
                     for (_, session) in self.sessions.drain() {
-                        let _ = session.kick.send(Kick::Logout(logout.clone()));
+                        let _ = session.kick.send(Kick::Logout {
+                            logout: logout.clone(),
+                            closed: closed.clone(),
+                        });
                     }
                     self.by_agent.clear();
-                    let _ = reply.send(count);
+                    let _ = reply.send(LoggedOut { count, closing });
                 }
                 HubCommand::Reopen => self.updating = false,
                 HubCommand::CloseDoor => self.updating = true,
@@ -382,7 +405,7 @@ mod tests {
         let hub = HubHandle::spawn(10);
         let first = hub.register(hello("a", "alice"), address()).await.unwrap();
         let second = hub.register(hello("a", "alice"), address()).await.unwrap();
-        assert_eq!(first.kick.await, Ok(Kick::Replaced));
+        assert!(matches!(first.kick.await, Ok(Kick::Replaced)));
         // The stale connection's late unregister must not remove the new session.
         hub.unregister(first.session_id).await;
         let sessions = hub.sessions().await;

@@ -176,22 +176,6 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             .unwrap_or(semver::Version::new(0, 0, 0)),
         retry_base: Duration::from_secs(1),
     });
-    {
-        let releases = Arc::clone(&releases);
-        let inbox = layout.inbox_dir();
-        let shutdown = shutdown.clone();
-        let check_interval = Duration::from_secs(config.feed.check_interval_secs);
-        tracker.spawn(async move {
-            let loaded = Arc::clone(&releases);
-            let _ = tokio::task::spawn_blocking(move || loaded.load_downloads()).await;
-            tokio::spawn(check_feed_periodically(
-                Arc::clone(&releases),
-                check_interval,
-                shutdown.clone(),
-            ));
-            inbox::watch(inbox, releases, shutdown).await;
-        });
-    }
     let hub = HubHandle::spawn(config.server.max_sessions);
     let hub_for_health = hub.clone();
     if matches!(resume, Resume::HealthCheck(_)) {
@@ -295,6 +279,33 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                 }
             }
         }
+    }
+    // The packages are verified again only now: after a changeover, hashing them would
+    // compete with the health check and lengthen the downtime. Agents that return before
+    // the agent release is loaded are offered it by broadcast when it is.
+    {
+        let releases = Arc::clone(&releases);
+        let inbox = layout.inbox_dir();
+        let shutdown = shutdown.clone();
+        let check_interval = Duration::from_secs(config.feed.check_interval_secs);
+        let journal_in_progress = journal_files.current.clone();
+        tracker.spawn(async move {
+            let loaded = Arc::clone(&releases);
+            let _ = tokio::task::spawn_blocking(move || {
+                loaded.load_downloads();
+                // A changeover under way may still need its package.
+                if !journal_in_progress.exists() {
+                    loaded.prune();
+                }
+            })
+            .await;
+            tokio::spawn(check_feed_periodically(
+                Arc::clone(&releases),
+                check_interval,
+                shutdown.clone(),
+            ));
+            inbox::watch(inbox, releases, shutdown).await;
+        });
     }
     tracker.spawn(mail::run_sender(
         layout.state_dir(),

@@ -627,6 +627,37 @@ impl Releases {
         Ok(entry)
     }
 
+    /// Deletes verified packages no changeover can use any more: server releases not newer
+    /// than the installed one (unless downgrades are allowed) and agent releases older than
+    /// it. The agent release of the installed version stays: it is what agents are offered.
+    /// Call only when no changeover is under way.
+    pub fn prune(&self) {
+        let installed = self.settings.installed_version.clone();
+        let allow_downgrade = self.settings.allow_downgrade;
+        let useless = |package: &ReadyPackage| match package.entry.kind {
+            ReleaseKind::Server => package.entry.version <= installed && !allow_downgrade,
+            ReleaseKind::Agent => package.entry.version < installed,
+        };
+        let mut removed = Vec::new();
+        self.state.send_if_modified(|snapshot| {
+            let before = snapshot.ready.len();
+            snapshot.ready.retain(|package| {
+                if useless(package) {
+                    removed.push(package.archive.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            snapshot.ready.len() != before
+        });
+        for archive in removed {
+            info!(archive = %archive.display(), "removing a package no changeover can use any more");
+            let _ = std::fs::remove_file(package::signature_path(&archive));
+            let _ = std::fs::remove_file(&archive);
+        }
+    }
+
     /// Verifies the packages already in the downloads folder (from before a restart).
     /// Unverifiable files are deleted, so nothing untrusted stays where packages are trusted.
     pub fn load_downloads(&self) {

@@ -185,7 +185,12 @@ pub struct Driver {
     phase: ChangeoverPhase,
     journal: Option<Journal>,
     view: watch::Sender<Option<ChangeoverView>>,
+    /// After the logout: ends when every logged-out connection has written its close.
+    closing: Option<mpsc::Receiver<()>>,
 }
+
+/// The longest the stop waits for logged-out connections to write their logout.
+const LOGOUT_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
 /// The driver's side of the channel [`channel`] creates.
 #[derive(Debug)]
@@ -221,6 +226,7 @@ impl Driver {
             phase: ChangeoverPhase::Idle,
             journal: None,
             view: inbox.view,
+            closing: None,
         };
         (driver, inbox.commands)
     }
@@ -616,7 +622,9 @@ impl Driver {
             ),
             reconnect_within_ms: window_ms,
         };
-        let logged_out = self.parts.hub.log_out_all(&logout).await as u64;
+        let logged_out = self.parts.hub.log_out_all(&logout).await;
+        self.closing = Some(logged_out.closing);
+        let logged_out = logged_out.count as u64;
         let journal = self.journal_mut()?;
         journal.sessions_logged_out = logged_out;
         journal.agents_to_update = agents_to_update;
@@ -633,10 +641,21 @@ impl Driver {
             .pause()
             .await
             .context("the listening socket is gone")?;
-        // The logged-out sessions are out of the table already; give their connections a
-        // moment to write the logout and the close frame before the process image goes.
-        // Measured: every logout had left within 7 ms of the deadline with 100 agents.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The logged-out sessions are out of the table already; their connections write the
+        // logout and the close frame before the process image goes, or their agents would
+        // come back at once instead of spread over the announced window. With thousands of
+        // agents on two cores that takes a few hundred milliseconds; a peer that does not
+        // read is not waited for longer than the limit.
+        if let Some(mut closing) = self.closing.take() {
+            let started = std::time::Instant::now();
+            let flushed = tokio::time::timeout(LOGOUT_FLUSH_LIMIT, closing.recv())
+                .await
+                .is_ok();
+            info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                flushed, "logged-out connections closed"
+            );
+        }
         tcp.into_std()
             .context("cannot take the listening socket out of the runtime")
     }
