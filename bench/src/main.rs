@@ -151,6 +151,9 @@ enum Command {
         /// The agents' pause between failed attempts when they come back at once, in ms.
         #[arg(long, default_value_t = 10)]
         retry_ms: u64,
+        /// Pause before each measured step, in ms.
+        #[arg(long, default_value_t = 500)]
+        settle_ms: u64,
         /// Also write the results to this file as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -300,6 +303,7 @@ fn main() -> ExitCode {
                 heartbeat_secs,
                 patience_secs,
                 retry_ms,
+                settle_ms,
                 json,
                 keep,
             } => {
@@ -317,6 +321,7 @@ fn main() -> ExitCode {
                     heartbeat_secs,
                     patience: Duration::from_secs(patience_secs),
                     retry: Duration::from_millis(retry_ms),
+                    settle: Duration::from_millis(settle_ms),
                     json,
                     keep,
                 };

@@ -52,9 +52,6 @@ use crate::returning_fleet::{
 use crate::server_log;
 use crate::server_process::{ADMIN_PASSWORD, ServerProcess};
 
-/// Pause before each measured step, so the previous one's stragglers are done.
-const SETTLE: Duration = Duration::from_millis(500);
-
 /// The grace period of the updates whose first warning is measured; cancelled long before.
 const FANOUT_GRACE_SECS: u64 = 300;
 
@@ -79,6 +76,8 @@ pub struct ScaleOptions {
     pub patience: Duration,
     /// The returning agents' pause between failed attempts when they come back at once.
     pub retry: Duration,
+    /// Pause before each measured step, so the previous one's stragglers are done.
+    pub settle: Duration,
     /// Where to write the results as JSON.
     pub json: Option<PathBuf>,
     /// Keep the work folder (feed, nginx files) instead of removing it.
@@ -161,6 +160,9 @@ pub struct SlowReader {
     pub dropped_after: Option<Duration>,
     /// The close code it found when it finally read its socket.
     pub close_code: Option<u16>,
+    /// What the server logged about it besides connecting and disconnecting (why it
+    /// closed the connection).
+    pub server_said: Option<String>,
 }
 
 /// Everything measured at one fleet size.
@@ -264,12 +266,12 @@ async fn measure_size(
     let fleet = open_fleet(options, &raw, agents, "raw").await?;
     let mut raw_fanouts = Vec::new();
     for index in 1..=options.broadcasts {
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(options.settle).await;
         let fanout = raw_broadcast(options, &raw, &fleet, agents).await?;
         println!("{label} [raw broadcast {index}] {}", show_fanout(&fanout));
         raw_fanouts.push(fanout);
     }
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(options.settle).await;
     let (raw_storm, raw) = storm(options, raw, &fleet, Restart::Raw(loadgen_bin)).await?;
     println!("{label} [raw restart storm] {}", show_storm(&raw_storm));
     fleet.close().await;
@@ -295,13 +297,13 @@ async fn measure_size(
     let fleet = open_fleet(options, &server, agents, "server").await?;
     let mut server_fanouts = Vec::new();
     for index in 1..=options.broadcasts {
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(options.settle).await;
         let fanout = server_broadcast(options, context, &server, &fleet, agents, folder).await?;
         println!("{label} [server warning {index}] {}", show_fanout(&fanout));
         server_fanouts.push(fanout);
     }
     let slow_reader = slow_reader(options, context, &server, &fleet, agents, folder, &label).await?;
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(options.settle).await;
     let mut server_storms = Vec::new();
     let mut server = server;
     for policy in [ReturnPolicy::AtOnce, ReturnPolicy::LikeTheAgent] {
@@ -310,7 +312,7 @@ async fn measure_size(
         println!("{label} [server restart storm, {policy}] {}", show_storm(&result));
         server_storms.push(result);
         server = restarted;
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(options.settle).await;
     }
     fleet.close().await;
     drop(server);
@@ -685,9 +687,10 @@ async fn slow_reader(
     let rss_before_kib = procfs::resident_kib(pid)?;
     let mut reader = open_slow_reader(server.address, &server.url()).await?;
     let welcomed = SystemTime::now();
+    let peer = reader.get_ref().local_addr()?;
     let mut fanouts = Vec::new();
     for index in 1..=options.broadcasts {
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(options.settle).await;
         let fanout = server_broadcast(options, context, server, fleet, agents, folder).await?;
         println!(
             "{label} [server warning {index}, with a slow reader] {}",
@@ -712,12 +715,24 @@ async fn slow_reader(
     })
     .await;
     let _ = drained;
+    let peer_field = format!("peer={peer} ");
+    let server_said = server_log::read(&server.log)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|line| {
+            line.at >= welcomed
+                && format!("{} ", line.text).contains(&peer_field)
+                && !line.is("agent connected")
+                && !line.is("agent disconnected")
+        })
+        .map(|line| format!("{} {}", line.level, line.text));
     let slow = SlowReader {
         fanouts,
         rss_before_kib,
         rss_after_kib,
         dropped_after,
         close_code,
+        server_said,
     };
     println!(
         "{label} [slow reader] server RSS {} KiB before, {} KiB after; dropped after {}; close code {}",
@@ -731,6 +746,9 @@ async fn slow_reader(
         slow.close_code
             .map_or("(none)".to_owned(), |code| code.to_string())
     );
+    if let Some(said) = &slow.server_said {
+        println!("{label} [slow reader] the server logged: {said}");
+    }
     Ok(slow)
 }
 
@@ -931,6 +949,7 @@ fn size_json(result: &SizeResult) -> Value {
             "rss_after_kib": result.slow_reader.rss_after_kib,
             "dropped_after_ms": result.slow_reader.dropped_after.map(ms),
             "close_code": result.slow_reader.close_code,
+            "server_said": result.slow_reader.server_said,
         },
         "storm": {
             "raw": result.raw_storm.to_json(),
