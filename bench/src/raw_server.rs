@@ -51,8 +51,12 @@ async fn broadcast_on_signal(broadcasts: broadcast::Sender<Utf8Bytes>) -> anyhow
     while trigger.recv().await.is_some() {
         count += 1;
         let frame = Utf8Bytes::from(warning_frame(count)?);
+        let sending = std::time::Instant::now();
         let reached = broadcasts.send(frame).unwrap_or(0);
-        info!(reached, "broadcast sent");
+        // How long `send` took (it wakes every waiting connection): the log line's
+        // timestamp is that much after the message was on the ring.
+        let send_us = sending.elapsed().as_micros() as u64;
+        info!(reached, send_us, "broadcast sent");
     }
     Ok(())
 }

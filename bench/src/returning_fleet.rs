@@ -176,7 +176,10 @@ impl EventLog {
     }
 
     fn check<T>(&self, from: usize, look: impl FnOnce(&[AgentEvent]) -> T) -> T {
-        let events = self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         look(&events[from.min(events.len())..])
     }
 

@@ -43,7 +43,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use crate::changeover::{
     ChangeoverOptions, Expectation, RunContext, Site, UpdateRun, measure_update,
 };
-use crate::download::{self, Nginx, NEW_VERSION, OLD_VERSION, admin_download, set_mode};
+use crate::download::{self, NEW_VERSION, Nginx, OLD_VERSION, admin_download, set_mode};
 use crate::fleet::{Latency, agent_websocket_config};
 use crate::procfs::{self, CpuTime, Pid};
 use crate::returning_fleet::{
@@ -91,6 +91,9 @@ pub struct FanOut {
     pub reached: u64,
     /// Agents that read it.
     pub received: usize,
+    /// How long the sender's `send` took (the raw server logs it; the changeover server
+    /// does not): its log line comes that much after the message was on the ring.
+    pub send_us: Option<u64>,
     pub latency: Latency,
     /// Agents whose read was stamped before the sender's log line (clock granularity):
     /// counted as 0.
@@ -104,6 +107,7 @@ impl FanOut {
         json!({
             "reached": self.reached,
             "received": self.received,
+            "send_us": self.send_us,
             "p50_ms": ms(self.latency.p50),
             "p99_ms": ms(self.latency.p99),
             "max_ms": ms(self.latency.max),
@@ -261,8 +265,8 @@ async fn measure_size(
     println!("{label} load average {}", load_average());
 
     // 1. The raw baseline.
-    let raw = ServerProcess::start_raw_at(loadgen_bin, SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await?;
+    let raw =
+        ServerProcess::start_raw_at(loadgen_bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let fleet = open_fleet(options, &raw, agents, "raw").await?;
     let mut raw_fanouts = Vec::new();
     for index in 1..=options.broadcasts {
@@ -302,14 +306,18 @@ async fn measure_size(
         println!("{label} [server warning {index}] {}", show_fanout(&fanout));
         server_fanouts.push(fanout);
     }
-    let slow_reader = slow_reader(options, context, &server, &fleet, agents, folder, &label).await?;
+    let slow_reader =
+        slow_reader(options, context, &server, &fleet, agents, folder, &label).await?;
     tokio::time::sleep(options.settle).await;
     let mut server_storms = Vec::new();
     let mut server = server;
     for policy in [ReturnPolicy::AtOnce, ReturnPolicy::LikeTheAgent] {
         fleet.set_policy(policy);
         let (result, restarted) = storm(options, server, &fleet, Restart::Installed(&site)).await?;
-        println!("{label} [server restart storm, {policy}] {}", show_storm(&result));
+        println!(
+            "{label} [server restart storm, {policy}] {}",
+            show_storm(&result)
+        );
         server_storms.push(result);
         server = restarted;
         tokio::time::sleep(options.settle).await;
@@ -471,6 +479,7 @@ fn fan_out(
         .collect();
     FanOut {
         reached: field_u64(&sent.text, "reached").unwrap_or(0),
+        send_us: field_u64(&sent.text, "send_us"),
         received: latencies.len(),
         latency: Latency::of(latencies),
         before_trigger,
@@ -597,9 +606,7 @@ async fn storm(
         Restart::Raw(_) => "raw-baseline",
         Restart::Installed(_) => OLD_VERSION,
     };
-    let all_back = fleet
-        .wait_until_back(mark, version, options.patience)
-        .await;
+    let all_back = fleet.wait_until_back(mark, version, options.patience).await;
     let server_cpu = procfs::cpu_time(Pid::Other(server.pid()))?;
     let loadgen_cpu = procfs::cpu_time(Pid::Myself)?.since(loadgen_start);
     let outage = Outage::of(&fleet.events_since(mark), mark.at, version);
@@ -640,7 +647,10 @@ async fn storm(
 }
 
 /// One agent connection that never reads after its welcome, with a tiny receive buffer.
-async fn open_slow_reader(server: SocketAddr, url: &str) -> anyhow::Result<WebSocketStream<TcpStream>> {
+async fn open_slow_reader(
+    server: SocketAddr,
+    url: &str,
+) -> anyhow::Result<WebSocketStream<TcpStream>> {
     let socket = TcpSocket::new_v4()?;
     // The kernel doubles it and keeps a floor of a few KiB: the smallest window it allows.
     socket.set_recv_buffer_size(1024)?;
@@ -661,12 +671,10 @@ async fn open_slow_reader(server: SocketAddr, url: &str) -> anyhow::Result<WebSo
         .await?;
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(text))) => {
-                match serde_json::from_str::<ServerMessage>(&text)? {
-                    ServerMessage::Welcome { .. } => return Ok(ws),
-                    other => bail!("the slow reader got {other:?} instead of welcome"),
-                }
-            }
+            Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text)? {
+                ServerMessage::Welcome { .. } => return Ok(ws),
+                other => bail!("the slow reader got {other:?} instead of welcome"),
+            },
             Some(Ok(_)) => {}
             Some(Err(err)) => return Err(err.into()),
             None => bail!("the slow reader's connection ended before its welcome"),
@@ -701,8 +709,8 @@ async fn slow_reader(
     let rss_after_kib = procfs::resident_kib(pid)?;
     // Two silent heartbeat intervals, and a margin for the random phase.
     let patience = Duration::from_secs(options.heartbeat_secs * 3 + 10);
-    let dropped = wait_for_log_line_within(&server.log, welcomed, "user=slow-reader", patience)
-        .await;
+    let dropped =
+        wait_for_log_line_within(&server.log, welcomed, "user=slow-reader", patience).await;
     let dropped_after = dropped.and_then(|line| line.at.duration_since(welcomed).ok());
     // Now read what it never read, down to the close frame.
     let mut close_code = None;
@@ -761,9 +769,12 @@ async fn wait_for_log_line_within(
 ) -> Option<server_log::LogLine> {
     let deadline = Instant::now() + patience;
     loop {
-        let found = server_log::read(log).unwrap_or_default().into_iter().find(|line| {
-            line.at >= after && line.is("agent disconnected") && line.text.contains(needle)
-        });
+        let found = server_log::read(log)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|line| {
+                line.at >= after && line.is("agent disconnected") && line.text.contains(needle)
+            });
         if found.is_some() || Instant::now() > deadline {
             return found;
         }
@@ -773,7 +784,12 @@ async fn wait_for_log_line_within(
 
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 
@@ -782,8 +798,18 @@ fn ms(duration: Duration) -> f64 {
 }
 
 fn show_fanout(fanout: &FanOut) -> String {
+    let mut notes = String::new();
+    if let Some(send_us) = fanout.send_us {
+        notes.push_str(&format!("; send took {send_us} µs"));
+    }
+    if fanout.before_trigger > 0 {
+        notes.push_str(&format!(
+            "; {} stamped before the log line",
+            fanout.before_trigger
+        ));
+    }
     format!(
-        "{} of {} read it: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; CPU server {:.2} s, load generator {:.2} s{}",
+        "{} of {} read it: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; CPU server {:.2} s, load generator {:.2} s{notes}",
         fanout.received,
         fanout.reached,
         ms(fanout.latency.p50),
@@ -791,11 +817,6 @@ fn show_fanout(fanout: &FanOut) -> String {
         ms(fanout.latency.max),
         fanout.server_cpu.total().as_secs_f64(),
         fanout.loadgen_cpu.total().as_secs_f64(),
-        if fanout.before_trigger > 0 {
-            format!("; {} stamped before the log line", fanout.before_trigger)
-        } else {
-            String::new()
-        }
     )
 }
 
@@ -866,8 +887,12 @@ pub fn summary(results: &[SizeResult]) -> String {
             ratio(slow.2, raw.2),
         ));
     }
-    out.push_str("\nSlow reader (one agent that never reads, receive buffer at the kernel's minimum):\n\n");
-    out.push_str("| agents | server RSS before | after its broadcasts | dropped after | close code |\n");
+    out.push_str(
+        "\nSlow reader (one agent that never reads, receive buffer at the kernel's minimum):\n\n",
+    );
+    out.push_str(
+        "| agents | server RSS before | after its broadcasts | dropped after | close code |\n",
+    );
     out.push_str("|---:|---:|---:|---:|---:|\n");
     for result in results {
         let slow = &result.slow_reader;
@@ -876,17 +901,24 @@ pub fn summary(results: &[SizeResult]) -> String {
             result.agents,
             slow.rss_before_kib,
             slow.rss_after_kib,
-            slow.dropped_after
-                .map_or("-".to_owned(), |after| format!("{:.1} s", after.as_secs_f64())),
-            slow.close_code.map_or("-".to_owned(), |code| code.to_string()),
+            slow.dropped_after.map_or("-".to_owned(), |after| format!(
+                "{:.1} s",
+                after.as_secs_f64()
+            )),
+            slow.close_code
+                .map_or("-".to_owned(), |code| code.to_string()),
         ));
     }
     out.push_str("\nRestart storms (SIGTERM, start again on the same address):\n\n");
     out.push_str("| agents | server | agents come back | SIGTERM→exit | start→listening | listening→first back | listening→all back | handshakes/s | failed attempts | server CPU | load generator CPU |\n");
     out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for result in results {
-        let storms = std::iter::once(("raw", &result.raw_storm))
-            .chain(result.server_storms.iter().map(|storm| ("changeover-server", storm)));
+        let storms = std::iter::once(("raw", &result.raw_storm)).chain(
+            result
+                .server_storms
+                .iter()
+                .map(|storm| ("changeover-server", storm)),
+        );
         for (name, storm) in storms {
             let show = |duration: Option<Duration>| {
                 duration.map_or("-".to_owned(), |duration| format!("{:.0} ms", ms(duration)))

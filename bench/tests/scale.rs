@@ -33,13 +33,19 @@ fn workspace_binaries() -> (PathBuf, PathBuf) {
             "-p",
             "changeover-agent",
         ]);
-    if profile_dir.file_name().is_some_and(|name| name == "release") {
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
         build.arg("--release");
     }
     if let Some(target_dir) = profile_dir.parent() {
         build.env("CARGO_TARGET_DIR", target_dir);
     }
-    assert!(build.status().expect("cargo runs").success(), "build failed");
+    assert!(
+        build.status().expect("cargo runs").success(),
+        "build failed"
+    );
     (
         profile_dir.join("changeover-server"),
         profile_dir.join("changeover-agent"),
@@ -62,7 +68,10 @@ fn number(value: &Value, what: &str) -> f64 {
 
 fn check_fanout(fanout: &Value, what: &str) {
     assert_eq!(fanout["received"], AGENTS, "{what}: {fanout}");
-    assert!(number(&fanout["reached"], what) >= AGENTS as f64, "{what}: {fanout}");
+    assert!(
+        number(&fanout["reached"], what) >= AGENTS as f64,
+        "{what}: {fanout}"
+    );
     let p50 = number(&fanout["p50_ms"], what);
     let p99 = number(&fanout["p99_ms"], what);
     let max = number(&fanout["max_ms"], what);
@@ -91,7 +100,14 @@ fn every_scale_scenario_runs_at_twenty_agents_and_reports_well_formed_results() 
         .arg(&agent_bin)
         .args(["--nginx-bin", nginx()])
         .args(["--agents", &AGENTS.to_string()])
-        .args(["--broadcasts", "1", "--heartbeat-secs", "1", "--settle-ms", "50"])
+        .args([
+            "--broadcasts",
+            "1",
+            "--heartbeat-secs",
+            "1",
+            "--settle-ms",
+            "50",
+        ])
         .args(["--patience-secs", "60"])
         .arg("--json")
         .arg(&json)
@@ -103,7 +119,10 @@ fn every_scale_scenario_runs_at_twenty_agents_and_reports_well_formed_results() 
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "scale failed\n{printed}");
-    assert!(printed.contains("| agents |"), "no tables printed\n{printed}");
+    assert!(
+        printed.contains("| agents |"),
+        "no tables printed\n{printed}"
+    );
 
     let results: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let sizes = results["sizes"].as_array().expect("sizes");
@@ -120,7 +139,10 @@ fn every_scale_scenario_runs_at_twenty_agents_and_reports_well_formed_results() 
     // 2. Restart storms: the raw server's, and the changeover server's both ways.
     check_storm(&size["storm"]["raw"], "raw storm");
     let storms = size["storm"]["server"].as_array().expect("server storms");
-    let policies: Vec<&str> = storms.iter().map(|s| s["policy"].as_str().unwrap()).collect();
+    let policies: Vec<&str> = storms
+        .iter()
+        .map(|s| s["policy"].as_str().unwrap())
+        .collect();
     assert_eq!(policies, ["at once", "like the agent"]);
     for storm in storms {
         check_storm(storm, "server storm");
@@ -140,7 +162,9 @@ fn every_scale_scenario_runs_at_twenty_agents_and_reports_well_formed_results() 
     // 4. The slow reader: the others still got every broadcast; the server dropped it
     //    (heartbeat 1 s: two silent intervals).
     let slow = &size["slow_reader"];
-    let fanouts = slow["broadcasts"].as_array().expect("slow reader broadcasts");
+    let fanouts = slow["broadcasts"]
+        .as_array()
+        .expect("slow reader broadcasts");
     assert_eq!(fanouts.len(), 1);
     check_fanout(&fanouts[0], "with a slow reader");
     assert!(number(&slow["rss_before_kib"], "rss") > 0.0);
