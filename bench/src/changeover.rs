@@ -46,7 +46,7 @@ use crate::download::{
     set_mode, timed,
 };
 use crate::procfs::{self, CpuTime, Pid};
-use crate::returning_fleet::{Outage, ReturningFleet, ReturningFleetOptions};
+use crate::returning_fleet::{Outage, ReturnPolicy, ReturningFleet, ReturningFleetOptions};
 use crate::server_log::{self, LogLine, millis_between};
 use crate::server_process::{ADMIN_PASSWORD, ServerProcess};
 
@@ -84,6 +84,8 @@ pub struct ChangeoverOptions {
     pub patience: Duration,
     /// Keep the work folder (feed, nginx files, server logs) instead of removing it.
     pub keep: bool,
+    /// How the agents come back after the logout.
+    pub agent_policy: ReturnPolicy,
 }
 
 /// Which way the update is expected to end.
@@ -412,22 +414,22 @@ fn remove_product_folders(folder: &Path) {
 }
 
 #[derive(Debug)]
-struct RunContext<'a> {
-    options: &'a ChangeoverOptions,
-    agent_bin: PathBuf,
-    feed: PreparedFeed,
-    feed_url: String,
+pub(crate) struct RunContext<'a> {
+    pub(crate) options: &'a ChangeoverOptions,
+    pub(crate) agent_bin: PathBuf,
+    pub(crate) feed: PreparedFeed,
+    pub(crate) feed_url: String,
 }
 
 /// A product folder with 1.0.0 installed from the feed.
 #[derive(Debug)]
-struct Site {
-    root: PathBuf,
-    layout: Layout,
+pub(crate) struct Site {
+    pub(crate) root: PathBuf,
+    pub(crate) layout: Layout,
 }
 
 impl Site {
-    fn install(context: &RunContext<'_>, root: &Path) -> anyhow::Result<Site> {
+    pub(crate) fn install(context: &RunContext<'_>, root: &Path) -> anyhow::Result<Site> {
         let mut install = Command::new(&context.options.server_bin);
         install
             .arg("install")
@@ -448,7 +450,7 @@ impl Site {
         })
     }
 
-    fn server_bin(&self) -> PathBuf {
+    pub(crate) fn server_bin(&self) -> PathBuf {
         self.layout
             .install_dir()
             .join(ReleaseKind::Server.binary_path())
@@ -457,7 +459,7 @@ impl Site {
 
 /// One backup file: its name and the inode it must keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct BackupFile {
+pub(crate) struct BackupFile {
     name: String,
     inode: u64,
     size: u64,
@@ -613,7 +615,7 @@ fn backups_unmoved_inodes(dir: &Path, backups: &[BackupFile]) -> bool {
     })
 }
 
-async fn measure_update(
+pub(crate) async fn measure_update(
     context: &RunContext<'_>,
     site: &Site,
     backups: &[BackupFile],
@@ -645,13 +647,15 @@ async fn measure_update(
 
     let mut fleet_options = ReturningFleetOptions::new(server.url(), options.agents);
     fleet_options.retry = options.retry;
+    fleet_options.policy = options.agent_policy;
     let fleet = ReturningFleet::open(&fleet_options).await?;
     tokio::time::sleep(SETTLE).await;
 
     let pid = Pid::Other(server.pid());
     let (stop_sampling, sampler) = sample_cpu(pid);
     let loadgen_cpu_start = procfs::cpu_time(Pid::Myself)?;
-    let since = Instant::now();
+    let mark = fleet.mark();
+    let since = mark.at;
     let requested_at = SystemTime::now();
     let update = admin_update(&context.agent_bin, &server, folder, options.patience).await;
     let update = match update {
@@ -663,12 +667,12 @@ async fn measure_update(
     };
     let back_version = expectation.back_version();
     let all_back = fleet
-        .wait_until_back(since, back_version, RETURN_PATIENCE)
+        .wait_until_back(mark, back_version, RETURN_PATIENCE)
         .await;
     let _ = stop_sampling.send(());
     let cpu_samples = sampler.await.unwrap_or_default();
     let loadgen_cpu = procfs::cpu_time(Pid::Myself)?.since(loadgen_cpu_start);
-    let events = fleet.events();
+    let events = fleet.events_since(mark);
     let outage = Outage::of(&events, since, back_version);
     if !all_back {
         bail!(
@@ -810,7 +814,8 @@ async fn measure_restart(
     let address = server.address;
     let version = NEW_VERSION;
     tokio::time::sleep(SETTLE).await;
-    let since = Instant::now();
+    let mark = fleet.mark();
+    let since = mark.at;
     let since_wall = SystemTime::now();
     let signal_to_exit = server
         .stop_with(signal.signal(), Duration::from_secs(30))
@@ -822,8 +827,8 @@ async fn measure_restart(
         ServerProcess::start_installed_logging(&site.server_bin(), &site.root, address, &[])
             .await?;
     let start_to_listening = spawned.elapsed();
-    let all_back = fleet.wait_until_back(since, version, RETURN_PATIENCE).await;
-    let outage = Outage::of(&fleet.events(), since, version);
+    let all_back = fleet.wait_until_back(mark, version, RETURN_PATIENCE).await;
+    let outage = Outage::of(&fleet.events_since(mark), since, version);
     anyhow::ensure!(
         all_back,
         "{label} only {} of {} agents were back within {} s; failed attempts: {:?}",

@@ -177,7 +177,7 @@ async fn run_in(options: &DownloadOptions, work: &Path) -> anyhow::Result<Vec<Re
 }
 
 /// The feed folder and what is in it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PreparedFeed {
     pub(crate) dir: PathBuf,
     pub(crate) public_key: PathBuf,

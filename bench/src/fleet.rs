@@ -198,7 +198,8 @@ pub async fn open(options: &FleetOptions) -> anyhow::Result<(Fleet, OpenReport)>
         "agents per source address must be at least 1"
     );
     let server = resolve(&options.url).await?;
-    let source_addresses = source_addresses(server, options)?;
+    let source_addresses =
+        source_addresses(server, options.agents, options.agents_per_source_address)?;
 
     let lost = Arc::new(LostConnections::default());
     let slots = Arc::new(Semaphore::new(options.concurrency));
@@ -314,20 +315,17 @@ pub(crate) async fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
 
 // The source address of each group of agents: the kernel's choice for the first, then
 // 127.0.0.2, 127.0.0.3, … for a loopback server.
-fn source_addresses(
+pub(crate) fn source_addresses(
     server: SocketAddr,
-    options: &FleetOptions,
+    agents: usize,
+    agents_per_source_address: usize,
 ) -> anyhow::Result<Vec<Option<IpAddr>>> {
-    let groups = options
-        .agents
-        .div_ceil(options.agents_per_source_address)
-        .max(1);
+    let groups = agents.div_ceil(agents_per_source_address).max(1);
     if groups > 1 {
         anyhow::ensure!(
             server.ip().is_loopback() && server.is_ipv4(),
-            "more than {} agents need several source addresses, which is only done for a \
-             127.x.x.x server",
-            options.agents_per_source_address
+            "more than {agents_per_source_address} agents need several source addresses, \
+             which is only done for a 127.x.x.x server"
         );
         anyhow::ensure!(groups < 254, "too many agents for 127.0.0.2 to 127.0.0.254");
     }
@@ -504,9 +502,8 @@ mod tests {
     #[test]
     fn groups_past_the_first_bind_to_further_loopback_addresses() {
         let server = SocketAddr::from(([127, 0, 0, 1], 7600));
-        let mut options = FleetOptions::new("ws://127.0.0.1:7600", 60_000);
-        options.agents_per_source_address = 25_000;
-        let sources = source_addresses(server, &options).unwrap();
+        let options = FleetOptions::new("ws://127.0.0.1:7600", 60_000);
+        let sources = source_addresses(server, options.agents, 25_000).unwrap();
         assert_eq!(
             sources,
             [
@@ -515,10 +512,8 @@ mod tests {
                 Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))
             ]
         );
-        options.agents = 10;
-        assert_eq!(source_addresses(server, &options).unwrap(), [None]);
+        assert_eq!(source_addresses(server, 10, 25_000).unwrap(), [None]);
         let remote = SocketAddr::from(([192, 0, 2, 1], 7600));
-        options.agents = 60_000;
-        assert!(source_addresses(remote, &options).is_err());
+        assert!(source_addresses(remote, 60_000, 25_000).is_err());
     }
 }

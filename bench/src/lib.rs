@@ -6,7 +6,8 @@
 //! ([`idle_rss`]), how fast it downloads and verifies a large release ([`download`]), and
 //! how long its agents are without it during a changeover and a rollback ([`changeover`],
 //! with agents that come back, [`returning_fleet`], and its log read as a timeline,
-//! [`server_log`]).
+//! [`server_log`]), and the scenarios at thousands of agents: broadcast fan-out, a slow
+//! reader, restart storms and the changeover ([`scale`]).
 //! BENCHMARKS.md at the workspace root records the results and the
 //! commands that produced them.
 //!
@@ -20,5 +21,6 @@ pub mod idle_rss;
 pub mod procfs;
 pub mod raw_server;
 pub mod returning_fleet;
+pub mod scale;
 pub mod server_log;
 pub mod server_process;

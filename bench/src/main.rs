@@ -10,6 +10,8 @@ use changeover_bench::download::DownloadOptions;
 use changeover_bench::fleet::{DEFAULT_AGENTS_PER_SOURCE_ADDRESS, FleetOptions};
 use changeover_bench::idle_rss::IdleRssOptions;
 use changeover_bench::procfs::SettlePolicy;
+use changeover_bench::returning_fleet::ReturnPolicy;
+use changeover_bench::scale::ScaleOptions;
 use clap::{Parser, Subcommand};
 
 /// Load generator and measurements for the changeover server.
@@ -117,6 +119,45 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         patience_secs: u64,
         /// Keep the work folder (feed, nginx config and logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The scenarios at scale, each beside the raw baseline in the same run: broadcast
+    /// fan-out, a slow reader among the agents, restart storms, and a changeover with grace 0.
+    Scale {
+        /// The release changeover-server: packs, installs, and is inside both releases.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// The changeover-agent binary (admin status, download, update, cancel).
+        #[arg(long)]
+        agent_bin: PathBuf,
+        #[arg(long, default_value = "nginx")]
+        nginx_bin: PathBuf,
+        #[arg(long, default_value = "curl")]
+        curl_bin: PathBuf,
+        /// Fleet size; repeat for several.
+        #[arg(long = "agents", required = true)]
+        agents: Vec<usize>,
+        /// Broadcasts measured per server and fleet size.
+        #[arg(long, default_value_t = 5)]
+        broadcasts: usize,
+        /// The changeover server's heartbeat_secs (a slow reader is dropped after two
+        /// silent intervals).
+        #[arg(long, default_value_t = 25)]
+        heartbeat_secs: u64,
+        /// Seconds any one step may take.
+        #[arg(long, default_value_t = 120)]
+        patience_secs: u64,
+        /// The agents' pause between failed attempts when they come back at once, in ms.
+        #[arg(long, default_value_t = 10)]
+        retry_ms: u64,
+        /// Pause before each measured step, in ms.
+        #[arg(long, default_value_t = 500)]
+        settle_ms: u64,
+        /// Also write the results to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep the work folder (feed, nginx files) instead of removing it.
         #[arg(long)]
         keep: bool,
     },
@@ -248,8 +289,43 @@ fn main() -> ExitCode {
                     repetitions,
                     patience: Duration::from_secs(patience_secs),
                     keep,
+                    agent_policy: ReturnPolicy::AtOnce,
                 };
                 changeover_bench::changeover::run(&options).await.map(drop)
+            }
+            Command::Scale {
+                server_bin,
+                agent_bin,
+                nginx_bin,
+                curl_bin,
+                agents,
+                broadcasts,
+                heartbeat_secs,
+                patience_secs,
+                retry_ms,
+                settle_ms,
+                json,
+                keep,
+            } => {
+                let options = ScaleOptions {
+                    server_bin,
+                    agent_bin,
+                    loadgen_bin: match std::env::current_exe() {
+                        Ok(path) => path,
+                        Err(err) => return Err(anyhow::anyhow!("cannot find this binary: {err}")),
+                    },
+                    nginx_bin,
+                    curl_bin,
+                    agents,
+                    broadcasts,
+                    heartbeat_secs,
+                    patience: Duration::from_secs(patience_secs),
+                    retry: Duration::from_millis(retry_ms),
+                    settle: Duration::from_millis(settle_ms),
+                    json,
+                    keep,
+                };
+                changeover_bench::scale::run(&options).await.map(drop)
             }
             Command::RawServer { listen, backlog } => {
                 changeover_bench::raw_server::run(listen, backlog).await

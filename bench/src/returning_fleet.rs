@@ -1,23 +1,32 @@
 //! A fleet of agents that come back. Like [`crate::fleet`], each agent is one small task
 //! speaking the real protocol (`hello`, wait for `welcome`, idle reading); unlike it, when a
 //! connection ends (a `logout` message, a close frame, a reset) the agent notes when and
-//! why, and reconnects at once, trying again every [`ReturningFleetOptions::retry`] until it
-//! is welcomed, noting which server version welcomed it.
+//! why, and reconnects, noting which server version welcomed it. Every countdown `warning`
+//! it reads is noted too, with the moment its frame arrived, for the broadcast fan-out.
 //!
-//! It measures how long the server is out of reach as the agents see it. It does not mimic
-//! the real agent's pause inside the `reconnect_within_ms` window of a logout, nor its
-//! backoff: it comes back as early as it can, so the figures are the server's, not the
-//! jitter's. Failed attempts are only counted, by reason.
+//! How it comes back is the [`ReturnPolicy`], switchable while the fleet runs: at once,
+//! retrying every [`ReturningFleetOptions::retry`] (so the figures are the server's, not
+//! the jitter's), or like the real agent (`client-agent/src/agent.rs`): after a lost
+//! connection the full-jitter backoff of `changeover_protocol::backoff` (first retry within
+//! 0.5 s), after a `logout` a random moment of the announced `reconnect_within_ms` window.
+//! Failed attempts are only counted, by reason.
+//!
+//! Like [`crate::fleet`], agents bind to further loopback source addresses past
+//! [`ReturningFleetOptions::agents_per_source_address`], so repeated storms of thousands of
+//! reconnects do not run one address out of ephemeral ports (the closed connections linger
+//! in TIME_WAIT).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use changeover_protocol::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 use changeover_protocol::{AgentHello, ClientMessage, PROTOCOL_VERSION, ServerMessage};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -41,7 +50,34 @@ pub struct ReturningFleetOptions {
     pub welcome_timeout: Duration,
     /// How long the first opening may take until every agent is welcomed.
     pub open_patience: Duration,
+    /// Connections per loopback source address before the next one is used.
+    pub agents_per_source_address: usize,
+    /// How agents come back at first; [`ReturningFleet::set_policy`] changes it.
+    pub policy: ReturnPolicy,
 }
+
+/// How an agent comes back after its connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnPolicy {
+    /// At once, and every `retry` after a failed attempt: the server's limit.
+    AtOnce,
+    /// Like the real agent: full-jitter backoff after a loss or a failed attempt, a random
+    /// moment of the announced window after a `logout`.
+    LikeTheAgent,
+}
+
+impl std::fmt::Display for ReturnPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReturnPolicy::AtOnce => "at once",
+            ReturnPolicy::LikeTheAgent => "like the agent",
+        })
+    }
+}
+
+/// Source addresses for a returning fleet: fewer agents per address than a one-off fleet,
+/// since every storm leaves as many closed connections in TIME_WAIT for a minute.
+pub const RETURNING_AGENTS_PER_SOURCE_ADDRESS: usize = 2_000;
 
 impl ReturningFleetOptions {
     pub fn new(url: impl Into<String>, agents: usize) -> ReturningFleetOptions {
@@ -53,6 +89,8 @@ impl ReturningFleetOptions {
             retry: Duration::from_millis(20),
             welcome_timeout: Duration::from_secs(30),
             open_patience: Duration::from_secs(60),
+            agents_per_source_address: RETURNING_AGENTS_PER_SOURCE_ADDRESS,
+            policy: ReturnPolicy::AtOnce,
         }
     }
 }
@@ -66,6 +104,8 @@ pub enum AgentEventKind {
     LoggedOut { reconnect_within_ms: u64 },
     /// The connection ended otherwise: a close frame, a reset, end of stream.
     Disconnected { reason: String },
+    /// A countdown `warning` arrived (noted when its frame was read, before decoding).
+    Warned { seconds_left: u64 },
 }
 
 /// One event, with when it was seen here on both clocks.
@@ -80,7 +120,10 @@ pub struct AgentEvent {
 
 impl AgentEvent {
     fn ends_a_connection(&self) -> bool {
-        !matches!(self.kind, AgentEventKind::Welcomed { .. })
+        matches!(
+            self.kind,
+            AgentEventKind::LoggedOut { .. } | AgentEventKind::Disconnected { .. }
+        )
     }
 
     fn welcomed_by(&self, version: &str) -> bool {
@@ -91,24 +134,35 @@ impl AgentEvent {
 /// Every event of the fleet, in the order they were seen.
 #[derive(Debug, Default)]
 struct EventLog {
-    // Only locked to push or copy, never across an await.
+    // Only locked to push or read, never across an await.
     events: Mutex<Vec<AgentEvent>>,
     failed_attempts: Mutex<BTreeMap<String, usize>>,
-    changed: Notify,
+    /// Welcomes so far: a cheap test before a waiter reads the events.
+    welcomes: AtomicUsize,
+    /// Warnings so far, likewise.
+    warnings: AtomicUsize,
 }
 
 impl EventLog {
     fn push(&self, agent: usize, kind: AgentEventKind) {
+        self.push_seen(agent, (Instant::now(), SystemTime::now()), kind);
+    }
+
+    fn push_seen(&self, agent: usize, (at, wall): (Instant, SystemTime), kind: AgentEventKind) {
+        match kind {
+            AgentEventKind::Welcomed { .. } => self.welcomes.fetch_add(1, Ordering::Relaxed),
+            AgentEventKind::Warned { .. } => self.warnings.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         let event = AgentEvent {
             agent,
-            at: Instant::now(),
-            wall: SystemTime::now(),
+            at,
+            wall,
             kind,
         };
         if let Ok(mut events) = self.events.lock() {
             events.push(event);
         }
-        self.changed.notify_waiters();
     }
 
     fn fail(&self, reason: String) {
@@ -117,13 +171,36 @@ impl EventLog {
         }
     }
 
-    fn snapshot(&self) -> Vec<AgentEvent> {
-        self.events
+    fn len(&self) -> usize {
+        self.events.lock().map(|events| events.len()).unwrap_or(0)
+    }
+
+    fn check<T>(&self, from: usize, look: impl FnOnce(&[AgentEvent]) -> T) -> T {
+        let events = self
+            .events
             .lock()
-            .map(|events| events.clone())
-            .unwrap_or_default()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        look(&events[from.min(events.len())..])
+    }
+
+    fn copy_from(&self, from: usize) -> Vec<AgentEvent> {
+        self.check(from, <[AgentEvent]>::to_vec)
     }
 }
+
+/// A place in the fleet's event log: what a measurement looks at starts there.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    index: usize,
+    /// Welcomes and warnings before the mark.
+    welcomes: usize,
+    warnings: usize,
+    pub at: Instant,
+}
+
+/// How often a waiter looks at the events: every event carries its own time, so this only
+/// decides when the harness moves on, and keeps the looking off the agents' thread.
+const WAIT_POLL: Duration = Duration::from_millis(25);
 
 /// The running fleet. Dropping it aborts every agent, which closes its socket.
 #[derive(Debug)]
@@ -131,25 +208,47 @@ pub struct ReturningFleet {
     tasks: JoinSet<()>,
     log: Arc<EventLog>,
     agents: usize,
+    /// Whether agents come back like the real agent ([`ReturnPolicy::LikeTheAgent`]).
+    like_the_agent: Arc<AtomicBool>,
 }
 
 impl ReturningFleet {
     /// Opens the fleet and returns once every agent has its first welcome.
     pub async fn open(options: &ReturningFleetOptions) -> anyhow::Result<ReturningFleet> {
         anyhow::ensure!(options.concurrency >= 1, "concurrency must be at least 1");
+        anyhow::ensure!(
+            options.agents_per_source_address >= 1,
+            "agents per source address must be at least 1"
+        );
         let server = crate::fleet::resolve(&options.url).await?;
+        let sources = crate::fleet::source_addresses(
+            server,
+            options.agents,
+            options.agents_per_source_address,
+        )?;
         let log = Arc::new(EventLog::default());
+        let like_the_agent = Arc::new(AtomicBool::new(
+            options.policy == ReturnPolicy::LikeTheAgent,
+        ));
         let slots = Arc::new(Semaphore::new(options.concurrency));
         let mut tasks = JoinSet::new();
+        let start = Mark {
+            index: 0,
+            welcomes: 0,
+            warnings: 0,
+            at: Instant::now(),
+        };
         for index in 0..options.agents {
             let permit = Arc::clone(&slots).acquire_owned().await?;
             let agent = ReturningAgent {
                 index,
                 server,
+                source: sources[index / options.agents_per_source_address],
                 url: options.url.clone(),
                 agent_id: format!("{}-{index}", options.id_prefix),
                 retry: options.retry,
                 welcome_timeout: options.welcome_timeout,
+                like_the_agent: Arc::clone(&like_the_agent),
             };
             tasks.spawn(agent.run(Arc::clone(&log), permit));
         }
@@ -157,11 +256,13 @@ impl ReturningFleet {
             tasks,
             log,
             agents: options.agents,
+            like_the_agent,
         };
         let agents = options.agents;
         let welcomed = fleet
-            .wait_until(options.open_patience, |events| {
-                welcomed_agents(events) == agents
+            .wait_until(start, options.open_patience, |mark, log| {
+                log.welcomes.load(Ordering::Relaxed) - mark.welcomes >= agents
+                    && log.check(mark.index, welcomed_agents) == agents
             })
             .await;
         if !welcomed {
@@ -175,13 +276,53 @@ impl ReturningFleet {
         Ok(fleet)
     }
 
+    /// How agents come back now.
+    pub fn policy(&self) -> ReturnPolicy {
+        if self.like_the_agent.load(Ordering::Relaxed) {
+            ReturnPolicy::LikeTheAgent
+        } else {
+            ReturnPolicy::AtOnce
+        }
+    }
+
+    /// How agents come back from now on.
+    pub fn set_policy(&self, policy: ReturnPolicy) {
+        self.like_the_agent
+            .store(policy == ReturnPolicy::LikeTheAgent, Ordering::Relaxed);
+    }
+
+    /// The present end of the event log.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            index: self.log.len(),
+            welcomes: self.log.welcomes.load(Ordering::Relaxed),
+            warnings: self.log.warnings.load(Ordering::Relaxed),
+            at: Instant::now(),
+        }
+    }
+
+    /// The events after `mark`.
+    pub fn events_since(&self, mark: Mark) -> Vec<AgentEvent> {
+        self.log.copy_from(mark.index)
+    }
+
+    /// Waits until `agents` agents have had a warning after `mark`; false when `patience`
+    /// ran out.
+    pub async fn wait_until_warned(&self, mark: Mark, agents: usize, patience: Duration) -> bool {
+        self.wait_until(mark, patience, |mark, log| {
+            log.warnings.load(Ordering::Relaxed) - mark.warnings >= agents
+                && log.check(mark.index, warned_agents) >= agents
+        })
+        .await
+    }
+
     pub fn agents(&self) -> usize {
         self.agents
     }
 
     /// Every event so far.
     pub fn events(&self) -> Vec<AgentEvent> {
-        self.log.snapshot()
+        self.log.copy_from(0)
     }
 
     /// Failed connection attempts so far, by reason.
@@ -193,34 +334,51 @@ impl ReturningFleet {
             .unwrap_or_default()
     }
 
-    /// Waits until `done` holds for the events so far; false when `patience` ran out.
-    pub async fn wait_until(
+    /// Waits until `done` holds for the events after `mark`, looking every [`WAIT_POLL`];
+    /// false when `patience` ran out.
+    async fn wait_until(
         &self,
+        mark: Mark,
         patience: Duration,
-        done: impl Fn(&[AgentEvent]) -> bool,
+        done: impl Fn(Mark, &EventLog) -> bool,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
-            let changed = self.log.changed.notified();
-            tokio::pin!(changed);
-            // Registered before looking, so an event between the look and the wait counts.
-            changed.as_mut().enable();
-            if done(&self.log.snapshot()) {
+            if done(mark, &self.log) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return done(&self.log.snapshot());
+            if tokio::time::Instant::now() >= deadline {
+                return false;
             }
+            tokio::time::sleep(WAIT_POLL).await;
         }
     }
 
-    /// Waits until every agent whose connection ended after `since` has been welcomed again
+    /// Waits until every agent whose connection ended after `mark` has been welcomed again
     /// by `version`, and at least one has; false when `patience` ran out.
-    pub async fn wait_until_back(&self, since: Instant, version: &str, patience: Duration) -> bool {
+    pub async fn wait_until_back(&self, mark: Mark, version: &str, patience: Duration) -> bool {
         let agents = self.agents;
-        self.wait_until(patience, |events| {
-            let outage = Outage::of(events, since, version);
-            outage.disconnected == agents && outage.back == agents
+        self.wait_until(mark, patience, |mark, log| {
+            log.welcomes.load(Ordering::Relaxed) - mark.welcomes >= agents
+                && log.check(mark.index, |events| {
+                    let outage = Outage::of(events, mark.at, version);
+                    outage.disconnected == agents && outage.back == agents
+                })
+        })
+        .await
+    }
+
+    /// Waits until `agents` agents have lost their connection after `mark`.
+    pub async fn wait_until_disconnected(
+        &self,
+        mark: Mark,
+        agents: usize,
+        patience: Duration,
+    ) -> bool {
+        self.wait_until(mark, patience, |mark, log| {
+            log.check(mark.index, |events| {
+                Outage::of(events, mark.at, "").disconnected >= agents
+            })
         })
         .await
     }
@@ -240,6 +398,16 @@ fn welcomed_agents(events: &[AgentEvent]) -> usize {
         }
     }
     welcomed.len()
+}
+
+fn warned_agents(events: &[AgentEvent]) -> usize {
+    let mut warned = std::collections::HashSet::new();
+    for event in events {
+        if matches!(event.kind, AgentEventKind::Warned { .. }) {
+            warned.insert(event.agent);
+        }
+    }
+    warned.len()
 }
 
 /// One outage as the fleet saw it: from each agent's first disconnection after a moment
@@ -314,6 +482,7 @@ impl Outage {
                             .entry(server_version.clone())
                             .or_default() += 1;
                     }
+                    AgentEventKind::Warned { .. } => {}
                     _ if other_welcome => {
                         outage.dropped_after_other_welcome += 1;
                         other_welcome = false;
@@ -373,43 +542,90 @@ type AgentSocket = WebSocketStream<TcpStream>;
 struct ReturningAgent {
     index: usize,
     server: SocketAddr,
+    source: Option<IpAddr>,
     url: String,
     agent_id: String,
     retry: Duration,
     welcome_timeout: Duration,
+    like_the_agent: Arc<AtomicBool>,
 }
 
 impl ReturningAgent {
     async fn run(self, log: Arc<EventLog>, first_slot: OwnedSemaphorePermit) {
         // Held until the first attempt ends, so the first opening is bounded.
         let mut first_slot = Some(first_slot);
+        let mut backoff = Backoff::with_seed(BASE_DELAY, MAX_DELAY, self.index as u64);
         loop {
             let attempt = tokio::time::timeout(self.welcome_timeout, self.open()).await;
             drop(first_slot.take());
+            let like_the_agent = self.like_the_agent.load(Ordering::Relaxed);
             match attempt {
                 Ok(Ok((ws, server_version))) => {
                     log.push(self.index, AgentEventKind::Welcomed { server_version });
-                    let ending = idle(ws).await;
+                    let ending = idle(ws, self.index, &log).await;
+                    let logout_window = match ending {
+                        AgentEventKind::LoggedOut {
+                            reconnect_within_ms,
+                        } => Some(Duration::from_millis(reconnect_within_ms)),
+                        _ => None,
+                    };
                     log.push(self.index, ending);
-                    // Straight back, as early as the server lets it.
+                    if self.like_the_agent.load(Ordering::Relaxed) {
+                        backoff.reset();
+                        let pause = match logout_window {
+                            // A random moment of the announced window.
+                            Some(window) => {
+                                Backoff::with_seed(window, window, self.index as u64 ^ 0x5eed)
+                                    .next_delay()
+                            }
+                            None => backoff.next_delay(),
+                        };
+                        tokio::time::sleep(pause).await;
+                    }
+                    // Otherwise straight back, as early as the server lets it.
                 }
                 Ok(Err(reason)) => {
                     log.fail(reason);
-                    tokio::time::sleep(self.retry).await;
+                    tokio::time::sleep(self.pause_after_failure(like_the_agent, &mut backoff))
+                        .await;
                 }
                 Err(_elapsed) => {
                     log.fail(format!(
                         "no welcome within {} s",
                         self.welcome_timeout.as_secs()
                     ));
-                    tokio::time::sleep(self.retry).await;
+                    tokio::time::sleep(self.pause_after_failure(like_the_agent, &mut backoff))
+                        .await;
                 }
             }
         }
     }
 
+    fn pause_after_failure(&self, like_the_agent: bool, backoff: &mut Backoff) -> Duration {
+        if like_the_agent {
+            backoff.next_delay()
+        } else {
+            self.retry
+        }
+    }
+
+    async fn connect_tcp(&self) -> std::io::Result<TcpStream> {
+        match self.source {
+            None => TcpStream::connect(self.server).await,
+            Some(source) => {
+                let socket = match source {
+                    IpAddr::V4(_) => TcpSocket::new_v4()?,
+                    IpAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(self.server).await
+            }
+        }
+    }
+
     async fn open(&self) -> Result<(AgentSocket, String), String> {
-        let tcp = TcpStream::connect(self.server)
+        let tcp = self
+            .connect_tcp()
             .await
             .map_err(|err| format!("tcp connect: {}", err.kind()))?;
         tcp.set_nodelay(true).ok();
@@ -479,19 +695,25 @@ fn short_error(err: &tokio_tungstenite::tungstenite::Error) -> String {
 }
 
 // Reads until the connection ends; reading is what answers the server's pings.
-async fn idle(mut ws: AgentSocket) -> AgentEventKind {
+async fn idle(mut ws: AgentSocket, index: usize, log: &EventLog) -> AgentEventKind {
     while let Some(frame) = ws.next().await {
         match frame {
             Ok(Message::Text(text)) => {
-                if let Ok(ServerMessage::Logout {
-                    reconnect_within_ms,
-                    ..
-                }) = serde_json::from_str::<ServerMessage>(&text)
-                {
-                    // The real agent leaves on the logout without waiting for the close.
-                    return AgentEventKind::LoggedOut {
+                let seen = (Instant::now(), SystemTime::now());
+                match serde_json::from_str::<ServerMessage>(&text) {
+                    Ok(ServerMessage::Logout {
                         reconnect_within_ms,
-                    };
+                        ..
+                    }) => {
+                        // The real agent leaves on the logout without waiting for the close.
+                        return AgentEventKind::LoggedOut {
+                            reconnect_within_ms,
+                        };
+                    }
+                    Ok(ServerMessage::Warning { seconds_left, .. }) => {
+                        log.push_seen(index, seen, AgentEventKind::Warned { seconds_left });
+                    }
+                    _ => {}
                 }
             }
             Ok(Message::Close(Some(frame))) => {
@@ -609,13 +831,11 @@ mod tests {
         let fleet = ReturningFleet::open(&options).await.unwrap();
         assert_eq!(welcomed_agents(&fleet.events()), 5);
         // The server goes away: every connection ends, and nothing listens for a moment.
-        let since = Instant::now();
+        let since = fleet.mark();
         server.shutdown_background();
         assert!(
             fleet
-                .wait_until(Duration::from_secs(10), |events| {
-                    Outage::of(events, since, "raw-baseline").disconnected == 5
-                })
+                .wait_until_disconnected(since, 5, Duration::from_secs(10))
                 .await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -626,7 +846,7 @@ mod tests {
                 .wait_until_back(since, "raw-baseline", Duration::from_secs(10))
                 .await
         );
-        let outage = Outage::of(&fleet.events(), since, "raw-baseline");
+        let outage = Outage::of(&fleet.events_since(since), since.at, "raw-baseline");
         assert_eq!(outage.back, 5);
         assert!(outage.per_agent.max >= Duration::from_millis(50));
         assert!(!fleet.failed_attempts().is_empty());

@@ -107,13 +107,33 @@ impl ServerProcess {
 
     /// `loadgen_bin raw-server --listen 127.0.0.1:0`.
     pub async fn start_raw(loadgen_bin: &Path) -> anyhow::Result<Self> {
+        ServerProcess::start_raw_at(loadgen_bin, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// `loadgen_bin raw-server --listen ADDR`, logging its broadcasts (`broadcast sent`)
+    /// at info without colours, so that [`crate::server_log`] can read them.
+    pub async fn start_raw_at(loadgen_bin: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
         let folder = tempfile::Builder::new()
             .prefix("changeover-loadgen-raw-")
             .tempdir()
             .context("cannot create a temporary folder")?;
         let mut command = Command::new(loadgen_bin);
-        command.args(["raw-server", "--listen", "127.0.0.1:0"]);
+        command
+            .args(["raw-server", "--listen"])
+            .arg(listen.to_string())
+            .env("RUST_LOG", "warn,changeover_bench::raw_server=info")
+            .env("NO_COLOR", "1");
         ServerProcess::start(command, folder).await
+    }
+
+    /// Sends `signal` and returns at once (SIGUSR1: the raw server's broadcast).
+    pub fn signal(&self, signal: rustix::process::Signal) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("the server has no valid process id")?;
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("cannot send {signal:?} to the server"))
     }
 
     async fn start(mut command: Command, folder: TempDir) -> anyhow::Result<Self> {
