@@ -382,6 +382,15 @@ pub fn status(url: &str) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("status is JSON")
 }
 
+/// `admin status --json`, or `None` while the server does not answer (it is restarting).
+pub fn try_status(url: &str) -> Option<serde_json::Value> {
+    let output = admin(&["status", "--server", url, "--json"], ADMIN_PASSWORD);
+    if !output.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}
+
 /// The users of the sessions in a status document, sorted.
 pub fn session_users(status: &serde_json::Value) -> Vec<String> {
     let mut users: Vec<String> = status["sessions"]
