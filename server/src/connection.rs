@@ -106,7 +106,18 @@ pub async fn serve<S>(
         Ok(ClientMessage::AdminLogin {
             protocol_version,
             password,
-        }) => admin_session(&mut ws, peer, protocol_version, password, &context).await,
+        }) => {
+            // Boxed: an admin session's state (a status report may read the feed over
+            // HTTP) would otherwise be reserved in every agent connection's task as well.
+            Box::pin(admin_session(
+                &mut ws,
+                peer,
+                protocol_version,
+                password,
+                &context,
+            ))
+            .await
+        }
         Ok(
             request @ (ClientMessage::StatusRequest
             | ClientMessage::DownloadRequest { .. }
