@@ -45,7 +45,7 @@ pub fn bind_std(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpLi
 /// connection costs a few kilobytes, and hard limits on what a peer may send.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(0)
         .max_write_buffer_size(changeover_protocol::MAX_STATUS_MESSAGE_BYTES)
         .max_message_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
@@ -127,10 +127,14 @@ impl Listener {
                         connection::serve(ws, peer, hello_deadline, context).await;
                     }
                     Opened::AgentDownload { stream, request } => {
-                        context
-                            .agent_updates
-                            .serve(stream, request, peer, &context.shutdown)
-                            .await;
+                        // Boxed: a transfer's state is not reserved in every agent's task.
+                        Box::pin(context.agent_updates.serve(
+                            stream,
+                            request,
+                            peer,
+                            &context.shutdown,
+                        ))
+                        .await;
                     }
                 }
             });
