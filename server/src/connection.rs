@@ -226,11 +226,15 @@ where
     if let (Ok(()), Some(offer)) = (&greeted, update_offer) {
         greeted = send_frame(ws, Message::Text(offer), context).await;
     }
+    // Registered with the shutdown token once, not on every wake-up: the token is shared
+    // by every connection, and registering takes its lock.
+    let shutdown = context.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let ending = match greeted {
         Err(ending) => ending,
         Ok(()) => loop {
             tokio::select! {
-                () = context.shutdown.cancelled() => {
+                () = &mut shutdown => {
                     break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
                 }
                 kicked = &mut kick => {
