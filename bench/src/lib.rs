@@ -14,11 +14,13 @@
 //! This crate only observes the server from outside, through its binaries, its socket and
 //! `/proc`; it is not part of any release and nothing depends on it.
 
+pub mod agent_updates;
 pub mod changeover;
 pub mod download;
 pub mod fleet;
 pub mod idle_rss;
 pub mod procfs;
+pub mod raw_file_server;
 pub mod raw_server;
 pub mod returning_fleet;
 pub mod scale;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use changeover_bench::agent_updates::{AgentUpdatesOptions, Check};
 use changeover_bench::changeover::ChangeoverOptions;
 use changeover_bench::download::DownloadOptions;
 use changeover_bench::fleet::{DEFAULT_AGENTS_PER_SOURCE_ADDRESS, FleetOptions};
@@ -161,6 +162,51 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Many agents fetching the agent update from the server at once (503 + Retry-After
+    /// honoured as the agent does), against a bare file server in the same run.
+    AgentUpdates {
+        /// The release changeover-server: packs, installs, and is the server release.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// Put into the agent release as bin/changeover-agent [default: changeover-agent
+        /// beside --server-bin].
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Incompressible random data in the agent release, in MB (10^6 bytes).
+        #[arg(long, default_value_t = 20)]
+        payload_mb: u64,
+        /// The server's [agent_updates] max_transfers; repeat for one run per value.
+        #[arg(long = "max-transfers", default_values_t = [8, 32, 128])]
+        max_transfers: Vec<usize>,
+        /// What each client checks of the file it received (SHA-256 of every byte makes
+        /// the load generator the bottleneck on this machine).
+        #[arg(long, value_enum, default_value_t = Check::Size)]
+        check: Check,
+        /// Sequential fetches for the single-stream baseline.
+        #[arg(long, default_value_t = 20)]
+        single_stream_fetches: usize,
+        /// Seconds one fleet may take.
+        #[arg(long, default_value_t = 900)]
+        patience_secs: u64,
+        /// Keep the work folder (releases, server logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A bare tokio server that streams one file to every GET: the baseline of
+    /// agent-updates.
+    RawFileServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 4096)]
+        backlog: u32,
+        #[arg(long)]
+        file: PathBuf,
+        /// Transfers at once; the others wait on their connection. 0: no cap.
+        #[arg(long, default_value_t = 0)]
+        max_transfers: usize,
+    },
     /// A bare tokio-tungstenite server with the changeover server's WebSocket settings:
     /// answers the first message with a fixed welcome and holds the connection.
     RawServer {
@@ -186,7 +232,7 @@ fn main() -> ExitCode {
     }
     let runtime = match &cli.command {
         // The baseline runs like the changeover server: a worker thread per core.
-        Command::RawServer { .. } => tokio::runtime::Runtime::new(),
+        Command::RawServer { .. } | Command::RawFileServer { .. } => tokio::runtime::Runtime::new(),
         // One thread is plenty to hold idle connections and leaves a core to the server.
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -326,6 +372,45 @@ fn main() -> ExitCode {
                     keep,
                 };
                 changeover_bench::scale::run(&options).await.map(drop)
+            }
+            Command::AgentUpdates {
+                server_bin,
+                agent_bin,
+                agents,
+                payload_mb,
+                max_transfers,
+                check,
+                single_stream_fetches,
+                patience_secs,
+                keep,
+            } => {
+                let options = AgentUpdatesOptions {
+                    agent_bin: agent_bin
+                        .unwrap_or_else(|| server_bin.with_file_name("changeover-agent")),
+                    server_bin,
+                    loadgen_bin: match std::env::current_exe() {
+                        Ok(path) => path,
+                        Err(err) => return Err(anyhow::anyhow!("cannot find this binary: {err}")),
+                    },
+                    agents,
+                    payload_kb: payload_mb * 1000,
+                    max_transfers,
+                    check,
+                    single_stream_fetches,
+                    patience: Duration::from_secs(patience_secs),
+                    keep,
+                };
+                changeover_bench::agent_updates::run(&options)
+                    .await
+                    .map(drop)
+            }
+            Command::RawFileServer {
+                listen,
+                backlog,
+                file,
+                max_transfers,
+            } => {
+                changeover_bench::raw_file_server::run(listen, backlog, &file, max_transfers).await
             }
             Command::RawServer { listen, backlog } => {
                 changeover_bench::raw_server::run(listen, backlog).await
