@@ -229,7 +229,11 @@ impl Updater {
                 Err(err) => {
                     let reason = format!("{err:#}");
                     warn!(%version, %reason, "agent update failed; the running agent stays");
-                    updater.remember(&version, AgentUpdateState::Failed, &reason);
+                    // A transfer that gave up on the network is tried again with the next
+                    // offer (the server is back then); anything else waits a while.
+                    if err.downcast_ref::<TransferGaveUp>().is_none() {
+                        updater.remember(&version, AgentUpdateState::Failed, &reason);
+                    }
                     let _ = events
                         .send(report(AgentUpdateState::Failed, Some(reason)))
                         .await;
@@ -406,10 +410,11 @@ impl Updater {
                 }
                 Err(Attempt::ComeBack(after)) => {
                     if started.elapsed() > MAX_QUEUE_WAIT {
-                        bail!(
+                        return Err(TransferGaveUp(format!(
                             "the server had no transfer slot for {} minutes",
                             MAX_QUEUE_WAIT.as_secs() / 60
-                        );
+                        ))
+                        .into());
                     }
                     // The server's pause plus up to as much again, so a queue spreads.
                     let jitter = rand::random_range(0..=after.as_millis() as u64);
@@ -418,7 +423,10 @@ impl Updater {
                 Err(Attempt::Broken(reason)) => {
                     failures += 1;
                     if failures >= MAX_ATTEMPTS {
-                        bail!("gave up after {failures} attempts: {reason}");
+                        return Err(TransferGaveUp(format!(
+                            "gave up after {failures} attempts: {reason}"
+                        ))
+                        .into());
                     }
                     let pause =
                         Duration::from_millis(rand::random_range(500..=1000u64 << failures.min(5)));
@@ -526,6 +534,11 @@ impl Updater {
             .map_err(|err| Attempt::Refused(err.into()))
     }
 }
+
+/// The download gave up on the network (what arrived is kept and resumes next time).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransferGaveUp(String);
 
 enum Done {
     Installed,

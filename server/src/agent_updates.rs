@@ -9,9 +9,12 @@
 //! only pass on what the vendor signed.
 //!
 //! Downloads are plain `GET`/`HEAD` requests with `Range` support, streamed from the file
-//! in small chunks, so memory stays flat however many agents fetch. At most
-//! `max_transfers` run at once; an agent beyond that gets `503` with a `Retry-After` at a
-//! random moment of a window that grows with the queue, so a fleet spreads itself out.
+//! in chunks of 256 KiB, so memory stays flat however many agents fetch. At most
+//! `max_transfers` run at once. A request beyond that waits on its open connection for a
+//! slot (first come, first served) for up to 15 s, so no slot idles while agents wait;
+//! when the queue is longer than 16 per slot or the wait runs out, it gets `503` with a
+//! `Retry-After` at a random moment of the time the queue ahead takes to drain, estimated
+//! from how long recent transfers took, so a fleet spreads itself out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use std::time::Duration;
 use changeover_protocol::package;
 use changeover_protocol::{AgentUpdateOffer, AgentUpdateState, AgentUpdateView, ServerMessage};
 use changeover_protocol::{SessionView, release::ReleaseKind};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +39,16 @@ use crate::releases::{ReadyPackage, Releases};
 /// Where agent archives are served: `/agent-updates/<archive>`.
 pub const PATH_PREFIX: &str = "/agent-updates/";
 
-/// Bytes read from the archive and written to the agent at a time.
-const CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes read from the archive and written to the agent at a time: the memory of one
+/// transfer slot.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// How long a request waits on its open connection for a transfer slot before it is told
+/// to come back later.
+const QUEUE_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Requests waiting for a slot at most, per slot; beyond, they are told to come back.
+const WAITING_PER_SLOT: usize = 16;
 
 /// Whether a plain HTTP request is an agent fetching its update.
 pub fn is_download(request: &http::Request<()>) -> bool {
@@ -73,9 +84,10 @@ pub struct AgentUpdates {
     releases: Arc<Releases>,
     offers: RwLock<HashMap<String, Arc<Offered>>>,
     transfers: Arc<Semaphore>,
-    /// Requests answered with 503 less transfers started since: the length of the queue,
-    /// roughly, which sets how far apart the agents are sent.
+    /// Requests waiting on their connection for a slot now.
     waiting: AtomicU64,
+    /// How long a whole transfer took lately (a moving average), in ms; 0 before the first.
+    transfer_ms: AtomicU64,
     served: AtomicU64,
 }
 
@@ -88,6 +100,7 @@ impl AgentUpdates {
             offers: RwLock::new(HashMap::new()),
             transfers,
             waiting: AtomicU64::new(0),
+            transfer_ms: AtomicU64::new(0),
             served: AtomicU64::new(0),
         });
         updates.refresh();
@@ -274,19 +287,11 @@ impl AgentUpdates {
         let _permit = if head_only {
             None
         } else {
-            match Arc::clone(&self.transfers).try_acquire_owned() {
-                Ok(permit) => {
-                    // Most likely one of those told to come back: the queue is shorter.
-                    let _ = self
-                        .waiting
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            Some(n.saturating_sub(1))
-                        });
-                    Some(permit)
-                }
-                Err(_) => {
+            match self.wait_for_slot(shutdown).await {
+                Some(permit) => Some(permit),
+                None => {
                     let retry_after = self.retry_after();
-                    debug!(%peer, retry_after, "agent update: all transfer slots busy");
+                    debug!(%peer, retry_after, "agent update: no transfer slot; told to come back");
                     let headers = [("Retry-After", retry_after.to_string())];
                     let _ = plain_answer(
                         &mut stream,
@@ -300,6 +305,7 @@ impl AgentUpdates {
                 }
             }
         };
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             () = shutdown.cancelled() => Err("the server is shutting down".to_owned()),
             outcome = self.send_file(&mut stream, &offered, range, head_only) => outcome,
@@ -307,6 +313,7 @@ impl AgentUpdates {
         match outcome {
             Ok(bytes) if !head_only => {
                 self.served.fetch_add(1, Ordering::Relaxed);
+                self.record_transfer(started.elapsed(), bytes, offered.size);
                 debug!(%peer, archive = %offered.archive_name, bytes, "agent update sent");
             }
             Ok(_) => {}
@@ -317,12 +324,60 @@ impl AgentUpdates {
         let _ = stream.shutdown().await;
     }
 
-    // A random pause in a window as long as the queue takes to drain at one transfer per
-    // slot and second, at least 1 s and at most 60 s.
+    // A slot, waiting for one on the open connection for a while (slots are handed out in
+    // the order asked for); `None` when the queue is long or the wait ran out.
+    async fn wait_for_slot(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = Arc::clone(&self.transfers).try_acquire_owned() {
+            return Some(permit);
+        }
+        let slots = self.settings.max_transfers.max(1);
+        if self.waiting.load(Ordering::Relaxed) as usize >= slots * WAITING_PER_SLOT {
+            return None;
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => None,
+            acquired = tokio::time::timeout(
+                QUEUE_PATIENCE,
+                Arc::clone(&self.transfers).acquire_owned(),
+            ) => acquired.ok().and_then(Result::ok),
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        permit
+    }
+
+    // A complete transfer's duration feeds the estimate of how fast the queue drains.
+    fn record_transfer(&self, took: Duration, bytes: u64, size: u64) {
+        if bytes < size {
+            return;
+        }
+        let took = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .transfer_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(if average == 0 {
+                    took
+                } else {
+                    (average * 7 + took) / 8
+                })
+            });
+    }
+
+    // A random pause within the time the queue ahead takes to drain: the agents waiting,
+    // shared among the slots, each transfer taking as long as the recent ones did (1 s
+    // before any finished). At least 1 s, at most 5 minutes.
     fn retry_after(&self) -> u64 {
-        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        let waiting = self.waiting.load(Ordering::Relaxed) + 1;
         let slots = self.settings.max_transfers.max(1) as u64;
-        let window = (waiting / slots).clamp(1, 60);
+        let transfer_ms = match self.transfer_ms.load(Ordering::Relaxed) {
+            0 => 1000,
+            measured => measured,
+        };
+        let window_ms = waiting.div_ceil(slots).saturating_mul(transfer_ms);
+        let window = window_ms.div_ceil(1000).clamp(1, 300);
         rand::random_range(1..=window)
     }
 
@@ -342,8 +397,10 @@ impl AgentUpdates {
         } else {
             end - start + 1
         };
-        let mut file = tokio::fs::File::open(&offered.path)
+        let path = offered.path.clone();
+        let mut file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
             .await
+            .map_err(|err| format!("cannot open the archive: {err}"))?
             .map_err(|err| format!("cannot open {}: {err}", offered.path.display()))?;
         let status = if range.is_some() {
             "206 Partial Content"
@@ -366,22 +423,28 @@ impl AgentUpdates {
         if head_only || length == 0 {
             return Ok(0);
         }
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|err| format!("cannot seek: {err}"))?;
+        // One trip to the blocking pool per chunk, reading straight into the buffer that is
+        // written out (tokio::fs would copy through a buffer of its own).
         let mut buffer = vec![0u8; CHUNK_BYTES];
-        let mut left = length;
-        while left > 0 {
-            let want = usize::try_from(left.min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
-            let read = file
-                .read(&mut buffer[..want])
-                .await
-                .map_err(|err| format!("cannot read the archive: {err}"))?;
+        let mut offset = start;
+        let end_offset = start + length;
+        while offset < end_offset {
+            let want = usize::try_from((end_offset - offset).min(CHUNK_BYTES as u64))
+                .unwrap_or(CHUNK_BYTES);
+            let (returned_file, returned_buffer, read) = tokio::task::spawn_blocking(move || {
+                let read = read_at(&mut file, &mut buffer[..want], offset);
+                (file, buffer, read)
+            })
+            .await
+            .map_err(|err| format!("cannot read the archive: {err}"))?;
+            file = returned_file;
+            buffer = returned_buffer;
+            let read = read.map_err(|err| format!("cannot read the archive: {err}"))?;
             if read == 0 {
                 return Err("the archive is shorter than its signed size".to_owned());
             }
             self.write(stream, &buffer[..read]).await?;
-            left -= read as u64;
+            offset += read as u64;
         }
         stream
             .flush()
@@ -403,6 +466,19 @@ impl AgentUpdates {
             )),
         }
     }
+}
+
+// A positional read: no seek state shared between chunks.
+#[cfg(unix)]
+fn read_at(file: &mut std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buffer, offset)
+}
+
+#[cfg(not(unix))]
+fn read_at(file: &mut std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::io::{Read as _, Seek as _};
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    file.read(buffer)
 }
 
 // The offer for one ready agent package: its entry and the vendor's signature beside it.
