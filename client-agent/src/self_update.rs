@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use changeover_protocol::package::{self, PackageSignature, PackageVerifier, VendorKey};
+use changeover_protocol::package::{
+    self, PackageError, PackageSignature, PackageVerifier, VendorKey,
+};
 use changeover_protocol::release::{ReleaseKind, current_platform};
 use changeover_protocol::{AgentUpdateOffer, AgentUpdateState};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -755,23 +757,14 @@ pub struct InstallOptions {
 /// signature beside the archive; returns its version. Nothing is left behind on failure.
 pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
     let key = VendorKey::from_file(&options.public_key)?;
-    let entry = package::verify_archive(&options.package, &key)
+    let entry = package::verify_for_install(&options.package, &key, ReleaseKind::Agent)
+        .map_err(|err| match err {
+            PackageError::WrongKind { .. } => {
+                anyhow::anyhow!("{err}; install server releases with `changeover-server install`")
+            }
+            err => anyhow::Error::from(err),
+        })
         .with_context(|| format!("refusing to install {}", options.package.display()))?;
-    if entry.kind != ReleaseKind::Agent {
-        bail!(
-            "{} is a {} release; install server releases with `changeover-server install`",
-            options.package.display(),
-            entry.kind
-        );
-    }
-    let platform = current_platform();
-    if entry.platform != platform {
-        bail!(
-            "{} is built for {}, this machine is {platform}",
-            options.package.display(),
-            entry.platform
-        );
-    }
     let dir = &options.dir;
     if dir.join("release.json").exists() {
         bail!(

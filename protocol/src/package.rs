@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::release::{FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry};
+use crate::release::{FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseKind};
 
 /// Why a package, a manifest or a key was refused.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,18 @@ pub enum PackageError {
     },
     #[error("the archive entry {path:?} is refused: {reason}")]
     UnsafeEntry { path: String, reason: String },
+    #[error("{what} is a {actual} release, and this installs {expected} releases")]
+    WrongKind {
+        what: String,
+        expected: ReleaseKind,
+        actual: ReleaseKind,
+    },
+    #[error("{what} is built for {actual}, this machine is {expected}")]
+    WrongPlatform {
+        what: String,
+        expected: String,
+        actual: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -269,6 +281,32 @@ fn archive_label(archive: &Path) -> String {
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| archive.display().to_string())
+}
+
+/// Verifies an archive for installing on this machine: [`verify_archive`], and that it is
+/// a `kind` release built for this platform.
+pub fn verify_for_install(
+    archive: &Path,
+    key: &VendorKey,
+    kind: ReleaseKind,
+) -> Result<PackageEntry, PackageError> {
+    let entry = verify_archive(archive, key)?;
+    if entry.kind != kind {
+        return Err(PackageError::WrongKind {
+            what: archive_label(archive),
+            expected: kind,
+            actual: entry.kind,
+        });
+    }
+    let platform = crate::release::current_platform();
+    if entry.platform != platform {
+        return Err(PackageError::WrongPlatform {
+            what: archive_label(archive),
+            expected: platform,
+            actual: entry.platform,
+        });
+    }
+    Ok(entry)
 }
 
 /// Verifies an archive on disk against the `.minisig` beside it, in one pass.

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use changeover_protocol::package::{self, VendorKey};
-use changeover_protocol::release::{ReleaseKind, current_platform};
+use changeover_protocol::package::{self, PackageError, VendorKey};
+use changeover_protocol::release::ReleaseKind;
 
 use crate::layout::Layout;
 
@@ -29,23 +29,14 @@ pub struct InstallOptions {
 pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
     let layout = Layout::new(&options.root);
     let key = VendorKey::from_file(&options.public_key)?;
-    let entry = package::verify_archive(&options.package, &key)
+    let entry = package::verify_for_install(&options.package, &key, ReleaseKind::Server)
+        .map_err(|err| match err {
+            PackageError::WrongKind { .. } => {
+                anyhow::anyhow!("{err}; install agent releases with `changeover-agent install`")
+            }
+            err => anyhow::Error::from(err),
+        })
         .with_context(|| format!("refusing to install {}", options.package.display()))?;
-    if entry.kind != ReleaseKind::Server {
-        bail!(
-            "{} is a {} release; install agent releases with `changeover-agent install`",
-            options.package.display(),
-            entry.kind
-        );
-    }
-    let platform = current_platform();
-    if entry.platform != platform {
-        bail!(
-            "{} is built for {}, this machine is {platform}",
-            options.package.display(),
-            entry.platform
-        );
-    }
     let install_dir = layout.install_dir();
     if let Some(installed) = crate::version::release_version(&install_dir) {
         bail!(

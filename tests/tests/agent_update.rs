@@ -422,3 +422,41 @@ fn over_wss_the_update_comes_over_https_and_is_offered_from_the_downloads_at_sta
         agent.log_text()
     );
 }
+
+#[test]
+fn each_installer_takes_only_its_own_kind_of_release() {
+    let site = Site::new();
+    let dir = site.dir.path().join("agent");
+    let output = Command::new(binary("changeover-agent"))
+        .args(["install", "--dir"])
+        .arg(&dir)
+        .arg("--package")
+        .arg(archive("server", "1.1.0"))
+        .arg("--public-key")
+        .arg(&fixture().vendor.public_key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is a server release, and this installs agent releases")
+            && stderr.contains("changeover-server install"),
+        "{stderr}"
+    );
+    assert!(!dir.exists());
+
+    let root = site.dir.path().join("other-office");
+    let output = Command::new(binary("changeover-server"))
+        .args(["install", "--root"])
+        .arg(&root)
+        .arg("--package")
+        .arg(archive("agent", "1.1.0"))
+        .arg("--public-key")
+        .arg(&fixture().vendor.public_key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("changeover-agent install"), "{stderr}");
+    assert!(!root.join("server").exists());
+}
