@@ -11,7 +11,7 @@
 //! Downloads are plain `GET`/`HEAD` requests with `Range` support, streamed from the file
 //! in chunks of 256 KiB, so memory stays flat however many agents fetch. At most
 //! `max_transfers` run at once. A request beyond that waits on its open connection for a
-//! slot (first come, first served) for up to 15 s, so no slot idles while agents wait;
+//! slot (first come, first served) for up to 30 s, so no slot idles while agents wait;
 //! when the queue is longer than 16 per slot or the wait runs out, it gets `503` with a
 //! `Retry-After` at a random moment of the time the queue ahead takes to drain, estimated
 //! from how long recent transfers took, so a fleet spreads itself out.
@@ -45,7 +45,7 @@ const CHUNK_BYTES: usize = 256 * 1024;
 
 /// How long a request waits on its open connection for a transfer slot before it is told
 /// to come back later.
-const QUEUE_PATIENCE: Duration = Duration::from_secs(15);
+const QUEUE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Requests waiting for a slot at most, per slot; beyond, they are told to come back.
 const WAITING_PER_SLOT: usize = 16;
