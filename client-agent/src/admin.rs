@@ -699,10 +699,19 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
 // The UPDATE column: the agent's own update as it reported it, else whether it is current.
 fn update_cell(session: &changeover_protocol::SessionView, release: Option<&str>) -> String {
     if let Some(update) = &session.update {
+        // The whole reason is in --json; the table keeps its columns readable.
+        const DETAIL_CHARS: usize = 48;
         let detail = update
             .detail
             .as_deref()
-            .map(|detail| format!(": {detail}"))
+            .map(|detail| {
+                if detail.chars().count() > DETAIL_CHARS {
+                    let cut: String = detail.chars().take(DETAIL_CHARS - 1).collect();
+                    format!(": {cut}…")
+                } else {
+                    format!(": {detail}")
+                }
+            })
             .unwrap_or_default();
         return format!("{} {}{detail}", update.state, update.version);
     }
