@@ -12,7 +12,7 @@
 //! in chunks of 256 KiB, so memory stays flat however many agents fetch. At most
 //! `max_transfers` run at once. A request beyond that waits on its open connection for a
 //! slot (first come, first served) for up to 30 s, so no slot idles while agents wait;
-//! when the queue is longer than 16 per slot or the wait runs out, it gets `503` with a
+//! when the queue is longer than 64 per slot or the wait runs out, it gets `503` with a
 //! `Retry-After` at a random moment of the time the queue ahead takes to drain, estimated
 //! from how long recent transfers took, so a fleet spreads itself out.
 
@@ -48,7 +48,7 @@ const CHUNK_BYTES: usize = 256 * 1024;
 const QUEUE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Requests waiting for a slot at most, per slot; beyond, they are told to come back.
-const WAITING_PER_SLOT: usize = 16;
+const WAITING_PER_SLOT: usize = 64;
 
 /// Whether a plain HTTP request is an agent fetching its update.
 pub fn is_download(request: &http::Request<()>) -> bool {
