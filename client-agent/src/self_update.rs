@@ -397,10 +397,7 @@ impl Updater {
             .await
             .with_context(|| format!("cannot create {}", folder.display()))?;
         let part = folder.join(format!("{}.part", offer.archive));
-        let url = self
-            .base_url
-            .join(&offer.path)
-            .with_context(|| format!("{:?} is not a usable path", offer.path))?;
+        let url = archive_url(&self.base_url, &offer.path)?;
         let started = Instant::now();
         let mut failures = 0;
         loop {
@@ -607,6 +604,19 @@ fn http_base(server_url: &str) -> anyhow::Result<reqwest::Url> {
     url.set_scheme(scheme)
         .map_err(|()| anyhow::anyhow!("cannot turn {server_url:?} into an HTTP URL"))?;
     url.set_path("/");
+    Ok(url)
+}
+
+// The offer's path on the server this agent is connected to; an offer pointing anywhere
+// else is refused.
+fn archive_url(base: &reqwest::Url, path: &str) -> anyhow::Result<reqwest::Url> {
+    let url = base
+        .join(path)
+        .with_context(|| format!("{path:?} is not a usable path"))?;
+    anyhow::ensure!(
+        url.origin() == base.origin(),
+        "the offer points to {url}, not to this server"
+    );
     Ok(url)
 }
 
@@ -822,6 +832,20 @@ pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_cannot_point_elsewhere() {
+        let base = http_base("ws://10.0.0.5:7600").unwrap();
+        assert!(archive_url(&base, "http://attacker.example/a.tar.gz").is_err());
+        assert!(archive_url(&base, "//attacker.example/a.tar.gz").is_err());
+        assert!(archive_url(&base, "http://10.0.0.5:7601/a.tar.gz").is_err());
+        assert_eq!(
+            archive_url(&base, "/agent-updates/a.tar.gz")
+                .unwrap()
+                .as_str(),
+            "http://10.0.0.5:7600/agent-updates/a.tar.gz"
+        );
+    }
 
     #[test]
     fn archives_come_from_the_websocket_host_and_port() {

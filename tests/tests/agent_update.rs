@@ -65,6 +65,25 @@ fn archive(kind: &str, version: &str) -> PathBuf {
         .join(format!("{kind}-{version}-{}.tar.gz", current_platform()))
 }
 
+/// `PROGRAM install` of `package` into `target` (`--root` for the server, `--dir` for the
+/// agent), with the vendor's key.
+fn install(program: &str, target: &Path, package: &Path) -> std::process::Output {
+    let flag = if program == "changeover-server" {
+        "--root"
+    } else {
+        "--dir"
+    };
+    Command::new(binary(program))
+        .args(["install", flag])
+        .arg(target)
+        .arg("--package")
+        .arg(package)
+        .arg("--public-key")
+        .arg(&fixture().vendor.public_key)
+        .output()
+        .unwrap()
+}
+
 /// Server 1.0.0 installed, the feed served by Python's http.server.
 struct Site {
     dir: tempfile::TempDir,
@@ -83,15 +102,7 @@ impl Site {
         let fixture = fixture();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("office");
-        let output = Command::new(binary("changeover-server"))
-            .args(["install", "--root"])
-            .arg(&root)
-            .arg("--package")
-            .arg(archive("server", version))
-            .arg("--public-key")
-            .arg(&fixture.vendor.public_key)
-            .output()
-            .unwrap();
+        let output = install("changeover-server", &root, &archive("server", version));
         assert!(
             output.status.success(),
             "{}",
@@ -113,15 +124,7 @@ impl Site {
     /// `changeover-agent install` of agent 1.0.0 into a workstation folder of its own.
     fn install_agent(&self, user: &str) -> PathBuf {
         let dir = self.dir.path().join(user).join("agent");
-        let output = Command::new(binary("changeover-agent"))
-            .args(["install", "--dir"])
-            .arg(&dir)
-            .arg("--package")
-            .arg(archive("agent", "1.0.0"))
-            .arg("--public-key")
-            .arg(&fixture().vendor.public_key)
-            .output()
-            .unwrap();
+        let output = install("changeover-agent", &dir, &archive("agent", "1.0.0"));
         assert!(
             output.status.success(),
             "{}",
@@ -350,15 +353,7 @@ fn agent_install_refuses_a_tampered_package_and_leaves_nothing() {
     std::fs::copy(PathBuf::from(signature), PathBuf::from(copied_signature)).unwrap();
 
     let dir = site.dir.path().join("agent");
-    let output = Command::new(binary("changeover-agent"))
-        .args(["install", "--dir"])
-        .arg(&dir)
-        .arg("--package")
-        .arg(&tampered)
-        .arg("--public-key")
-        .arg(&fixture().vendor.public_key)
-        .output()
-        .unwrap();
+    let output = install("changeover-agent", &dir, &tampered);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("refusing to install"), "{stderr}");
@@ -427,15 +422,7 @@ fn over_wss_the_update_comes_over_https_and_is_offered_from_the_downloads_at_sta
 fn each_installer_takes_only_its_own_kind_of_release() {
     let site = Site::new();
     let dir = site.dir.path().join("agent");
-    let output = Command::new(binary("changeover-agent"))
-        .args(["install", "--dir"])
-        .arg(&dir)
-        .arg("--package")
-        .arg(archive("server", "1.1.0"))
-        .arg("--public-key")
-        .arg(&fixture().vendor.public_key)
-        .output()
-        .unwrap();
+    let output = install("changeover-agent", &dir, &archive("server", "1.1.0"));
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -446,15 +433,7 @@ fn each_installer_takes_only_its_own_kind_of_release() {
     assert!(!dir.exists());
 
     let root = site.dir.path().join("other-office");
-    let output = Command::new(binary("changeover-server"))
-        .args(["install", "--root"])
-        .arg(&root)
-        .arg("--package")
-        .arg(archive("agent", "1.1.0"))
-        .arg("--public-key")
-        .arg(&fixture().vendor.public_key)
-        .output()
-        .unwrap();
+    let output = install("changeover-server", &root, &archive("agent", "1.1.0"));
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("changeover-agent install"), "{stderr}");
