@@ -638,27 +638,58 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         )),
         None => out.push_str("agent release      none on offer\n"),
     }
+    if !report.apps.is_empty() {
+        out.push_str(&format!("applications       {}\n", report.apps.len()));
+        let rows: Vec<Vec<String>> = report
+            .apps
+            .iter()
+            .map(|app| {
+                let health = match (&app.health, app.health_at) {
+                    (Some(health), Some(at)) => {
+                        format!("{health} ({})", humantime::format_rfc3339_seconds(at))
+                    }
+                    (Some(health), None) => health.clone(),
+                    (None, _) => "-".to_owned(),
+                };
+                vec![
+                    app.name.clone(),
+                    app.state.to_string(),
+                    app.pid
+                        .map_or_else(|| "-".to_owned(), |pid| pid.to_string()),
+                    app.restarts.to_string(),
+                    one_line(&health),
+                    app.last_exit
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), one_line),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "APP",
+                "STATE",
+                "PID",
+                "RESTARTS",
+                "LAST HEALTH",
+                "LAST EXIT",
+            ],
+            &rows,
+        ));
+        out.push('\n');
+    }
     out.push_str(&format!("sessions           {}\n", report.sessions.len()));
     if report.sessions.is_empty() {
         return out;
     }
-    let header = [
-        "USER",
-        "HOST",
-        "AGENT",
-        "UPDATE",
-        "PLATFORM",
-        "ADDRESS",
-        "CONNECTED SINCE",
-    ];
-    let rows: Vec<[String; 7]> = report
+    let rows: Vec<Vec<String>> = report
         .sessions
         .iter()
         .map(|session| {
             let age = now
                 .duration_since(session.connected_since)
                 .unwrap_or_default();
-            [
+            vec![
                 session.user.clone(),
                 session.host.clone(),
                 session.agent_version.clone(),
@@ -673,25 +704,47 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "USER",
+            "HOST",
+            "AGENT",
+            "UPDATE",
+            "PLATFORM",
+            "ADDRESS",
+            "CONNECTED SINCE",
+        ],
+        &rows,
+    ));
+    out
+}
+
+// A multi-line text (a probe's error) as one table cell.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+// Left-aligned columns two spaces apart, the header first.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    out.push('\n');
-    let mut push_row = |cells: &[&str]| {
+    let mut out = String::new();
+    let mut push_row = |cells: &mut dyn Iterator<Item = &str>| {
         let line: Vec<String> = cells
-            .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     };
-    push_row(&header);
-    for row in &rows {
-        push_row(&row.each_ref().map(String::as_str));
+    push_row(&mut header.iter().copied());
+    for row in rows {
+        push_row(&mut row.iter().map(String::as_str));
     }
     out
 }
@@ -761,6 +814,15 @@ mod tests {
             outbox: Vec::new(),
             agent_release: Some("1.2.0".to_owned()),
             agents_behind: 0,
+            apps: vec![changeover_protocol::AppStatus {
+                name: "business".to_owned(),
+                state: changeover_protocol::AppState::Healthy,
+                pid: Some(4242),
+                restarts: 1,
+                health: Some("ok".to_owned()),
+                health_at: None,
+                last_exit: Some("exit status: 1".to_owned()),
+            }],
             sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
         };
         let text = render_status(&report, since + Duration::from_secs(125));
@@ -773,6 +835,11 @@ mod tests {
             "{text}"
         );
         assert!(lines[header + 2].contains("(2m 5s ago)"), "{text}");
+        let apps = lines.iter().position(|l| l.starts_with("APP")).unwrap();
+        assert!(
+            lines[apps + 1].starts_with("business  healthy  4242  1         ok"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,10 +16,10 @@ pub mod version;
 
 pub use close::CloseCode;
 pub use messages::{
-    AgentHello, AgentUpdateOffer, AgentUpdateState, AgentUpdateView, CandidateState,
-    CandidateStatus, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView,
-    ClientMessage, DecodeError, ErrorCode, FeedStatus, OutboxEntry, PackageSource, ServerMessage,
-    SessionView, StatusReport,
+    AgentHello, AgentUpdateOffer, AgentUpdateState, AgentUpdateView, AppState, AppStatus,
+    CandidateState, CandidateStatus, ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary,
+    ChangeoverView, ClientMessage, DecodeError, ErrorCode, FeedStatus, OutboxEntry, PackageSource,
+    ServerMessage, SessionView, StatusReport,
 };
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -390,8 +390,75 @@ pub struct StatusReport {
     /// Connected agents older than `agent_release`.
     #[serde(default)]
     pub agents_behind: u64,
+    /// The vendor's applications the server supervises (from the release's `app.toml`),
+    /// in start order; empty when the release has none.
+    #[serde(default)]
+    pub apps: Vec<AppStatus>,
     /// Every connected agent session, oldest first.
     pub sessions: Vec<SessionView>,
+}
+
+/// One supervised application of the installed release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// Its name in `app.toml`.
+    pub name: String,
+    pub state: AppState,
+    /// The process id while it runs, else null.
+    pub pid: Option<u32>,
+    /// How often the server started it again after it died.
+    pub restarts: u32,
+    /// The last health probe: `ok`, or why it failed; null before the first probe or when
+    /// the application has none.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// When its last probe ran.
+    #[serde(default, with = "optional_rfc3339")]
+    pub health_at: Option<SystemTime>,
+    /// Why it last stopped or was given up, if it did.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+}
+
+/// Where a supervised application is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    /// Started; its health probe has not passed yet.
+    Starting,
+    /// Running; it has no probe, or its last probe failed after it had passed.
+    Running,
+    /// Running and its last health probe passed.
+    Healthy,
+    /// Being stopped: SIGTERM sent, SIGKILL after its stop timeout.
+    Stopping,
+    /// Not running: stopped by the server, or waiting to be started again after it died.
+    Stopped,
+    /// It kept dying soon after each start; the server gave up restarting it.
+    Crashed,
+    /// A state this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Starting => "starting",
+            AppState::Running => "running",
+            AppState::Healthy => "healthy",
+            AppState::Stopping => "stopping",
+            AppState::Stopped => "stopped",
+            AppState::Crashed => "crashed",
+            AppState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for AppState {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
 }
 
 /// A mail waiting in the server's outbox.

@@ -114,6 +114,26 @@ fn status() -> ServerMessage {
         }],
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
+        apps: vec![
+            changeover_protocol::AppStatus {
+                name: "business".to_owned(),
+                state: changeover_protocol::AppState::Healthy,
+                pid: Some(48213),
+                restarts: 0,
+                health: Some("ok".to_owned()),
+                health_at: Some(at(1_795_875_520)),
+                last_exit: None,
+            },
+            changeover_protocol::AppStatus {
+                name: "finance".to_owned(),
+                state: changeover_protocol::AppState::Crashed,
+                pid: None,
+                restarts: 4,
+                health: Some("cannot connect to 127.0.0.1:8081: Connection refused (os error 111)".to_owned()),
+                health_at: Some(at(1_795_875_431)),
+                last_exit: Some("exit status: 1".to_owned()),
+            },
+        ],
         sessions: two_sessions(),
     }))
 }
@@ -167,6 +187,7 @@ fn status_inbox_only() -> ServerMessage {
         outbox: Vec::new(),
         agent_release: None,
         agents_behind: 0,
+        apps: Vec::new(),
         sessions: Vec::new(),
     }))
 }
@@ -231,6 +252,7 @@ fn status_counting_down() -> ServerMessage {
         outbox: Vec::new(),
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
+        apps: Vec::new(),
         sessions: two_sessions(),
     }))
 }
@@ -267,6 +289,7 @@ fn status_scheduled() -> ServerMessage {
         outbox: Vec::new(),
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
+        apps: Vec::new(),
         sessions: Vec::new(),
     }))
 }
@@ -294,6 +317,7 @@ fn status_after_changeover() -> ServerMessage {
         outbox: Vec::new(),
         agent_release: Some("2.4.0".to_owned()),
         agents_behind: 3,
+        apps: Vec::new(),
         sessions: sessions_after_changeover(),
     }))
 }

@@ -59,6 +59,11 @@ pub struct ConnectionContext {
     pub write_timeout: Duration,
     /// Cancelled once on SIGTERM/SIGINT: every connection closes with "going away".
     pub shutdown: CancellationToken,
+    /// The vendor's applications this server supervises, for the status report.
+    pub apps: crate::apps::Apps,
+    /// The agent id the server's own health check says hello with: a secret of this
+    /// process, answered with a welcome without taking a session (see `changeover::health`).
+    pub self_check_id: String,
 }
 
 /// How a connection ended, for the log.
@@ -173,6 +178,20 @@ where
     };
     // The session table shows the version actually spoken.
     hello.protocol_version = protocol_version;
+    if !context.self_check_id.is_empty() && hello.agent_id == context.self_check_id {
+        // The server's own health check: the whole path an agent takes, up to the
+        // welcome, also while the door is still closed to sessions.
+        let welcome = ServerMessage::Welcome {
+            protocol_version,
+            server_version: context.server_version.clone(),
+            session_id: 0,
+            heartbeat_secs: context.heartbeat.as_secs(),
+        };
+        if let Err(ending) = Box::pin(send(ws, &welcome, context)).await {
+            return ending;
+        }
+        return close(ws, CloseCode::Normal, "self-check done", context).await;
+    }
     // Subscribe before registering so nothing broadcast after registration is missed.
     let mut broadcasts = context.hub.subscribe();
     let user = hello.user.clone();
@@ -451,6 +470,7 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
             .release_version()
             .map(|version| version.to_string()),
         agents_behind,
+        apps: context.apps.statuses(),
         sessions,
     }))
 }

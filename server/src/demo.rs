@@ -98,6 +98,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     let root = dir.join("office");
     install(&InstallOptions {
         root: root.clone(),
+        name: crate::layout::INSTALL_DIR_NAME.to_owned(),
         package: feed.join(format!("server-1.0.0-{}.tar.gz", current_platform())),
         public_key: vendor_pub.clone(),
     })?;

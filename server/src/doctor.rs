@@ -113,8 +113,14 @@ impl Finding {
 /// folder it creates inside `root` and removes again. An `Err` means doctor itself failed,
 /// not a check.
 pub async fn examine(root: &Path) -> anyhow::Result<Vec<Finding>> {
+    examine_named(root, crate::layout::INSTALL_DIR_NAME).await
+}
+
+/// [`examine`] for the install called `name` (`--name`).
+pub async fn examine_named(root: &Path, name: &str) -> anyhow::Result<Vec<Finding>> {
     let owned_root = root.to_owned();
-    let local = tokio::task::spawn_blocking(move || examine_locally(&owned_root)).await?;
+    let name = name.to_owned();
+    let local = tokio::task::spawn_blocking(move || examine_locally(&owned_root, &name)).await?;
     let mut findings = local.findings;
     if let Some(followups) = local.followups {
         findings.push(check_feed(&followups.feed, followups.installed_version.as_ref()).await);
@@ -223,7 +229,7 @@ enum MailSetting {
     },
 }
 
-fn examine_locally(root: &Path) -> LocalResult {
+fn examine_locally(root: &Path, name: &str) -> LocalResult {
     if !root.is_dir() {
         // Nothing else makes sense, and the rights probe would create the folder.
         return LocalResult {
@@ -240,7 +246,7 @@ fn examine_locally(root: &Path) -> LocalResult {
             followups: None,
         };
     }
-    let layout = Layout::new(root);
+    let layout = Layout::named(root, name);
     let mut findings = Vec::new();
     let (install, installed_version) = check_install(&layout);
     findings.push(install);
@@ -254,6 +260,7 @@ fn examine_locally(root: &Path) -> LocalResult {
     findings.push(check_leftovers(&layout));
     findings.push(check_space(&layout));
     findings.push(loaded.finding);
+    findings.extend(check_apps(&layout));
     let (vendor_key, key) = check_vendor_key(&layout, &loaded.config);
     findings.push(vendor_key);
     let feed = match (&loaded.config.feed.url, key) {
@@ -1042,6 +1049,128 @@ fn check_vendor_key(layout: &Layout, config: &Config) -> (Finding, Option<Vendor
             None,
         ),
     }
+}
+
+// ---- 5b. the vendor's applications (app.toml) ----------------------------------------------
+
+const CHECK_APPS: &str = "applications";
+
+// One finding per application: its programs exist and are executable, and its probe's port
+// is free or served by it (its pid file names a live process).
+fn check_apps(layout: &Layout) -> Vec<Finding> {
+    let install = layout.install_dir();
+    if !install.is_dir() {
+        return Vec::new();
+    }
+    let manifest = match crate::apps::Manifest::load(&install) {
+        Ok(Some(manifest)) => manifest,
+        Ok(None) => {
+            return vec![Finding::ok(
+                CHECK_APPS,
+                format!(
+                    "no {} in the release: the server runs alone",
+                    crate::apps::manifest::FILE_NAME
+                ),
+            )];
+        }
+        Err(err) => {
+            return vec![Finding::blocker(
+                CHECK_APPS,
+                format!("{err:#}"),
+                "the release's app.toml is the vendor's: ask for a release with a valid one \
+                 (README, \"Putting your application under Changeover\")",
+            )];
+        }
+    };
+    let mut findings = Vec::new();
+    for app in &manifest.apps {
+        let single = crate::apps::Manifest {
+            apps: vec![app.clone()],
+        };
+        if let Err(err) = single.check_programs(&install) {
+            findings.push(Finding::blocker(
+                CHECK_APPS,
+                format!("{err:#}"),
+                format!(
+                    "the application cannot start: make the program executable \
+                     (`chmod +x`) or reinstall the release into {}",
+                    install.display()
+                ),
+            ));
+            continue;
+        }
+        let port = match &app.health {
+            Some(crate::apps::Probe::Tcp(address)) => Some(address.clone()),
+            Some(crate::apps::Probe::Http(url)) => url.parse::<http::Uri>().ok().and_then(|uri| {
+                let host = uri.host()?.trim_matches(['[', ']']).to_owned();
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if uri.scheme_str() == Some("https") {
+                        443
+                    } else {
+                        80
+                    });
+                Some(if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                })
+            }),
+            _ => None,
+        };
+        let running = app_pid(layout, &app.name);
+        let in_use = port.as_deref().is_some_and(port_in_use);
+        let probe = app
+            .health
+            .as_ref()
+            .map_or_else(|| "no health probe".to_owned(), |probe| probe.to_string());
+        match (in_use, running) {
+            (true, None) => findings.push(Finding::blocker(
+                CHECK_APPS,
+                format!(
+                    "{}: its probe's address {} is already taken by another program",
+                    app.name,
+                    port.as_deref().unwrap_or("")
+                ),
+                "stop whatever listens there (`ss -ltnp`), or the application will not start \
+                 and a changeover would roll back",
+            )),
+            (_, Some(pid)) => findings.push(Finding::ok(
+                CHECK_APPS,
+                format!("{}: running as pid {pid}; {probe}", app.name),
+            )),
+            (false, None) => findings.push(Finding::ok(
+                CHECK_APPS,
+                format!("{}: ready to start; {probe}", app.name),
+            )),
+        }
+    }
+    findings
+}
+
+// The pid of the running application from its pid file, when that process is alive.
+fn app_pid(layout: &Layout, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(layout.apps_dir().join(format!("{name}.pid"))).ok()?;
+    let pid: u32 = text.split_whitespace().next()?.parse().ok()?;
+    #[cfg(target_os = "linux")]
+    {
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(pid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    Some(pid)
+}
+
+fn port_in_use(address: &str) -> bool {
+    use std::net::ToSocketAddrs as _;
+    let Ok(addresses) = address.to_socket_addrs() else {
+        return false;
+    };
+    addresses.into_iter().any(|address| {
+        std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_millis(500))
+            .is_ok()
+    })
 }
 
 // ---- 7. the feed --------------------------------------------------------------------------

@@ -21,13 +21,15 @@ pub const VENDOR_KEY_IN_INSTALL: &str = "config/vendor.pub";
 #[derive(Debug)]
 pub struct InstallOptions {
     pub root: PathBuf,
+    /// The install's name (`--name`): the release goes to `<root>/<name>`.
+    pub name: String,
     pub package: PathBuf,
     pub public_key: PathBuf,
 }
 
 /// Installs a server release into `<root>/server`; returns its version.
 pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
-    let layout = Layout::new(&options.root);
+    let layout = Layout::named(&options.root, &options.name);
     let key = VendorKey::from_file(&options.public_key)?;
     let entry = package::verify_for_install(&options.package, &key, ReleaseKind::Server)
         .map_err(|err| match err {
@@ -49,7 +51,7 @@ pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
     std::fs::create_dir_all(layout.root())
         .with_context(|| format!("cannot create {}", layout.root().display()))?;
 
-    let staging = layout.root().join(".server.installing");
+    let staging = layout.root().join(format!(".{}.installing", layout.name()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).with_context(|| {
             format!("cannot remove a stale staging folder {}", staging.display())
@@ -87,6 +89,9 @@ fn stage(
     let binary = staging.join(kind.binary_path());
     if !binary.is_file() {
         bail!("the release has no {}", kind.binary_path());
+    }
+    if let Some(manifest) = crate::apps::Manifest::load(staging)? {
+        manifest.check_programs(staging)?;
     }
     if install_dir.exists() {
         for name in ["config", "certs", "backups"] {

@@ -5,6 +5,7 @@
 //! `main.rs` only parses the command line and sets up logging.
 
 pub mod agent_updates;
+pub mod apps;
 pub mod auth;
 pub mod changeover;
 pub mod config;
@@ -59,6 +60,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct RunOptions {
     /// The product folder.
     pub root: PathBuf,
+    /// Which install in it (`--name`, default `server`).
+    pub name: String,
     /// Overrides `server.listen` from the config.
     pub listen: Option<SocketAddr>,
 }
@@ -76,7 +79,7 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
     }
     // Only read: an unfinished changeover may have moved the config into the new release,
     // and nothing may be created in the install before recovery has put things back.
-    let layout = Layout::new(&options.root);
+    let layout = Layout::named(&options.root, &options.name);
     let config = match std::fs::read_to_string(layout.config_file()) {
         Ok(text) => {
             Config::parse(&text)
@@ -94,12 +97,12 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
 /// Runs the server until SIGINT or SIGTERM, then closes every session with a reason.
 pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> anyhow::Result<()> {
     // The socket has its descriptor: the log file may have the next one.
-    log_file::attach(&Layout::new(&options.root).state_dir());
+    let layout = Layout::named(&options.root, &options.name);
+    log_file::attach(&layout.state_dir());
     match platform::raise_open_file_limit() {
         Ok(limit) => info!(%limit, "one file descriptor per agent"),
         Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),
     }
-    let layout = Layout::new(&options.root);
     std::fs::create_dir_all(layout.state_dir())
         .with_context(|| format!("cannot create {}", layout.state_dir().display()))?;
     let server_version = version::running_version();
@@ -110,9 +113,24 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         "run".into(),
         "--root".into(),
         options.root.clone().into_os_string(),
+        "--name".into(),
+        options.name.clone().into(),
         "--listen".into(),
         bound.to_string().into(),
     ];
+
+    // Applications a killed predecessor left running are stopped first: their data must
+    // be at rest before recovery moves any folder, and their ports free for the next start.
+    let apps_dir = layout.apps_dir();
+    let orphans = tokio::task::spawn_blocking(move || apps::stop_orphans(&apps_dir))
+        .await
+        .unwrap_or_default();
+    if !orphans.is_empty() {
+        warn!(
+            ?orphans,
+            "stopped applications left running by the previous server process"
+        );
+    }
 
     // An unfinished changeover is settled before anything else.
     let journal_files = JournalFiles::new(&layout.state_dir());
@@ -158,7 +176,12 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         _ => None,
     };
     let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let uses_tls = tls.is_some();
+    let self_tls = match &config.tls.cert {
+        Some(cert) if tls.is_some() => {
+            Some(tls::self_connector(&layout.resolve_install_path(cert))?)
+        }
+        _ => None,
+    };
     // A plain line on stdout for scripts and tests; the same in the log.
     say(&format!("listening on {scheme}://{bound}"));
     info!(version = %server_version, address = %bound, %scheme, "server started");
@@ -192,6 +215,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     );
     tracker.spawn(Arc::clone(&agent_updates).run(hub.clone(), shutdown.clone()));
     let (changeover, driver_inbox) = changeover::driver::channel(&layout.state_dir());
+    let apps = apps::Apps::new(layout.install_dir(), layout.apps_dir());
+    let self_check_id = format!(
+        "changeover-self-check-{}",
+        hex::encode(rand::random::<[u8; 16]>())
+    );
     let changeover_handle = changeover.clone();
     let context = Arc::new(ConnectionContext {
         hub: hub.clone(),
@@ -205,6 +233,8 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         hello_timeout: config.server.handshake_timeout(),
         write_timeout: config.server.write_timeout(),
         shutdown: shutdown.clone(),
+        apps: apps.clone(),
+        self_check_id: self_check_id.clone(),
     });
     let listener = Arc::new(Listener {
         tls,
@@ -225,22 +255,39 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             listener: Arc::clone(&listener_control),
             server_version: server_version.clone(),
             restart_args: restart_args.clone(),
+            apps: apps.clone(),
         },
         driver_inbox,
     );
+    let manifest = apps::Manifest::load(&layout.install_dir());
     if let Resume::HealthCheck(journal) = resume {
         let health_timeout = Duration::from_secs(config.changeover.health_timeout_secs);
-        let outcome = tokio::time::timeout(
-            health_timeout,
-            changeover::health::check(&layout, &journal, bound, uses_tls),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "not healthy within {} s",
-                health_timeout.as_secs()
-            ))
-        });
+        let deadline = tokio::time::Instant::now() + health_timeout;
+        let hello = changeover::health::SelfHello {
+            address: bound,
+            tls: self_tls,
+            agent_id: self_check_id,
+            server_version: server_version.clone(),
+        };
+        let check = async {
+            changeover::health::check_files(&layout, &journal).await?;
+            // Started only now: the carried files were checked as they arrived.
+            if let Some(manifest) = manifest? {
+                apps.start(&manifest);
+                changeover::fault_point("apps_started");
+            }
+            changeover::health::check_serving(&apps, deadline, &hello).await
+        };
+        // The applications' wait ends at the deadline with their own reason; this bound
+        // only catches a check that hangs elsewhere.
+        let outcome = tokio::time::timeout(health_timeout + Duration::from_secs(10), check)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "not healthy within {} s",
+                    health_timeout.as_secs()
+                ))
+            });
         match outcome {
             Ok(()) => {
                 let summary =
@@ -257,6 +304,8 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             }
             Err(err) => {
                 let reason = format!("the new release failed its health check: {err:#}");
+                // The new applications stop before their folders are exchanged back.
+                apps.stop_all().await;
                 let resume = changeover::recovery::roll_back(
                     &layout,
                     &journal_files,
@@ -278,6 +327,16 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                     );
                 }
             }
+        }
+    } else {
+        match manifest {
+            Ok(Some(manifest)) => apps.start(&manifest),
+            Ok(None) => {}
+            // The server serves anyway: a site must never be locked out of it.
+            Err(err) => tracing::error!(
+                cause = %format!("{err:#}"),
+                "cannot start the applications of this release"
+            ),
         }
     }
     // The packages are verified again only now: after a changeover, hashing them would
@@ -344,6 +403,10 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             "some connections did not close in time"
         );
     }
+    if !apps.is_empty() {
+        info!("stopping the applications, the last started first");
+        apps.stop_all().await;
+    }
     info!("stopped");
     Ok(())
 }
@@ -351,8 +414,8 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
 /// `changeover-server self-check`: what a new release runs in the preflight, against the
 /// product folder it is about to serve. Starts, reads the config it will get (without
 /// writing anything), checks the state folder is readable, prints its version.
-pub fn self_check(root: &std::path::Path) -> anyhow::Result<String> {
-    let layout = Layout::new(root);
+pub fn self_check(root: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let layout = Layout::named(root, name);
     let text = std::fs::read_to_string(layout.config_file())
         .or_else(|err| {
             if err.kind() == std::io::ErrorKind::NotFound {

@@ -20,6 +20,7 @@ pub const FILE_NAME: &str = "server.log";
 #[derive(Debug)]
 pub struct LogFile {
     path: PathBuf,
+    max_bytes: u64,
     state: Mutex<Option<(File, u64)>>,
 }
 
@@ -27,8 +28,12 @@ impl LogFile {
     /// Opens (appending) `state_dir/server.log`; `None` when it cannot be written, and the
     /// log goes to stderr only.
     pub fn open(state_dir: &Path) -> Option<Arc<LogFile>> {
-        std::fs::create_dir_all(state_dir).ok()?;
-        let path = state_dir.join(FILE_NAME);
+        LogFile::open_at(state_dir.join(FILE_NAME), MAX_BYTES)
+    }
+
+    /// Opens (appending) the log file `path`, rotated to `<path>.1` past `max_bytes`.
+    pub fn open_at(path: PathBuf, max_bytes: u64) -> Option<Arc<LogFile>> {
+        std::fs::create_dir_all(path.parent()?).ok()?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -37,20 +42,22 @@ impl LogFile {
         let size = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
         Some(Arc::new(LogFile {
             path,
+            max_bytes,
             state: Mutex::new(Some((file, size))),
         }))
     }
 
-    fn append(&self, bytes: &[u8]) {
+    /// Appends `bytes`; what cannot be written is dropped, never an error.
+    pub fn append(&self, bytes: &[u8]) {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         if let Some((_, size)) = state.as_ref()
-            && *size + bytes.len() as u64 > MAX_BYTES
+            && *size + bytes.len() as u64 > self.max_bytes
         {
             *state = None;
-            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+            let _ = std::fs::rename(&self.path, rotated(&self.path));
             *state = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -108,15 +115,27 @@ impl Write for Tee {
 /// The last `count` lines of the log in `state_dir` (reaching into the rotated file when
 /// the current one is shorter), oldest first.
 pub fn tail(state_dir: &Path, count: usize) -> Vec<String> {
+    tail_of(&state_dir.join(FILE_NAME), count)
+}
+
+/// The rotated copy of the log file `path`: `<path>.1`.
+fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// The last `count` lines of the log file `path` and its rotated copy, oldest first.
+pub fn tail_of(path: &Path, count: usize) -> Vec<String> {
     let read = |path: PathBuf| {
         std::fs::read(path)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
     };
-    let current = read(state_dir.join(FILE_NAME));
+    let current = read(path.to_owned());
     let mut lines: Vec<String> = current.lines().map(str::to_owned).collect();
     if lines.len() < count {
-        let rotated = read(state_dir.join(FILE_NAME).with_extension("log.1"));
+        let rotated = read(rotated(path));
         let mut older: Vec<String> = rotated.lines().map(str::to_owned).collect();
         older.append(&mut lines);
         lines = older;

@@ -20,11 +20,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install a server release into DIR/server for the first time, verified like an update.
+    /// Install a server release into DIR/NAME (DIR/server) for the first time, verified
+    /// like an update.
     Install {
         /// The product folder.
         #[arg(long)]
         root: PathBuf,
+        /// Which application install in the product folder: DIR/NAME, its own state.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
         /// The release archive; its signature FILE.minisig must lie beside it.
         #[arg(long)]
         package: PathBuf,
@@ -54,18 +58,27 @@ enum Command {
         /// The product folder.
         #[arg(long)]
         root: PathBuf,
+        /// Which application install in the product folder: DIR/NAME, its own state.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
     },
     /// Check that this release can serve a product folder (read its config and state)
     /// without changing anything; run by a changeover before anyone is warned.
     SelfCheck {
         #[arg(long)]
         root: PathBuf,
+        /// Which application install in the product folder: DIR/NAME, its own state.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
     },
     /// Run the server for a product folder.
     Run {
         /// The product folder: holds server/ (the install) and state/.
         #[arg(long)]
         root: PathBuf,
+        /// Which application install in the product folder: DIR/NAME, its own state.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
         /// Address to listen on [default: server.listen from the config, 127.0.0.1:7600].
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -131,15 +144,17 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { root, listen } => {
-            let options = changeover_server::RunOptions { root, listen };
+        Command::Run { root, name, listen } => {
+            let options = changeover_server::RunOptions { root, name, listen };
             // The socket comes first, before the runtime opens its own descriptors, so it
             // is descriptor 3 and can be handed over to the next release in place.
-            changeover_server::open_listener(&options).and_then(|listener| {
-                tokio::runtime::Runtime::new()
-                    .context("cannot start the async runtime")?
-                    .block_on(changeover_server::run(options, listener))
-            })
+            changeover_server::layout::check_install_name(&options.name)
+                .and_then(|()| changeover_server::open_listener(&options))
+                .and_then(|listener| {
+                    tokio::runtime::Runtime::new()
+                        .context("cannot start the async runtime")?
+                        .block_on(changeover_server::run(options, listener))
+                })
         }
         Command::Demo {
             agents,
@@ -165,9 +180,11 @@ fn main() -> ExitCode {
                     ))
                 }
             }),
-        Command::Doctor { root } => tokio::runtime::Runtime::new()
-            .context("cannot start the async runtime")
-            .and_then(|runtime| runtime.block_on(changeover_server::doctor::examine(&root)))
+        Command::Doctor { root, name } => changeover_server::layout::check_install_name(&name)
+            .and_then(|()| tokio::runtime::Runtime::new().context("cannot start the async runtime"))
+            .and_then(|runtime| {
+                runtime.block_on(changeover_server::doctor::examine_named(&root, &name))
+            })
             .and_then(|findings| {
                 print!("{}", changeover_server::doctor::render(&findings));
                 if changeover_server::doctor::blocks_changeover(&findings) {
@@ -178,14 +195,18 @@ fn main() -> ExitCode {
                     Ok(())
                 }
             }),
-        Command::SelfCheck { root } => changeover_server::self_check(&root).map(|version| {
-            println!("changeover-server {version} ok");
-        }),
+        Command::SelfCheck { root, name } => changeover_server::layout::check_install_name(&name)
+            .and_then(|()| changeover_server::self_check(&root, &name))
+            .map(|version| {
+                println!("changeover-server {version} ok");
+            }),
         Command::Install {
             root,
+            name,
             package,
             public_key,
-        } => install(root, package, public_key),
+        } => changeover_server::layout::check_install_name(&name)
+            .and_then(|()| install(root, name, package, public_key)),
         Command::Release(command) => release(command),
     };
     match result {
@@ -197,16 +218,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn install(root: PathBuf, package: PathBuf, public_key: PathBuf) -> anyhow::Result<()> {
+fn install(
+    root: PathBuf,
+    name: String,
+    package: PathBuf,
+    public_key: PathBuf,
+) -> anyhow::Result<()> {
     let options = changeover_server::install::InstallOptions {
         root,
+        name,
         package,
         public_key,
     };
     let version = changeover_server::install::install(&options)?;
     println!(
         "installed server {version} into {}",
-        options.root.join("server").display()
+        options.root.join(&options.name).display()
     );
     Ok(())
 }

@@ -117,10 +117,15 @@ pub fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
 /// The listening socket handed over by the previous process image (or by systemd socket
 /// activation): fd 3 with `LISTEN_FDS`/`LISTEN_PID` naming this process.
 pub fn inherited_listener() -> Option<std::net::TcpListener> {
-    listenfd::ListenFd::from_env()
+    let listener = listenfd::ListenFd::from_env()
         .take_tcp_listener(0)
         .ok()
-        .flatten()
+        .flatten()?;
+    // Handed over without close-on-exec; the applications this server starts must not
+    // inherit it, or they would hold the port after the server is gone.
+    #[cfg(unix)]
+    let _ = rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC);
+    Some(listener)
 }
 
 /// Replaces this process image with `binary` (same PID, so a supervisor keeps tracking it),

@@ -172,6 +172,9 @@ pub struct Collaborators {
     pub hub: HubHandle,
     pub releases: Arc<Releases>,
     pub listener: Arc<ListenerControl>,
+    /// The vendor's applications: stopped before the carry-over, started again after a
+    /// rollback in this process.
+    pub apps: crate::apps::Apps,
     pub server_version: String,
     /// Arguments the new process is started with (`run --root … --listen …`).
     pub restart_args: Vec<std::ffi::OsString>,
@@ -574,6 +577,16 @@ impl Driver {
             Err(undo_err) => format!("{reason}; undoing it also failed: {undo_err:#}"),
         };
         self.finish(ChangeoverOutcome::RolledBack, Some(reason));
+        // The old release's applications run again, on the data as it was.
+        if self.parts.apps.is_empty() {
+            match crate::apps::Manifest::load(&self.parts.layout.install_dir()) {
+                Ok(Some(manifest)) => self.parts.apps.start(&manifest),
+                Ok(None) => {}
+                Err(err) => {
+                    error!(cause = %format!("{err:#}"), "cannot start the applications again")
+                }
+            }
+        }
         self.parts.hub.reopen().await;
         let tcp = match tcp {
             Some(tcp) => Some(tcp),
@@ -656,6 +669,16 @@ impl Driver {
                 flushed, "logged-out connections closed"
             );
         }
+        // The applications stop before anything is carried, so their data is at rest.
+        if !self.parts.apps.is_empty() {
+            let started = std::time::Instant::now();
+            self.parts.apps.stop_all().await;
+            info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "applications stopped"
+            );
+        }
+        fault_point("apps_stopped");
         tcp.into_std()
             .context("cannot take the listening socket out of the runtime")
     }
@@ -918,7 +941,14 @@ async fn prepare(
     })
     .await
     .context("the preflight task failed")??;
-    preflight::self_check(&staging, layout.root(), &target).await?;
+    preflight::self_check(&staging, &layout, &target).await?;
+    // The new release's applications: a manifest it can run, and their own self-checks.
+    if let Some(manifest) =
+        crate::apps::Manifest::load(&staging).context("the new release's application list")?
+    {
+        manifest.check_programs(&staging)?;
+        crate::apps::run_checks(&manifest, &staging).await?;
+    }
     Ok(Prepared {
         archive: package.archive,
         carried,

@@ -1,15 +1,18 @@
 //! The new release's health check, and the commit that follows it.
 //!
-//! Healthy means: the carried files are all there as recorded, the state folder is
-//! writable, and the server answers on its port (an HTTP request gets the server's own
-//! `426` answer). Only then is the old release deleted.
+//! Healthy means, in this order: the carried files are all there as recorded and the
+//! state folder is writable ([`check_files`], before the new applications start and may
+//! change them); then every application of the release passes its probe, and the server
+//! completes a real WebSocket handshake and hello/welcome with itself on its own port,
+//! over TLS when it serves TLS ([`check_serving`]). Only then is the old release deleted.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
-use changeover_protocol::{ChangeoverOutcome, ServerMessage};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use changeover_protocol::{AgentHello, ChangeoverOutcome, PROTOCOL_VERSION, ServerMessage};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
 use tracing::info;
 
 use super::driver::summarize;
@@ -17,14 +20,11 @@ use super::journal::{Journal, JournalFiles};
 use super::{carry, fault_point, fault_requested};
 use crate::layout::Layout;
 
-/// Runs the checks; `tls` says whether the port speaks TLS (then only the TCP connect is
-/// checked from here).
-pub async fn check(
-    layout: &Layout,
-    journal: &Journal,
-    address: SocketAddr,
-    tls: bool,
-) -> anyhow::Result<()> {
+/// How long the hello with itself may take.
+const SELF_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first part of the check: the files the new release was given.
+pub async fn check_files(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
     fault_point("health_check");
     if fault_requested("unhealthy") {
         bail!(
@@ -40,36 +40,133 @@ pub async fn check(
     let probe = layout.state_dir().join(".health-probe");
     std::fs::write(&probe, b"ok").context("the state folder is not writable")?;
     let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
 
-    let connect_to = if address.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], address.port()))
+/// How the server says hello to itself.
+pub struct SelfHello {
+    /// The listening address (an unspecified address is reached on loopback).
+    pub address: SocketAddr,
+    /// Set when the port speaks TLS: trusts exactly the server's own certificate.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+    /// The agent id the connection code answers without taking a session.
+    pub agent_id: String,
+    /// The version the welcome must report.
+    pub server_version: String,
+}
+
+impl std::fmt::Debug for SelfHello {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SelfHello")
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .field("server_version", &self.server_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The second part: the applications healthy by `deadline`, and the server serving.
+pub async fn check_serving(
+    apps: &crate::apps::Apps,
+    deadline: tokio::time::Instant,
+    hello: &SelfHello,
+) -> anyhow::Result<()> {
+    apps.wait_healthy(deadline).await?;
+    fault_point("apps_healthy");
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    tokio::time::timeout(remaining.min(SELF_HELLO_TIMEOUT), say_hello(hello))
+        .await
+        .map_err(|_| anyhow::anyhow!("the server did not answer its own hello in time"))?
+        .context("the server does not serve agents on its own port")
+}
+
+/// Connects to the server's own port as an agent would and checks the welcome.
+pub async fn say_hello(hello: &SelfHello) -> anyhow::Result<()> {
+    let connect_to = if hello.address.ip().is_unspecified() {
+        let loopback: std::net::IpAddr = if hello.address.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        };
+        SocketAddr::new(loopback, hello.address.port())
     } else {
-        address
+        hello.address
     };
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(connect_to),
-    )
-    .await
-    .context("the server does not accept connections on its port")?
-    .with_context(|| format!("cannot connect to {connect_to}"))?;
-    if !tls {
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .await
-            .context("cannot send to the server's port")?;
-        let mut answer = vec![0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-            .await
-            .context("the server does not answer on its port")??;
-        if !answer[..read].starts_with(b"HTTP/1.1 426") {
+    let tcp = tokio::net::TcpStream::connect(connect_to)
+        .await
+        .with_context(|| format!("cannot connect to {connect_to}"))?;
+    let greeting = changeover_protocol::ClientMessage::Hello(AgentHello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: hello.agent_id.clone(),
+        user: "changeover".to_owned(),
+        host: "health-check".to_owned(),
+        platform: changeover_protocol::release::current_platform(),
+        agent_version: hello.server_version.clone(),
+    });
+    let welcome = match &hello.tls {
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")
+                .context("a server name")?
+                .to_owned();
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .context("the TLS handshake with itself failed")?;
+            exchange(&format!("wss://{connect_to}/"), stream, &greeting).await?
+        }
+        None => exchange(&format!("ws://{connect_to}/"), tcp, &greeting).await?,
+    };
+    match welcome {
+        ServerMessage::Welcome { server_version, .. } if server_version == hello.server_version => {
+            info!("the server answered its own hello");
+            Ok(())
+        }
+        ServerMessage::Welcome { server_version, .. } => bail!(
+            "the port is served by version {server_version}, not {}",
+            hello.server_version
+        ),
+        other => {
+            let text = serde_json::to_string(&other).unwrap_or_default();
             bail!(
-                "the server's port answered {:?}",
-                String::from_utf8_lossy(&answer[..read])
-            );
+                "the server answered its hello with {}",
+                text.chars().take(300).collect::<String>()
+            )
         }
     }
-    Ok(())
+}
+
+async fn exchange<S>(
+    url: &str,
+    stream: S,
+    greeting: &changeover_protocol::ClientMessage,
+) -> anyhow::Result<ServerMessage>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .context("the WebSocket handshake with itself failed")?;
+    let text = serde_json::to_string(greeting).context("cannot encode the hello")?;
+    ws.send(Message::text(text))
+        .await
+        .context("cannot send the hello")?;
+    let answer = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => break text,
+            Some(Ok(Message::Close(frame))) => bail!(
+                "the server closed the connection: {}",
+                frame
+                    .map(|frame| frame.reason.to_string())
+                    .unwrap_or_default()
+            ),
+            Some(Ok(_)) => {}
+            Some(Err(err)) => bail!("the connection failed: {err}"),
+            None => bail!("the server closed the connection without a welcome"),
+        }
+    };
+    let _ = ws.close(None).await;
+    serde_json::from_str(answer.as_str()).context("the server's answer is not a message")
 }
 
 /// Deletes the old release and records the success; returns the summary.

@@ -20,9 +20,7 @@ const SPACE_MARGIN: u64 = 64 * 1024 * 1024;
 
 /// The staging folder a release is unpacked into, beside the install.
 pub fn staging_dir(layout: &Layout) -> PathBuf {
-    layout
-        .root()
-        .join(format!(".{}.staging", crate::layout::INSTALL_DIR_NAME))
+    layout.staging_dir()
 }
 
 /// Checks that one can create, make executable, run-able, rename and delete in `root`,
@@ -92,13 +90,19 @@ pub fn unpack(archive: &Path, staging: &Path) -> anyhow::Result<()> {
 
 /// Runs the staged binary's `self-check` against this product folder: it must start,
 /// read the config it will get, and report the expected version.
-pub async fn self_check(staging: &Path, root: &Path, expected_version: &str) -> anyhow::Result<()> {
+pub async fn self_check(
+    staging: &Path,
+    layout: &Layout,
+    expected_version: &str,
+) -> anyhow::Result<()> {
     let binary = staging.join(ReleaseKind::Server.binary_path());
     let mut command = tokio::process::Command::new(&binary);
     command
         .arg("self-check")
         .arg("--root")
-        .arg(root)
+        .arg(layout.root())
+        .arg("--name")
+        .arg(layout.name())
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .stdin(std::process::Stdio::null())
