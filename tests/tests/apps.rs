@@ -342,3 +342,122 @@ fn applications_left_running_by_a_killed_server_are_stopped_at_its_next_start() 
     assert_ne!(fresh["pid"].as_u64(), Some(orphan));
     assert!(!process_alive(orphan), "the orphan still runs");
 }
+
+#[test]
+fn two_installs_side_by_side_are_updated_each_by_its_own_changeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::create(&dir.path().join("vendor"));
+    let feed = dir.path().join("feed");
+    for version in ["1.0.0", "1.1.0"] {
+        let manifest = format!(
+            "[[app]]\nname = \"office\"\ncommand = [\"/bin/sh\", \"-c\", \"echo office {version}; exec sleep 600\"]\nstop_timeout_secs = 2\n"
+        );
+        let tree = server_tree(
+            &dir.path().join(format!("tree-{version}")),
+            &[("app.toml", manifest.as_bytes())],
+        );
+        vendor.pack("server", version, &tree, &feed);
+    }
+    let feed_server = StaticServer::python(&feed, dir.path());
+    let root = dir.path().join("product");
+    let mut servers = Vec::new();
+    for name in ["business", "finance"] {
+        let output = Command::new(binary("changeover-server"))
+            .args(["install", "--root"])
+            .arg(&root)
+            .args(["--name", name, "--package"])
+            .arg(feed.join(archive_name("1.0.0")))
+            .arg("--public-key")
+            .arg(&vendor.public_key)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let config = format!(
+            "[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 10\n",
+            feed_server.url()
+        );
+        std::fs::write(root.join(name).join("config/changeover.toml"), config).unwrap();
+        std::fs::write(
+            root.join(name).join("config/site.toml"),
+            format!("who = \"{name}\"\n"),
+        )
+        .unwrap();
+        let child = Command::new(root.join(name).join("bin/changeover-server"))
+            .args(["run", "--root"])
+            .arg(&root)
+            .args([
+                "--name",
+                name,
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        servers.push(child);
+    }
+    let state_of = |name: &str| root.join(format!("{name}_state"));
+    let url_of = |name: &str| {
+        eventually(Duration::from_secs(20), "the server listening", || {
+            let log = std::fs::read_to_string(state_of(name).join("server.log")).ok()?;
+            let at = log.rfind("address=")?;
+            let address: String = log[at + 8..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            Some(format!("ws://{address}"))
+        })
+    };
+    let business = url_of("business");
+    let finance = url_of("finance");
+    let running = |url: &str| {
+        eventually(Duration::from_secs(10), "the application running", || {
+            let found = app(&status(url), "office");
+            (found["state"] == "running").then_some(found)
+        })
+    };
+    let finance_before = running(&finance);
+    running(&business);
+
+    let output = Command::new(binary("changeover-agent"))
+        .args(["admin", "update", "--server", &business, "--grace", "0"])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let version = |name: &str| {
+        let text = std::fs::read_to_string(root.join(name).join("release.json")).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["version"].clone()
+    };
+    assert_eq!(version("business"), "1.1.0");
+    assert_eq!(version("finance"), "1.0.0");
+    assert!(!root.join("business_old").exists() && !root.join("finance_old").exists());
+    assert_eq!(
+        std::fs::read_to_string(root.join("business/config/site.toml")).unwrap(),
+        "who = \"business\"\n"
+    );
+    running(&business);
+    let finance_after = running(&finance);
+    assert_eq!(
+        finance_after["pid"], finance_before["pid"],
+        "finance's application was touched"
+    );
+    assert_eq!(status(&finance)["server_version"], "1.0.0");
+    assert_eq!(status(&business)["server_version"], "1.1.0");
+    for mut child in servers {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+}
