@@ -260,7 +260,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         driver_inbox,
     );
     let manifest = apps::Manifest::load(&layout.install_dir());
-    if let Resume::HealthCheck(journal) = resume {
+    if let Resume::HealthCheck(mut journal) = resume {
         let health_timeout = Duration::from_secs(config.changeover.health_timeout_secs);
         let deadline = tokio::time::Instant::now() + health_timeout;
         let hello = changeover::health::SelfHello {
@@ -270,7 +270,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             server_version: server_version.clone(),
         };
         let check = async {
-            changeover::health::check_files(&layout, &journal).await?;
+            changeover::health::check_files(&layout, &journal_files, &mut journal).await?;
             // Started only now: the carried files were checked as they arrived.
             if let Some(manifest) = manifest? {
                 apps.start(&manifest);

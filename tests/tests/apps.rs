@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use changeover_protocol::release::current_platform;
 use changeover_tests::feeds::{StaticServer, Vendor, free_port, server_tree};
-use changeover_tests::{ADMIN_PASSWORD, Server, binary, eventually, status};
+use changeover_tests::smtp::SmtpSink;
+use changeover_tests::{ADMIN_PASSWORD, Server, binary, eventually, status, try_status};
 use serde_json::Value;
 
 const REDIS: &str = "/usr/bin/redis-server";
@@ -117,8 +118,32 @@ impl Site {
         )
     }
 
-    fn start(&self) -> Server {
-        Server::start_installed(&self.root, &self.config())
+    /// Starts with `extra` appended to the config and `env` (the fault switch) set.
+    fn start_with(&self, extra: &str, env: &[(&str, &str)]) -> Server {
+        let config = format!("{}{extra}", self.config());
+        Server::start_installed_with_env(&self.root, &config, env)
+    }
+
+    fn write_orders(&self, count: usize) {
+        for i in 0..count {
+            let key = format!("order:{i}");
+            let value = format!("customer-{i}");
+            assert_eq!(
+                redis_cli(self.port, &["SET", &key, &value]).as_deref(),
+                Some("OK")
+            );
+        }
+    }
+
+    fn assert_orders(&self, count: usize) {
+        for i in 0..count {
+            let key = format!("order:{i}");
+            assert_eq!(
+                redis_cli(self.port, &["GET", &key]),
+                Some(format!("customer-{i}")),
+                "{key} lost"
+            );
+        }
     }
 
     fn installed_version(&self) -> String {
@@ -148,21 +173,7 @@ fn wait_healthy(server: &Server, name: &str) -> Value {
 }
 
 fn update(server: &Server, args: &[&str]) -> (bool, String) {
-    let output = Command::new(binary("changeover-agent"))
-        .args(["admin", "update", "--server", &server.url()])
-        .args(args)
-        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
+    update_at(&server.url(), args)
 }
 
 fn process_alive(pid: u64) -> bool {
@@ -181,18 +192,16 @@ fn process_alive(pid: u64) -> bool {
 #[test]
 fn redis_data_survives_the_changeover_and_a_failing_release_is_rolled_back() {
     let site = Site::new();
-    let mut server = site.start();
+    let smtp_port = free_port();
+    let sink = SmtpSink::start(smtp_port, &site.dir.path().join("maildir"));
+    let mut server = site.start_with(
+        &format!("[mail]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nto = \"it@example.com\"\n"),
+        &[],
+    );
     let old = wait_healthy(&server, "cache");
     let old_pid = old["pid"].as_u64().unwrap();
     assert_eq!(old["restarts"], 0);
-    for i in 0..100 {
-        let key = format!("order:{i}");
-        let value = format!("customer-{i}");
-        assert_eq!(
-            redis_cli(site.port, &["SET", &key, &value]).as_deref(),
-            Some("OK")
-        );
-    }
+    site.write_orders(100);
 
     let (ok, output) = update(&server, &["--grace", "0", "--version", "1.1.0"]);
     assert!(
@@ -210,14 +219,7 @@ fn redis_data_survives_the_changeover_and_a_failing_release_is_rolled_back() {
     let new = wait_healthy(&server, "cache");
     assert_ne!(new["pid"], old["pid"]);
     assert_eq!(redis_cli(site.port, &["PING"]).as_deref(), Some("PONG"));
-    for i in 0..100 {
-        let key = format!("order:{i}");
-        assert_eq!(
-            redis_cli(site.port, &["GET", &key]),
-            Some(format!("customer-{i}")),
-            "{key} lost"
-        );
-    }
+    site.assert_orders(100);
 
     // 1.2.0's application never passes its probe: everything goes back to 1.1.0.
     redis_cli(site.port, &["SET", "written-before-1.2.0", "yes"]);
@@ -245,6 +247,22 @@ fn redis_data_survives_the_changeover_and_a_failing_release_is_rolled_back() {
             .contains("\"cache\""),
         "{report}"
     );
+    // The admin's mail about the rollback names the application and quotes its log.
+    let mail = eventually(Duration::from_secs(60), "the rollback mail", || {
+        sink.messages()
+            .into_iter()
+            .find(|mail| mail.contains("rolled_back"))
+    });
+    let mail = mail
+        .replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=");
+    assert!(
+        mail.contains("application \"cache\" did not pass"),
+        "{mail}"
+    );
+    assert!(mail.contains("the last lines of its log"), "{mail}");
+    assert!(mail.contains("Ready to accept connections"), "{mail}");
 
     // SIGTERM stops the server and its Redis, which saves again.
     let pid = back["pid"].as_u64().unwrap();
@@ -460,4 +478,83 @@ fn two_installs_side_by_side_are_updated_each_by_its_own_changeover() {
             .status();
         let _ = child.wait();
     }
+}
+
+/// Kills the server (as `kill -9` would) at `step` of a changeover to 1.1.0 with Redis
+/// holding orders, starts it again from the install path, and checks that the site ends in
+/// one whole version whose Redis runs on the orders as they were.
+fn crash_with_redis_at(step: &str, expected_version: &str) {
+    let site = Site::new();
+    let mut server = site.start_with("", &[("CHANGEOVER_FAULT_AT", step)]);
+    wait_healthy(&server, "cache");
+    site.write_orders(50);
+    let url = server.url();
+    let admin =
+        std::thread::spawn(move || update_at(&url, &["--grace", "0", "--version", "1.1.0"]));
+    let status_at_crash = server.process.wait_exit(Duration::from_secs(60));
+    assert!(
+        !status_at_crash.success(),
+        "{step}: the server should have died"
+    );
+    server.restart();
+    let _ = admin.join();
+    let report = eventually(Duration::from_secs(60), "the server settled", || {
+        let report = try_status(&server.url())?;
+        (report["last_changeover"].is_object() && report["phase"] == "idle").then_some(report)
+    });
+    assert_eq!(
+        report["server_version"], expected_version,
+        "{step}: {report}"
+    );
+    assert_eq!(site.installed_version(), expected_version, "{step}");
+    let cache = wait_healthy(&server, "cache");
+    // The Redis answering is the one the server supervises, not one left by the killed server.
+    let info = redis_cli(site.port, &["INFO", "server"]).unwrap_or_default();
+    assert!(
+        info.contains(&format!("process_id:{}", cache["pid"])),
+        "{step}: {cache} {info}"
+    );
+    site.assert_orders(50);
+    for leftover in [".server.staging", "server_old", "state/changeover.json"] {
+        assert!(
+            !site.root.join(leftover).exists(),
+            "{step}: {leftover} left"
+        );
+    }
+    let pid = cache["pid"].as_u64().unwrap();
+    server.stop();
+    assert!(!process_alive(pid), "{step}: Redis outlived the server");
+}
+
+fn update_at(url: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new(binary("changeover-agent"))
+        .args(["admin", "update", "--server", url])
+        .args(args)
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_crash_after_the_applications_stopped_ends_with_the_old_release_serving() {
+    crash_with_redis_at("apps_stopped", "1.0.0");
+}
+
+#[test]
+fn a_crash_after_the_new_applications_started_ends_in_one_whole_version() {
+    crash_with_redis_at("apps_started", "1.1.0");
+}
+
+#[test]
+fn a_crash_after_the_application_health_passed_ends_in_one_whole_version() {
+    crash_with_redis_at("apps_healthy", "1.1.0");
 }

@@ -283,6 +283,7 @@ impl Driver {
             stopped_at: None,
             moved: Vec::new(),
             carried: Vec::new(),
+            carried_checked: false,
             starts_after_swap: 0,
             failure: None,
             sessions_warned: 0,

@@ -23,8 +23,15 @@ use crate::layout::Layout;
 /// How long the hello with itself may take.
 const SELF_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The first part of the check: the files the new release was given.
-pub async fn check_files(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
+/// The first part of the check: the files the new release was given. They are compared
+/// with what was recorded before the stop only once, before any application of the new
+/// release ran: a later start after a crash finds them as the new applications left them,
+/// which is the site's data now, not damage.
+pub async fn check_files(
+    layout: &Layout,
+    files: &JournalFiles,
+    journal: &mut Journal,
+) -> anyhow::Result<()> {
     fault_point("health_check");
     if fault_requested("unhealthy") {
         bail!(
@@ -32,11 +39,15 @@ pub async fn check_files(layout: &Layout, journal: &Journal) -> anyhow::Result<(
             super::FAULT_ENV
         );
     }
-    let install = layout.install_dir();
-    let carried = journal.carried.clone();
-    tokio::task::spawn_blocking(move || carry::verify(&install, &carried))
-        .await
-        .context("the check task failed")??;
+    if !journal.carried_checked {
+        let install = layout.install_dir();
+        let carried = journal.carried.clone();
+        tokio::task::spawn_blocking(move || carry::verify(&install, &carried))
+            .await
+            .context("the check task failed")??;
+        journal.carried_checked = true;
+        files.save(journal)?;
+    }
     let probe = layout.state_dir().join(".health-probe");
     std::fs::write(&probe, b"ok").context("the state folder is not writable")?;
     let _ = std::fs::remove_file(&probe);

@@ -47,6 +47,10 @@ pub struct Journal {
     /// starts.
     #[serde(default)]
     pub carried: Vec<CarriedFile>,
+    /// Set once the new release found the carried files as recorded, before its
+    /// applications started and began to change them.
+    #[serde(default)]
+    pub carried_checked: bool,
     /// How often the new release has started without reaching a verdict; after too many,
     /// the old release is put back.
     #[serde(default)]
@@ -194,6 +198,7 @@ mod tests {
                 modified_ns: 5,
                 sha256: "ab".repeat(32),
             }],
+            carried_checked: false,
             starts_after_swap: 0,
             failure: None,
             sessions_warned: 3,
