@@ -70,6 +70,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         force: false,
     })?;
     let feed = dir.join("feed");
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     for version in ["1.0.0", "1.1.0"] {
         for (kind, binary) in [
             (ReleaseKind::Server, &me),
@@ -79,6 +82,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
             std::fs::create_dir_all(tree.join("bin"))?;
             std::fs::copy(binary, tree.join(kind.binary_path()))
                 .with_context(|| format!("cannot copy {} into a release tree", binary.display()))?;
+            if kind == ReleaseKind::Server {
+                std::fs::write(tree.join("app.toml"), app_manifest(app_port, version))?;
+            }
             let packed = pack(&PackOptions {
                 kind,
                 version: version.parse()?,
@@ -116,6 +122,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         root.join("server/config/changeover.toml"),
         format!(
             "[server]\nheartbeat_secs = 5\n\n[feed]\nurl = \"http://{feed_address}/\"\n\n\
+             [carry_over]\npaths = [\"config\", \"backups\", \"certs\", \"data\"]\n\n\
              [mail]\nsmtp_url = \"smtp://{mail_address}\"\nfrom = \"changeover@demo.invalid\"\n"
         ),
     )?;
@@ -136,6 +143,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     let url = listening_url(&mut server)?;
     children.0.push(server);
     step(&format!("server 1.0.0 listening on {url}"));
+    let business = format!("http://127.0.0.1:{app_port}");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let placed = place_orders(&http, &business).await?;
+    step(&format!(
+        "application \"business\" 1.0.0 (run by the server) took {} orders at {business}/orders",
+        placed.len()
+    ));
 
     let users: Vec<String> = (0..options.agents.max(1))
         .map(|index| {
@@ -262,6 +279,20 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         }
     );
     ok &= intact;
+    match orders_kept(&http, &business).await {
+        Ok((version, orders)) => {
+            let kept = placed.iter().filter(|order| orders.contains(order)).count();
+            println!(
+                "  application data    {kept} of {} orders kept, served by business {version}",
+                placed.len()
+            );
+            ok &= kept == placed.len() && version == "1.1.0";
+        }
+        Err(err) => {
+            println!("  application data    NOT READABLE: {err:#}");
+            ok = false;
+        }
+    }
     println!(
         "  old release         {}",
         if root.join("server_old").exists() {
@@ -297,6 +328,84 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         println!("  files kept in       {}", kept.display());
     }
     Ok(ok)
+}
+
+/// The demo release's `app.toml`: the order book ([`crate::demo_app`]) as the vendor's
+/// application, its data in the carried folder `data/`.
+fn app_manifest(port: u16, version: &str) -> String {
+    format!(
+        "[[app]]\nname = \"business\"\ncommand = [\"bin/changeover-server\", \"demo-app\"]\n\
+         env = {{ {port_env} = \"{port}\", {version_env} = \"{version}\" }}\n\
+         stop_timeout_secs = 5\nhealth = {{ http = \"http://127.0.0.1:{port}/health\" }}\n\
+         check = [\"bin/changeover-server\", \"demo-app\", \"--check\"]\n",
+        port_env = crate::demo_app::PORT_ENV,
+        version_env = crate::demo_app::VERSION_ENV,
+    )
+}
+
+/// Waits for the order book, then places a few orders as the office's users would.
+async fn place_orders(http: &reqwest::Client, base: &str) -> anyhow::Result<Vec<String>> {
+    let ready = Instant::now();
+    loop {
+        let answer = http.get(format!("{base}/health")).send().await;
+        if answer.is_ok_and(|answer| answer.status().is_success()) {
+            break;
+        }
+        if ready.elapsed() > Duration::from_secs(20) {
+            bail!("the application did not become healthy at {base}/health");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let orders: Vec<String> = [
+        "12 chairs for Müller GmbH",
+        "3 desks for Dupont SA",
+        "1 printer for Staff",
+    ]
+    .map(str::to_owned)
+    .into();
+    for order in &orders {
+        http.post(format!("{base}/orders"))
+            .body(order.clone())
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("the application refused the order {order:?}"))?;
+    }
+    Ok(orders)
+}
+
+/// The orders the application serves now, and its version.
+async fn orders_kept(http: &reqwest::Client, base: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let ready = Instant::now();
+    loop {
+        let answer = async {
+            let bytes = http
+                .get(format!("{base}/orders"))
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            anyhow::Ok(serde_json::from_slice::<serde_json::Value>(&bytes)?)
+        }
+        .await;
+        match answer {
+            Ok(body) => {
+                let version = body["version"].as_str().unwrap_or("?").to_owned();
+                let orders = body["orders"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .filter_map(|o| o.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Ok((version, orders));
+            }
+            Err(err) if ready.elapsed() > Duration::from_secs(20) => return Err(err),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 // Preferences, backups and a certificate the changeover must carry over untouched.

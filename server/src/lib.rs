@@ -11,6 +11,7 @@ pub mod changeover;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod demo_app;
 pub mod doctor;
 pub mod download;
 pub mod feed;

@@ -52,6 +52,14 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// The demo's stand-in for the vendor's application (an order book over HTTP), run by
+    /// the server from the demo release's `app.toml`.
+    #[command(hide = true)]
+    DemoApp {
+        /// Only check that it could run (the preflight's self-check).
+        #[arg(long)]
+        check: bool,
+    },
     /// Run every preflight check against an installed server and its feed without changing
     /// anything; say what would fail and how to fix it. Exit 1 if a changeover would fail.
     Doctor {
@@ -180,6 +188,10 @@ fn main() -> ExitCode {
                     ))
                 }
             }),
+        Command::DemoApp { check: true } => changeover_server::demo_app::check(),
+        Command::DemoApp { check: false } => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|runtime| runtime.block_on(changeover_server::demo_app::run())),
         Command::Doctor { root, name } => changeover_server::layout::check_install_name(&name)
             .and_then(|()| tokio::runtime::Runtime::new().context("cannot start the async runtime"))
             .and_then(|runtime| {
