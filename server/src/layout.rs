@@ -84,6 +84,11 @@ impl Layout {
         self.root.join(format!("{}_old", self.name))
     }
 
+    /// The old release while the commit deletes it: `<root>/.<name>_old.deleting`.
+    pub fn doomed_install_dir(&self) -> PathBuf {
+        self.root.join(format!(".{}_old.deleting", self.name))
+    }
+
     /// A release that failed after a swap, kept for diagnosis: `<root>/<name>_failed`.
     pub fn failed_install_dir(&self) -> PathBuf {
         self.root.join(format!("{}_failed", self.name))

@@ -125,8 +125,18 @@ impl Site {
 
     fn assert_carried_files_intact(&self) {
         for (path, contents) in &self.carried {
-            let now = std::fs::read(self.root.join("server").join(path))
-                .unwrap_or_else(|err| panic!("{path} is gone: {err}"));
+            let now = std::fs::read(self.root.join("server").join(path)).unwrap_or_else(|err| {
+                let log =
+                    std::fs::read_to_string(self.root.join("state/server.log")).unwrap_or_default();
+                let tree = Command::new("find")
+                    .arg(&self.root)
+                    .arg("-maxdepth")
+                    .arg("3")
+                    .output()
+                    .unwrap();
+                let tree = String::from_utf8_lossy(&tree.stdout);
+                panic!("{path} is gone: {err}\n{log}\n{tree}")
+            });
             assert!(now == *contents, "{path} changed");
         }
     }
@@ -404,9 +414,30 @@ fn a_new_release_that_fails_its_health_check_is_rolled_back() {
 /// Kills the server at `step` (as a crash or power loss would), starts it again as a
 /// supervisor would, and checks how the changeover ended.
 fn crash_at(step: &str, expected_outcome: &str, expected_version: &str) {
+    crash_with(
+        step,
+        "",
+        &["--grace", "0"],
+        expected_outcome,
+        expected_version,
+    );
+}
+
+/// [`crash_at`] with `feed_extra` added to the `[feed]` section and `args` for the update.
+fn crash_with(
+    step: &str,
+    feed_extra: &str,
+    args: &[&str],
+    expected_outcome: &str,
+    expected_version: &str,
+) {
     let site = Site::new();
-    let mut server = site.start(&[("CHANGEOVER_FAULT_AT", step)]);
-    let follower = update(&server, &["--grace", "0"]);
+    let config = site
+        .config()
+        .replace("[feed]\n", &format!("[feed]\n{feed_extra}"));
+    let mut server =
+        Server::start_installed_with_env(&site.root, &config, &[("CHANGEOVER_FAULT_AT", step)]);
+    let follower = update(&server, args);
     let status = server.process.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "{step}: the server should have died");
     server.restart();
@@ -440,7 +471,19 @@ fn crash_at(step: &str, expected_outcome: &str, expected_version: &str) {
             !site.root.join("server_old").exists(),
             "{step}: old release left"
         );
+        assert!(
+            !site.root.join(".server_old.deleting").exists(),
+            "{step}: half-deleted old release left"
+        );
     }
+    // The site keeps starting from its install path.
+    server.restart();
+    assert_eq!(
+        changeover_tests::status(&server.url())["server_version"],
+        expected_version,
+        "{step}"
+    );
+    site.assert_carried_files_intact();
 }
 
 #[test]
@@ -491,6 +534,58 @@ fn a_crash_of_the_new_release_during_its_health_check_finishes_forward_on_the_ne
 #[test]
 fn a_crash_while_committing_finishes_forward() {
     crash_at("committing", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_after_the_commit_was_recorded_finishes_the_commit() {
+    crash_at("commit_recorded", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_half_way_through_deleting_the_old_release_finishes_the_commit() {
+    crash_at("commit_deleted_partly", "committed", "1.1.0");
+}
+
+#[test]
+fn a_crash_right_after_the_rollbacks_exchange_puts_every_carried_file_back() {
+    crash_at("unhealthy,rollback_exchanged", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_half_way_through_the_rollbacks_moves_puts_every_carried_file_back() {
+    crash_at("unhealthy,rollback_moved_partly", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_after_the_rollbacks_moves_ends_with_the_old_release() {
+    crash_at("unhealthy,rollback_moved_back", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_crash_after_the_failed_release_was_set_aside_ends_with_the_old_release() {
+    crash_at("unhealthy,rollback_failed_kept", "rolled_back", "1.0.0");
+}
+
+#[test]
+fn a_same_version_changeover_crashed_before_its_swap_keeps_every_carried_file() {
+    crash_with(
+        "carried_partly",
+        "allow_downgrade = true\n",
+        &["--grace", "0", "--version", "1.0.0"],
+        "rolled_back",
+        "1.0.0",
+    );
+}
+
+#[test]
+fn a_same_version_changeover_crashed_after_its_swap_finishes_forward() {
+    crash_with(
+        "swapped",
+        "allow_downgrade = true\n",
+        &["--grace", "0", "--version", "1.0.0"],
+        "committed",
+        "1.0.0",
+    );
 }
 
 #[test]

@@ -94,9 +94,11 @@ pub fn move_path(from_install: &Path, to_install: &Path, path: &str) -> anyhow::
         .with_context(|| format!("cannot move {} to {}", source.display(), target.display()))
 }
 
-/// Moves a carried path back (a rollback), restoring the release's own defaults. The
-/// carried files always win: anything that appeared at the old place meanwhile is moved
-/// aside as `<path>.displaced`, never the other way round.
+/// Moves a carried path back (a rollback). The carried files always win: anything that
+/// appeared at the old place meanwhile is moved aside as `<path>.displaced`, never the
+/// other way round. Safe to repeat: a path already moved back is left alone. The new
+/// release's own defaults are put back separately ([`restore_release_defaults`]), once it
+/// is out of the way, so that a repeat never takes them for the site's files.
 pub fn move_back(from_install: &Path, to_install: &Path, path: &str) -> anyhow::Result<()> {
     let source = from_install.join(path);
     let target = to_install.join(path);
@@ -121,7 +123,14 @@ pub fn move_back(from_install: &Path, to_install: &Path, path: &str) -> anyhow::
             )
         })?;
     }
-    let defaults = from_install.join(format!("{path}.release-default"));
+    Ok(())
+}
+
+/// Gives a release its own `<path>` back from `<path>.release-default`, where it was set
+/// aside when the site's files came in; safe to repeat.
+pub fn restore_release_defaults(install: &Path, path: &str) -> anyhow::Result<()> {
+    let source = install.join(path);
+    let defaults = install.join(format!("{path}.release-default"));
     if defaults.exists() && !source.exists() {
         std::fs::rename(&defaults, &source)
             .with_context(|| format!("cannot restore {}", source.display()))?;
@@ -218,6 +227,14 @@ mod tests {
 
         for path in &paths {
             move_back(&new, &old, path).unwrap();
+        }
+        // Repeated, as after a crash: nothing of the release is taken for the site's.
+        for path in &paths {
+            move_back(&new, &old, path).unwrap();
+        }
+        assert!(!old.join("config.displaced").exists());
+        for path in &paths {
+            restore_release_defaults(&new, path).unwrap();
         }
         verify(&old, &recorded).unwrap();
         assert!(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use changeover_protocol::messages::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
 use changeover_protocol::{
     ChangeoverOutcome, ChangeoverPhase, ChangeoverSummary, ChangeoverView, ErrorCode, ServerMessage,
@@ -17,7 +17,7 @@ use changeover_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::journal::{Journal, JournalFiles};
+use super::journal::{FolderId, Journal, JournalFiles, ReleaseIds};
 use super::machine::{self, Action, Event};
 use super::{carry, fault_point, preflight};
 use crate::hub::HubHandle;
@@ -258,6 +258,19 @@ impl Driver {
 
     /// Picks the release and writes the journal; answers the admin.
     async fn begin(&mut self, params: &UpdateParams) -> Result<ChangeoverView, RequestRefusal> {
+        if let Ok(Some(unfinished)) = self.files.load() {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "changeover {} is not finished ({}); restart the server to finish it first",
+                    unfinished.changeover_id,
+                    unfinished
+                        .failure
+                        .as_deref()
+                        .unwrap_or("its journal is still there")
+                ),
+            ));
+        }
         let target = self.pick_target(params).await?;
         let id = format!(
             "co-{}",
@@ -290,6 +303,8 @@ impl Driver {
             sessions_logged_out: 0,
             agent_release: None,
             agents_to_update: 0,
+            releases: None,
+            committing: false,
         };
         self.journal = Some(journal);
         let scheduled = params.at.is_some_and(|at| at > SystemTime::now());
@@ -572,12 +587,21 @@ impl Driver {
         if let Err(undo_err) = &undone {
             error!(cause = %format!("{undo_err:#}"), "could not undo everything");
         }
-        let _ = self.apply(Event::RolledBack);
+        let unfinished = undone.is_err();
         let reason = match undone {
             Ok(()) => reason,
-            Err(undo_err) => format!("{reason}; undoing it also failed: {undo_err:#}"),
+            Err(undo_err) => format!(
+                "{reason}; undoing it also failed: {undo_err:#}; the journal is kept, so the next \
+                 start of the server finishes the rollback, and no changeover starts before"
+            ),
         };
-        self.finish(ChangeoverOutcome::RolledBack, Some(reason));
+        if unfinished {
+            self.keep_unfinished(reason);
+            let _ = self.apply(Event::RolledBack);
+        } else {
+            let _ = self.apply(Event::RolledBack);
+            self.finish(ChangeoverOutcome::RolledBack, Some(reason));
+        }
         // The old release's applications run again, on the data as it was.
         if self.parts.apps.is_empty() {
             match crate::apps::Manifest::load(&self.parts.layout.install_dir()) {
@@ -719,6 +743,16 @@ impl Driver {
             std::fs::remove_dir_all(&old)
                 .with_context(|| format!("cannot remove a stale {}", old.display()))?;
         }
+        let ids = match (FolderId::of(&install), FolderId::of(&staging)) {
+            (Some(old), Some(new)) => ReleaseIds { old, new },
+            _ => bail!(
+                "{} or {} is not a folder",
+                install.display(),
+                staging.display()
+            ),
+        };
+        self.journal_mut()?.releases = Some(ids);
+        self.checkpoint()?;
         // One step: the start path is never missing, even if the power fails right here.
         crate::platform::exchange(&staging, &install).with_context(|| {
             format!(
@@ -774,6 +808,33 @@ impl Driver {
             }
             Action::Finish(outcome, reason) => self.finish(outcome, reason),
         }
+    }
+
+    // A rollback that could not undo everything: reported and mailed, but the journal
+    // stays (phase `rolling_back`) for the next start, and nothing may touch staging or
+    // `<name>_old` until then.
+    fn keep_unfinished(&mut self, reason: String) {
+        let Some(mut journal) = self.journal.take() else {
+            return;
+        };
+        journal.phase = ChangeoverPhase::RollingBack;
+        journal.failure = Some(reason.clone());
+        if let Err(err) = self.files.save(&journal) {
+            error!(cause = %format!("{err:#}"), "cannot write the changeover journal");
+        }
+        let summary = summarize(
+            &journal,
+            ChangeoverOutcome::RolledBack,
+            journal.phase,
+            Some(reason),
+        );
+        if let Err(err) = self.files.report(&summary) {
+            error!(cause = %format!("{err:#}"), "cannot record how the changeover ended");
+        }
+        self.parts
+            .releases
+            .publish(&ServerMessage::ChangeoverFinished(summary));
+        self.view.send_replace(None);
     }
 
     fn finish(&mut self, outcome: ChangeoverOutcome, reason: Option<String>) {

@@ -180,7 +180,9 @@ where
     serde_json::from_str(answer.as_str()).context("the server's answer is not a message")
 }
 
-/// Deletes the old release and records the success; returns the summary.
+/// Deletes the old release and records the success; returns the summary. The journal
+/// says `committing` before anything is deleted, so a crash in the middle of the delete is
+/// finished by the next start instead of ever exchanging a half-deleted release back.
 pub async fn commit(
     layout: &Layout,
     files: &JournalFiles,
@@ -188,21 +190,17 @@ pub async fn commit(
     sessions_from: SystemTime,
 ) -> anyhow::Result<changeover_protocol::ChangeoverSummary> {
     fault_point("committing");
-    let old = layout.old_install_dir();
-    if old.exists() {
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&old))
-            .await
-            .context("the cleanup task failed")?
-            .context("cannot delete the old release")?;
-    }
-    let mut summary = summarize(journal, ChangeoverOutcome::Committed, journal.phase, None);
-    summary.reason = None;
-    summary.downtime_ms = journal.stopped_at.and_then(|stopped| {
-        sessions_from
-            .duration_since(stopped)
-            .ok()
-            .map(|downtime| downtime.as_millis() as u64)
-    });
+    let mut journal = journal.clone();
+    journal.committing = true;
+    files
+        .save(&journal)
+        .context("cannot record the commit in the journal")?;
+    fault_point("commit_recorded");
+    let layout_for_delete = layout.clone();
+    tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
+        .await
+        .context("the cleanup task failed")??;
+    let summary = committed_summary(&journal, Some(sessions_from));
     files.finish(&summary)?;
     info!(
         from = %summary.from_version,
@@ -211,6 +209,48 @@ pub async fn commit(
         "changeover committed"
     );
     Ok(summary)
+}
+
+/// The summary of a committed changeover; the downtime ends when sessions were taken again
+/// (unknown when a commit is finished by a later start).
+pub fn committed_summary(
+    journal: &Journal,
+    sessions_from: Option<SystemTime>,
+) -> changeover_protocol::ChangeoverSummary {
+    let mut summary = summarize(journal, ChangeoverOutcome::Committed, journal.phase, None);
+    summary.reason = None;
+    summary.downtime_ms = journal
+        .stopped_at
+        .zip(sessions_from)
+        .and_then(|(stopped, taken)| taken.duration_since(stopped).ok())
+        .map(|downtime| downtime.as_millis() as u64);
+    summary
+}
+
+/// Deletes `<name>_old`: first renamed out of the way in one step (so it is either whole
+/// at its place or not there at all), then removed; safe to repeat.
+pub fn delete_old_release(layout: &Layout) -> anyhow::Result<()> {
+    let old = layout.old_install_dir();
+    let doomed = layout.doomed_install_dir();
+    if old.exists() {
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed)
+                .with_context(|| format!("cannot delete {}", doomed.display()))?;
+        }
+        std::fs::rename(&old, &doomed)
+            .with_context(|| format!("cannot move {} out of the way", old.display()))?;
+    }
+    if doomed.exists() {
+        if fault_requested("commit_deleted_partly") {
+            if let Some(Ok(entry)) = std::fs::read_dir(&doomed)?.next() {
+                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = std::fs::remove_file(entry.path());
+            }
+            fault_point("commit_deleted_partly");
+        }
+        std::fs::remove_dir_all(&doomed).context("cannot delete the old release")?;
+    }
+    Ok(())
 }
 
 /// The message admins get when it is over.

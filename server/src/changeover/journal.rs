@@ -68,6 +68,47 @@ pub struct Journal {
     /// Sessions logged out that ran an agent older than the target version.
     #[serde(default)]
     pub agents_to_update: u64,
+    /// The two release folders by identity, recorded before the exchange: which one is
+    /// installed is read from the folder itself, not from its version (which may be the
+    /// same on both sides).
+    #[serde(default)]
+    pub releases: Option<ReleaseIds>,
+    /// Set before the old release is deleted: from then on the changeover can only end
+    /// committed.
+    #[serde(default)]
+    pub committing: bool,
+}
+
+/// The identity of the old and the new release folder (device and inode), which a rename
+/// keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseIds {
+    pub old: FolderId,
+    pub new: FolderId,
+}
+
+/// A folder's device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FolderId {
+    /// The identity of the folder at `path`, if there is one.
+    pub fn of(path: &Path) -> Option<FolderId> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::symlink_metadata(path).ok()?;
+        metadata.is_dir().then(|| FolderId {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        })
+    }
+
+    /// Whether the folder at `path` is this one.
+    pub fn is_at(self, path: &Path) -> bool {
+        FolderId::of(path) == Some(self)
+    }
 }
 
 /// One carried file as it was recorded.
@@ -110,6 +151,21 @@ impl JournalFiles {
     /// itself removed (in that order, so a crash in between queues no mail twice: the
     /// outbox skips a Message-ID it already holds).
     pub fn finish(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
+        self.report(summary)?;
+        match std::fs::remove_file(&self.current) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot remove {}", self.current.display()));
+            }
+        }
+        sync_dir(&self.current)
+    }
+
+    /// Records how the changeover went and queues the admin's mail, but keeps the journal:
+    /// for a rollback that could not undo everything, which the next start finishes.
+    pub fn report(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
         write_durably(&self.last, summary)?;
         let details = self
             .load()
@@ -126,15 +182,7 @@ impl JournalFiles {
         {
             tracing::error!(cause = %format!("{err:#}"), "cannot queue the mail to the admin");
         }
-        match std::fs::remove_file(&self.current) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(err)
-                    .with_context(|| format!("cannot remove {}", self.current.display()));
-            }
-        }
-        sync_dir(&self.current)
+        Ok(())
     }
 
     pub fn last(&self) -> anyhow::Result<Option<ChangeoverSummary>> {
@@ -199,6 +247,8 @@ mod tests {
                 sha256: "ab".repeat(32),
             }],
             carried_checked: false,
+            releases: None,
+            committing: false,
             starts_after_swap: 0,
             failure: None,
             sessions_warned: 3,

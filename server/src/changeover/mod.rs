@@ -17,13 +17,15 @@ pub mod preflight;
 pub mod recovery;
 
 /// Names of the steps at which the test-only switch `CHANGEOVER_FAULT_AT` makes the server
-/// abort (as `kill -9` would), right after the journal recorded the step.
+/// abort (as `kill -9` would), right after the journal recorded the step. It may name
+/// several, separated by commas (`unhealthy,rollback_exchanged`: a failed health check,
+/// then a crash in the middle of its rollback).
 pub const FAULT_ENV: &str = "CHANGEOVER_FAULT_AT";
 
 /// Aborts the process if the fault switch names `step`. Tests use it to prove that every
 /// journaled step can be interrupted and recovered from.
 pub fn fault_point(step: &str) {
-    if std::env::var(FAULT_ENV).is_ok_and(|wanted| wanted == step) {
+    if fault_requested(step) {
         eprintln!("{FAULT_ENV}={step}: aborting here on purpose");
         std::process::abort();
     }
@@ -31,5 +33,5 @@ pub fn fault_point(step: &str) {
 
 /// Whether the fault switch names `step`, for faults that are not aborts.
 pub fn fault_requested(step: &str) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|wanted| wanted == step)
+    std::env::var(FAULT_ENV).is_ok_and(|wanted| wanted.split(',').any(|one| one == step))
 }

@@ -54,8 +54,18 @@ pub fn recover(
         "found an unfinished changeover"
     );
     let installed_binary = layout.install_dir().join(ReleaseKind::Server.binary_path());
-    let swapped =
-        release_version(&layout.install_dir()).as_deref() == Some(journal.target_version.as_str());
+    if journal.committing {
+        // The new release was healthy and the old one was being deleted: finish that.
+        super::health::delete_old_release(layout)?;
+        let summary = super::health::committed_summary(&journal, None);
+        info!("changeover ended outcome=committed (the interrupted commit was finished)");
+        files.finish(&summary)?;
+        if running_version != journal.target_version {
+            return Ok(Resume::Restart(installed_binary));
+        }
+        return Ok(Resume::Nothing);
+    }
+    let swapped = new_release_installed(layout, &journal);
     match journal.phase {
         P::Idle
         | P::Scheduled
@@ -154,20 +164,36 @@ fn end(
     files.finish(&summary)
 }
 
-/// Puts the old release back, whatever part of the changeover was done; safe to repeat.
+/// Whether the install folder holds the new release: by folder identity once the journal
+/// has it (recorded before the exchange), else by version (a same-version changeover has
+/// no identity yet only before its exchange, when the old release is installed).
+pub fn new_release_installed(layout: &Layout, journal: &Journal) -> bool {
+    let install = layout.install_dir();
+    match journal.releases {
+        Some(ids) => ids.new.is_at(&install),
+        None => {
+            journal.target_version != journal.from_version
+                && release_version(&install).as_deref() == Some(journal.target_version.as_str())
+        }
+    }
+}
+
+/// Puts the old release back, whatever part of the changeover was done; safe to repeat
+/// after a crash at any point of it.
 pub fn undo(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
     let install = layout.install_dir();
     let old = layout.old_install_dir();
     let staging = staging_dir(layout);
-    let installed = release_version(&install);
-    if installed.as_deref() == Some(journal.target_version.as_str())
-        && journal.target_version != journal.from_version
-    {
+    if new_release_installed(layout, journal) {
         // Swapped: the old release is `<name>_old`, or still at the staging path.
-        let old_at = if old.exists() {
-            old
-        } else if release_version(&staging).as_deref() == Some(journal.from_version.as_str()) {
-            staging
+        let holds_old = |path: &std::path::Path| match journal.releases {
+            Some(ids) => ids.old.is_at(path),
+            None => release_version(path).as_deref() == Some(journal.from_version.as_str()),
+        };
+        let old_at = if holds_old(&old) {
+            old.clone()
+        } else if holds_old(&staging) {
+            staging.clone()
         } else {
             bail!(
                 "the previous release is gone: neither {} nor {} holds it",
@@ -182,23 +208,52 @@ pub fn undo(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
                 install.display()
             )
         })?;
-        for path in journal.moved.iter().rev() {
-            carry::move_back(&old_at, &install, path)?;
+        super::fault_point("rollback_exchanged");
+    }
+    // The old release is installed. The carried folders are in the new release, wherever
+    // it is now: in staging (before the exchange, or when the exchange back came before the
+    // rename to `<name>_old`), or in `<name>_old` (after the exchange back).
+    let holds_new = |path: &std::path::Path| match journal.releases {
+        Some(ids) => ids.new.is_at(path),
+        // Without identities no exchange happened: the new release is only in staging.
+        None => false,
+    };
+    for holder in [&staging, &old] {
+        let is_new = holds_new(holder) || (holder == &staging && holder.exists());
+        if !is_new {
+            continue;
         }
-        // The failed release is kept for diagnosis, replacing an older one.
+        for (index, path) in journal.moved.iter().rev().enumerate() {
+            carry::move_back(holder, &install, path)?;
+            if index == 0 {
+                super::fault_point("rollback_moved_partly");
+            }
+        }
+        super::fault_point("rollback_moved_back");
+        if journal.releases.is_some() {
+            // The failed release is kept for diagnosis, replacing an older one.
+            let failed = layout.failed_install_dir();
+            if failed.exists() {
+                std::fs::remove_dir_all(&failed)
+                    .with_context(|| format!("cannot remove {}", failed.display()))?;
+            }
+            std::fs::rename(holder, &failed).with_context(|| {
+                format!("cannot keep the failed release as {}", failed.display())
+            })?;
+            super::fault_point("rollback_failed_kept");
+        } else {
+            std::fs::remove_dir_all(holder)
+                .with_context(|| format!("cannot remove {}", holder.display()))?;
+        }
+    }
+    // Out of the way, the failed release gets its own defaults back.
+    if let Some(ids) = journal.releases {
         let failed = layout.failed_install_dir();
-        if failed.exists() {
-            std::fs::remove_dir_all(&failed)
-                .with_context(|| format!("cannot remove {}", failed.display()))?;
+        if ids.new.is_at(&failed) {
+            for path in &journal.moved {
+                carry::restore_release_defaults(&failed, path)?;
+            }
         }
-        std::fs::rename(&old_at, &failed)
-            .with_context(|| format!("cannot keep the failed release as {}", failed.display()))?;
-    } else if staging.exists() {
-        for path in journal.moved.iter().rev() {
-            carry::move_back(&staging, &install, path)?;
-        }
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("cannot remove {}", staging.display()))?;
     }
     // The new release and its applications ran on the carried files and may have changed
     // them (a database saved at its stop, a preference written): what is there now is the
