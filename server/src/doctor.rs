@@ -51,6 +51,7 @@ const CHECK_USER: &str = "user";
 const CHECK_RIGHTS: &str = "rights";
 const CHECK_EXECUTE: &str = "execute";
 const CHECK_SWAP: &str = "swap";
+const CHECK_FILESYSTEMS: &str = "filesystems";
 const CHECK_LEFTOVERS: &str = "leftovers";
 const CHECK_SPACE: &str = "disk space";
 const CHECK_CONFIG: &str = "config";
@@ -257,6 +258,7 @@ fn examine_locally(root: &Path, name: &str) -> LocalResult {
     findings.push(check_execute(root));
     let loaded = load_config(&layout);
     findings.push(check_swap(&layout, &loaded.config.carry_over.paths));
+    findings.push(check_filesystems(&layout, &loaded.config.carry_over.paths));
     findings.push(check_leftovers(&layout));
     findings.push(check_space(&layout));
     findings.push(loaded.finding);
@@ -807,6 +809,31 @@ fn check_swap(layout: &Layout, _carry_paths: &[String]) -> Finding {
             layout.root().display()
         ),
     )
+}
+
+/// The install and the carried folders must be movable by renaming: one filesystem, no
+/// mount points (the same check as the preflight's).
+fn check_filesystems(layout: &Layout, carry_paths: &[String]) -> Finding {
+    let install = layout.install_dir();
+    match crate::changeover::preflight::filesystem_problems(&install, carry_paths) {
+        Ok(problems) if problems.is_empty() => Finding::ok(
+            CHECK_FILESYSTEMS,
+            format!(
+                "the install and its carried folders ({}) are on one filesystem, none a mount point",
+                carry_paths.join(", ")
+            ),
+        ),
+        Ok(problems) => Finding::blocker(
+            CHECK_FILESYSTEMS,
+            problems.join("; "),
+            crate::changeover::preflight::FILESYSTEM_FIX,
+        ),
+        Err(err) => Finding::blocker(
+            CHECK_FILESYSTEMS,
+            format!("{err:#}"),
+            "check that the install can be read",
+        ),
+    }
 }
 
 /// Names the first few of `items`, and how many more there are.
@@ -1625,6 +1652,7 @@ mod tests {
             (CHECK_RIGHTS, Status::Ok),
             (CHECK_EXECUTE, Status::Ok),
             (CHECK_SWAP, Status::Ok),
+            (CHECK_FILESYSTEMS, Status::Ok),
             (CHECK_LEFTOVERS, Status::Ok),
             (CHECK_SPACE, Status::Ok),
             (CHECK_CONFIG, Status::Ok),

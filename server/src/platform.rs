@@ -167,3 +167,58 @@ pub fn reexec(
 ) -> std::io::Error {
     std::io::Error::other("restarting in place is not supported on this platform")
 }
+
+/// Every mount point on this machine (from `/proc/self/mountinfo` on Linux; empty where
+/// it cannot be read).
+pub fn mount_points() -> Vec<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| parse_mountinfo(&text))
+        .unwrap_or_default()
+}
+
+/// The mount points of a `mountinfo` text: the fifth field, with its octal escapes
+/// (`\040` for a space) decoded.
+fn parse_mountinfo(text: &str) -> Vec<std::path::PathBuf> {
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| {
+            let bytes = field.as_bytes();
+            let mut decoded = Vec::with_capacity(bytes.len());
+            let mut index = 0;
+            while index < bytes.len() {
+                let escaped = bytes.get(index + 1..index + 4).and_then(|digits| {
+                    std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|digits| u8::from_str_radix(digits, 8).ok())
+                });
+                match (bytes[index], escaped) {
+                    (b'\\', Some(byte)) => {
+                        decoded.push(byte);
+                        index += 4;
+                    }
+                    (byte, _) => {
+                        decoded.push(byte);
+                        index += 1;
+                    }
+                }
+            }
+            std::path::PathBuf::from(String::from_utf8_lossy(&decoded).into_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod mountinfo_tests {
+    #[test]
+    fn mount_points_are_read_with_their_escapes() {
+        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    40 22 0:35 / /srv/office/server/my\\040backups rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            super::parse_mountinfo(text),
+            vec![
+                std::path::PathBuf::from("/"),
+                std::path::PathBuf::from("/srv/office/server/my backups")
+            ]
+        );
+    }
+}

@@ -275,6 +275,64 @@ fn a_full_changeover_with_three_agents() {
     }
 }
 
+/// A tmpfs mounted at a folder, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path) -> Mount {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "cannot mount a tmpfs at {}", at.display());
+        Mount(at.to_owned())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_carried_folder_on_a_tmpfs_mount_is_refused_before_anyone_is_warned() {
+    let site = Site::new();
+    let backups = site.root.join("server/backups");
+    let backup = std::fs::read(backups.join("2026-11-27.bak")).unwrap();
+    let _mount = Mount::tmpfs(&backups);
+    std::fs::write(backups.join("2026-11-27.bak"), &backup).unwrap();
+
+    let doctor = Command::new(binary("changeover-server"))
+        .args(["doctor", "--root"])
+        .arg(&site.root)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{report}");
+    assert!(
+        report.contains("filesystems") && report.contains("\"backups\" is a mount point"),
+        "{report}"
+    );
+
+    let server = site.start(&[]);
+    let (_agent, hook_log) = site.agent(&server, "erik");
+    eventually(Duration::from_secs(20), "erik", || {
+        (users(&status(&server.url())) == 1).then_some(())
+    });
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "2"]));
+    assert!(!ok);
+    assert!(stderr.contains("\"backups\" is a mount point"), "{stderr}");
+    let report = status(&server.url());
+    assert_eq!(report["last_changeover"]["phase"], "preparing", "{report}");
+    assert_eq!(report["server_version"], "1.0.0");
+    assert!(!hook_log.exists(), "nobody was warned");
+    assert_eq!(users(&report), 1, "nobody was logged out");
+    assert!(!site.root.join(".server.staging").exists());
+    site.assert_carried_files_intact();
+}
+
 #[test]
 fn a_release_that_fails_its_preflight_disturbs_nobody() {
     // A release whose binary cannot run its self-check.

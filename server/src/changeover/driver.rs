@@ -997,6 +997,7 @@ async fn prepare(
             .map_err(|reason| anyhow::anyhow!("the package no longer verifies: {reason}"))?;
         preflight::check_space(&root, &archive)?;
         preflight::check_rights(&root)?;
+        preflight::check_one_filesystem(&install, &carry_paths)?;
         preflight::unpack(&archive, &staging_for_unpack)?;
         // Hashed now, while people still work, so the downtime does not pay for it.
         carry::record(&install, &carry_paths, &[])

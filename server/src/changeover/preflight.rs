@@ -73,6 +73,81 @@ pub fn check_space(root: &Path, archive: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What to do about a folder a changeover cannot move by renaming.
+pub const FILESYSTEM_FIX: &str = "a changeover moves these folders by renaming them, which \
+     cannot cross filesystems or move a mount point: mount the other filesystem outside the \
+     install (beside the product folder, say) and point the application at it there, or drop \
+     the folder from carry_over.paths";
+
+/// Checks that the install and every carried folder in it can be moved by renaming: none
+/// is a mount point, none has a filesystem mounted inside it, and every carried folder is
+/// on the install's filesystem (a rename cannot cross filesystems, and a mount point cannot
+/// be renamed at all). Found now, before anyone is warned, instead of as `EXDEV` or
+/// `EBUSY` after the logout.
+pub fn check_one_filesystem(install: &Path, carry_paths: &[String]) -> anyhow::Result<()> {
+    let problems = filesystem_problems(install, carry_paths)?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("{}; {FILESYSTEM_FIX}", problems.join("; "))
+}
+
+/// Each folder of [`check_one_filesystem`] that a rename could not move, described.
+pub fn filesystem_problems(install: &Path, carry_paths: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    if !install.exists() {
+        return Ok(problems);
+    }
+    let mounts = crate::platform::mount_points();
+    let install_device = device_of(install)?;
+    let mut folders = vec![(install.to_owned(), "the install".to_owned())];
+    folders.extend(
+        carry_paths
+            .iter()
+            .map(|path| (install.join(path), format!("the carried folder {path:?}"))),
+    );
+    for (folder, what) in &folders {
+        if !folder.exists() {
+            continue;
+        }
+        let real = folder.canonicalize().unwrap_or_else(|_| folder.clone());
+        if let Some(mount) = mounts.iter().find(|mount| **mount == real) {
+            problems.push(format!("{what} is a mount point ({})", mount.display()));
+        } else if device_of(folder)? != install_device {
+            problems.push(format!(
+                "{what} ({}) is on another filesystem than the install",
+                folder.display()
+            ));
+        }
+        if folder != install
+            && let Some(inner) = mounts
+                .iter()
+                .find(|mount| **mount != real && mount.starts_with(&real))
+        {
+            problems.push(format!(
+                "{what} has a filesystem mounted inside it ({})",
+                inner.display()
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+fn device_of(path: &Path) -> anyhow::Result<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .dev())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(0)
+    }
+}
+
 /// Unpacks the package into a fresh staging folder.
 pub fn unpack(archive: &Path, staging: &Path) -> anyhow::Result<()> {
     if staging.exists() {
