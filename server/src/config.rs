@@ -64,6 +64,10 @@ paths = ["config", "backups", "certs"]
 [changeover]
 # A new release that has not proved healthy this long after its start is rolled back.
 health_timeout_secs = 60
+# Without a service manager, a small process of the old release waits for the new one's
+# verdict and puts the old release back if the new one dies or hangs before it. Under
+# systemd (INVOCATION_ID or NOTIFY_SOCKET set) the unit's Restart= does that instead.
+watchdog = true
 
 [agent_updates]
 # After a changeover to version V the server offers the agent release V (fetched from the
@@ -185,12 +189,14 @@ impl Default for CarryOverSection {
 #[serde(default)]
 pub struct ChangeoverSection {
     pub health_timeout_secs: u64,
+    pub watchdog: bool,
 }
 
 impl Default for ChangeoverSection {
     fn default() -> Self {
         ChangeoverSection {
             health_timeout_secs: 60,
+            watchdog: true,
         }
     }
 }

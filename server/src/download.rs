@@ -47,6 +47,15 @@ pub enum DownloadError {
         "gave up after {attempts} attempts ({last}); what arrived is kept and resumes next time"
     )]
     GaveUp { attempts: u32, last: String },
+    #[error(
+        "the feed's {url} is {served} bytes but the signed release is {signed} bytes: the file on \
+         the feed is truncated or not the one the vendor signed; nothing was kept"
+    )]
+    WrongSize {
+        url: String,
+        served: u64,
+        signed: u64,
+    },
     #[error("cannot write {path}: {source}")]
     Io {
         path: String,
@@ -177,6 +186,23 @@ impl Download<'_> {
                 status: status.as_u16(),
             }));
         };
+        // The whole file's size as the feed states it: a stock web server serving a truncated
+        // (or different) file says so up front, and no retry can make it right.
+        let served = if status == reqwest::StatusCode::PARTIAL_CONTENT {
+            content_range_total(&response)
+        } else {
+            response.content_length()
+        };
+        if let Some(served) = served
+            && served != size
+        {
+            self.discard_part().await?;
+            return Err(AttemptError::Fatal(DownloadError::WrongSize {
+                url: url.to_string(),
+                served,
+                signed: size,
+            }));
+        }
         on_event(DownloadEvent::Started {
             resumed_from: existing,
         });
@@ -284,6 +310,16 @@ async fn hash_prefix(
             .update(&buffer[..read])
             .map_err(|err| AttemptError::Fatal(err.into()))?;
     }
+}
+
+// `Content-Range: bytes 1000-1999/2000` → 2000 (none for `*`).
+fn content_range_total(response: &reqwest::Response) -> Option<u64> {
+    let value = response
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    value.rsplit('/').next()?.trim().parse().ok()
 }
 
 // `Content-Range: bytes 1000-1999/2000` → 1000.

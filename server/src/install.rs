@@ -52,7 +52,21 @@ pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
         .with_context(|| format!("cannot create {}", layout.root().display()))?;
 
     let staging = layout.root().join(format!(".{}.installing", layout.name()));
+    let before = layout
+        .root()
+        .join(format!(".{}.before-install", layout.name()));
+    // An install interrupted between its two renames: the site's folder comes back first.
+    if before.exists() && !install_dir.exists() {
+        std::fs::rename(&before, &install_dir).with_context(|| {
+            format!(
+                "cannot put {} back to {}",
+                before.display(),
+                install_dir.display()
+            )
+        })?;
+    }
     if staging.exists() {
+        // Only the release and copies of site files: nothing of the site's own.
         std::fs::remove_dir_all(&staging).with_context(|| {
             format!("cannot remove a stale staging folder {}", staging.display())
         })?;
@@ -63,21 +77,53 @@ pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
         &staging,
         &install_dir,
         entry.kind,
-    )
-    .and_then(|()| {
-        std::fs::rename(&staging, &install_dir)
-            .with_context(|| format!("cannot move the release to {}", install_dir.display()))
-    });
+    );
     if let Err(err) = result {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(err);
+    }
+    // The site's folder (if any) steps aside whole and the release takes its place; a
+    // failure in between puts the folder back.
+    if install_dir.exists() {
+        if before.exists() {
+            let _ = std::fs::remove_dir_all(&staging);
+            bail!(
+                "{} is in the way: it holds what an earlier install found in {}; move what \
+                 you need from it and remove it",
+                before.display(),
+                install_dir.display()
+            );
+        }
+        std::fs::rename(&install_dir, &before)
+            .with_context(|| format!("cannot move {} aside", install_dir.display()))?;
+    }
+    if let Err(err) = std::fs::rename(&staging, &install_dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        if before.exists() {
+            std::fs::rename(&before, &install_dir).with_context(|| {
+                format!(
+                    "cannot move the release to {} ({err}), nor put {} back",
+                    install_dir.display(),
+                    before.display()
+                )
+            })?;
+        }
+        return Err(err)
+            .with_context(|| format!("cannot move the release to {}", install_dir.display()));
+    }
+    if before.exists() {
+        tidy_before_install(&before);
     }
     layout.create_dirs()?;
     Ok(entry.version)
 }
 
-// Unpacks into staging and carries over what a development run may already have put in
-// the install folder (config, certificates, backups), then removes that folder.
+/// The site folders a first install carries into the release.
+const SITE_FOLDERS: [&str; 3] = ["config", "certs", "backups"];
+
+// Unpacks into staging and copies in what a development run or an admin may already have
+// put in the install folder (config, certificates, backups); the originals stay untouched
+// until the release is in place.
 fn stage(
     archive: &Path,
     public_key: &Path,
@@ -93,15 +139,11 @@ fn stage(
     if let Some(manifest) = crate::apps::Manifest::load(staging)? {
         manifest.check_programs(staging)?;
     }
-    if install_dir.exists() {
-        for name in ["config", "certs", "backups"] {
-            let from = install_dir.join(name);
-            if from.is_dir() {
-                merge_into(&from, &staging.join(name))?;
-            }
+    for name in SITE_FOLDERS {
+        let from = install_dir.join(name);
+        if from.is_dir() {
+            copy_into(&from, &staging.join(name))?;
         }
-        std::fs::remove_dir_all(install_dir)
-            .with_context(|| format!("cannot replace {}", install_dir.display()))?;
     }
     let key_target = staging.join(VENDOR_KEY_IN_INSTALL);
     std::fs::create_dir_all(key_target.parent().context("key path has a folder")?)?;
@@ -110,20 +152,52 @@ fn stage(
     Ok(())
 }
 
-// Moves every file of `from` into `to`; files already in `to` from the release are
-// replaced, because the site's own settings win over a release's defaults.
-fn merge_into(from: &Path, to: &Path) -> anyhow::Result<()> {
+// What the install found is in the release now: the originals of the copied folders go,
+// and whatever else was there stays in `before` for the admin, who is told.
+fn tidy_before_install(before: &Path) {
+    for name in SITE_FOLDERS {
+        let folder = before.join(name);
+        if folder.is_dir()
+            && let Err(err) = std::fs::remove_dir_all(&folder)
+        {
+            eprintln!("note: cannot remove {}: {err}", folder.display());
+        }
+    }
+    if std::fs::remove_dir(before).is_err() {
+        eprintln!(
+            "note: {} keeps what the install folder held besides {}: move what you need from it",
+            before.display(),
+            SITE_FOLDERS.join(", ")
+        );
+    }
+}
+
+// Copies every file of `from` into `to`, each synced; files already in `to` from the
+// release are replaced, because the site's own settings win over a release's defaults.
+fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     for item in
         std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
     {
         let item = item?;
         let target = to.join(item.file_name());
-        if item.file_type()?.is_dir() {
-            merge_into(&item.path(), &target)?;
+        let file_type = item.file_type()?;
+        if file_type.is_dir() {
+            copy_into(&item.path(), &target)?;
+        } else if file_type.is_symlink() {
+            let link = std::fs::read_link(item.path())?;
+            let _ = std::fs::remove_file(&target);
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(&link, &target)
+                .with_context(|| format!("cannot copy the link {}", item.path().display()))?;
+            #[cfg(not(unix))]
+            let _ = link;
         } else {
-            std::fs::rename(item.path(), &target)
-                .with_context(|| format!("cannot move {}", item.path().display()))?;
+            std::fs::copy(item.path(), &target)
+                .with_context(|| format!("cannot copy {}", item.path().display()))?;
+            std::fs::File::open(&target)
+                .and_then(|file| file.sync_all())
+                .with_context(|| format!("cannot sync {}", target.display()))?;
         }
     }
     Ok(())

@@ -106,6 +106,13 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     }
     std::fs::create_dir_all(layout.state_dir())
         .with_context(|| format!("cannot create {}", layout.state_dir().display()))?;
+    // Which process serves (a watchdog may have become the server after a failed release).
+    if let Err(err) = std::fs::write(
+        layout.state_dir().join("server.pid"),
+        format!("{}\n", std::process::id()),
+    ) {
+        warn!(cause = %err, "cannot write server.pid");
+    }
     let server_version = version::running_version();
     let bound = std_listener
         .local_addr()
@@ -257,6 +264,8 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             server_version: server_version.clone(),
             restart_args: restart_args.clone(),
             apps: apps.clone(),
+            health_timeout: Duration::from_secs(config.changeover.health_timeout_secs),
+            watchdog: config.changeover.watchdog,
         },
         driver_inbox,
     );

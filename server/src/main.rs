@@ -60,6 +60,27 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The watchdog a changeover starts when no service manager supervises the server: it
+    /// waits for the new release's verdict and puts the old release back if none comes.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        changeover: String,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        patience_secs: u64,
+        /// The process that does the waiting (the first one only starts it).
+        #[arg(long)]
+        detached: bool,
+        /// How the server is run (`run --root …`).
+        #[arg(last = true)]
+        run_args: Vec<std::ffi::OsString>,
+    },
     /// Run every preflight check against an installed server and its feed without changing
     /// anything; say what would fail and how to fix it. Exit 1 if a changeover would fail.
     Doctor {
@@ -188,6 +209,29 @@ fn main() -> ExitCode {
                     ))
                 }
             }),
+        Command::Watchdog {
+            root,
+            name,
+            changeover,
+            pid,
+            patience_secs,
+            detached,
+            run_args,
+        } => {
+            let options = changeover_server::changeover::watchdog::WatchOptions {
+                root,
+                name,
+                changeover_id: changeover,
+                pid,
+                patience: std::time::Duration::from_secs(patience_secs),
+                run_args,
+            };
+            if detached {
+                changeover_server::changeover::watchdog::watch(&options)
+            } else {
+                changeover_server::changeover::watchdog::detach(&options)
+            }
+        }
         Command::DemoApp { check: true } => changeover_server::demo_app::check(),
         Command::DemoApp { check: false } => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")

@@ -288,6 +288,10 @@ fn spawn_server_with_env(
         command.env("CHANGEOVER_ADMIN_PASSWORD", password);
     }
     command.env_remove("CHANGEOVER_FAULT_AT");
+    // Started by hand, as far as the server can tell: no service manager.
+    command
+        .env_remove("INVOCATION_ID")
+        .env_remove("NOTIFY_SOCKET");
     for (key, value) in env {
         command.env(key, value);
     }

@@ -333,6 +333,130 @@ fn a_carried_folder_on_a_tmpfs_mount_is_refused_before_anyone_is_warned() {
     site.assert_carried_files_intact();
 }
 
+/// A feed with 1.0.0 and a 1.2.0 whose server passes its self-check and then, started for
+/// real, does `behaviour` (a shell command) instead of serving.
+fn feed_with_a_release_that(behaviour: &str, dir: &Path) -> PathBuf {
+    let fixture = fixture();
+    let feed = dir.join("feed");
+    std::fs::create_dir_all(&feed).unwrap();
+    for name in [
+        archive_name("1.0.0"),
+        format!("{}.minisig", archive_name("1.0.0")),
+        "manifest.json".to_owned(),
+        "manifest.json.minisig".to_owned(),
+    ] {
+        std::fs::copy(fixture.feed.join(&name), feed.join(&name)).unwrap();
+    }
+    let broken = stub_server_tree(&dir.join("broken"), "1.2.0", &[]);
+    std::fs::write(
+        broken.join("bin/changeover-server"),
+        format!(
+            "#!/bin/sh
+if [ \"$1\" = self-check ]; then echo 'changeover-server 1.2.0 ok'; exit 0; fi
+{behaviour}
+"
+        ),
+    )
+    .unwrap();
+    fixture.vendor.pack("server", "1.2.0", &broken, &feed);
+    feed
+}
+
+/// Started by hand (no service manager), the server changes over to a 1.2.0 that does
+/// `behaviour`: the watchdog must put 1.0.0 back within the health timeout + 10 s, with a
+/// rollback mail in the outbox.
+fn watchdog_puts_the_old_release_back_when_the_new_one(behaviour: &str, expected: &str) {
+    const HEALTH_TIMEOUT_SECS: u64 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let feed = feed_with_a_release_that(behaviour, dir.path());
+    let site = Site::with_feed(&feed);
+    let config = site.config().replace(
+        "health_timeout_secs = 20",
+        &format!("health_timeout_secs = {HEALTH_TIMEOUT_SECS}"),
+    );
+    let mut server = Server::start_installed(&site.root, &config);
+    let follower = update(&server, &["--grace", "0", "--version", "1.2.0"]);
+    // The old process becomes 1.2.0 (same pid), which then fails.
+    eventually(Duration::from_secs(30), "the new release started", || {
+        let log = std::fs::read_to_string(site.root.join("state/server.log")).ok()?;
+        log.contains("watchdog waiting").then_some(())
+    });
+    let started = std::time::Instant::now();
+    let report = eventually(
+        Duration::from_secs(HEALTH_TIMEOUT_SECS + 10),
+        "the old release serving again",
+        || {
+            let report = changeover_tests::try_status(&server.url())?;
+            (report["server_version"] == "1.0.0" && report["last_changeover"].is_object())
+                .then_some(report)
+        },
+    );
+    let back_after = started.elapsed();
+    let (ok, _, stderr) = finish(follower);
+    assert!(!ok, "{stderr}");
+    let last = &report["last_changeover"];
+    assert_eq!(last["outcome"], "rolled_back", "{report}");
+    assert!(
+        last["reason"].as_str().unwrap_or("").contains(expected),
+        "{report}"
+    );
+    assert_eq!(site.installed_version(), "1.0.0");
+    site.assert_carried_files_intact();
+    assert!(!site.root.join("state/changeover.json").exists());
+    let mails: Vec<String> = std::fs::read_dir(site.root.join("state/outbox"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("rolled_back"))
+        .collect();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    // The server now runs in the watchdog's process, not in the one the test started.
+    assert!(
+        server.process.try_status().is_some(),
+        "the failed release still runs"
+    );
+    let pid: u32 = std::fs::read_to_string(site.root.join("state/server.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_secs(15), "the server stopped", || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z ")))
+        .then_some(())
+    });
+    // And it keeps starting from its install path.
+    server.restart();
+    assert_eq!(status(&server.url())["server_version"], "1.0.0");
+    eprintln!("old release back {back_after:?} after the new one started");
+}
+
+#[test]
+fn without_a_service_manager_a_new_release_that_exits_at_once_is_rolled_back() {
+    watchdog_puts_the_old_release_back_when_the_new_one(
+        "exit 0",
+        "ended before its health verdict",
+    );
+}
+
+#[test]
+fn without_a_service_manager_a_new_release_that_segfaults_is_rolled_back() {
+    watchdog_puts_the_old_release_back_when_the_new_one(
+        "kill -SEGV $$",
+        "ended before its health verdict",
+    );
+}
+
+#[test]
+fn without_a_service_manager_a_new_release_that_stops_answering_is_rolled_back() {
+    watchdog_puts_the_old_release_back_when_the_new_one("kill -STOP $$", "watchdog killed it");
+}
+
 #[test]
 fn a_release_that_fails_its_preflight_disturbs_nobody() {
     // A release whose binary cannot run its self-check.
@@ -490,9 +614,12 @@ fn crash_with(
     expected_version: &str,
 ) {
     let site = Site::new();
+    // A kill -9 here stands for a power cut: nothing of the old process survives it, so
+    // the watchdog is off and the next start (from the install path) recovers.
     let config = site
         .config()
-        .replace("[feed]\n", &format!("[feed]\n{feed_extra}"));
+        .replace("[feed]\n", &format!("[feed]\n{feed_extra}"))
+        .replace("[changeover]\n", "[changeover]\nwatchdog = false\n");
     let mut server =
         Server::start_installed_with_env(&site.root, &config, &[("CHANGEOVER_FAULT_AT", step)]);
     let follower = update(&server, args);

@@ -243,7 +243,43 @@ fn an_archive_larger_than_signed_is_cut_off_and_deleted() {
     std::fs::write(&archive, bytes).unwrap();
     let http = StaticServer::python(&site.feed, site.dir.path());
     let server = site.start_server(Some(&http.url()));
-    assert_download_refused(&site, &server, &[], "grew beyond its signed size");
+    assert_download_refused(&site, &server, &[], "bytes but the signed release is");
+}
+
+#[test]
+fn a_truncated_archive_on_the_feed_is_refused_at_once_not_retried() {
+    let site = Site::new(&["1.0.0", "1.1.0"], "1.0.0");
+    let archive = site.archive("1.1.0");
+    let bytes = std::fs::read(&archive).unwrap();
+    std::fs::write(&archive, &bytes[..bytes.len() / 2]).unwrap();
+    let http = StaticServer::python(&site.feed, site.dir.path());
+    let server = site.start_server(Some(&http.url()));
+    let (ok, messages, stderr) = download(&server, &[]);
+    assert!(!ok, "accepted: {messages:?}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    let retries: Vec<&Value> = messages
+        .iter()
+        .filter(|message| message.to_string().contains("retry"))
+        .collect();
+    assert!(retries.is_empty(), "retried: {retries:?}");
+    let leftovers: Vec<String> = walk(&site.root.join("state"))
+        .into_iter()
+        .filter(|name| name.contains("1.1.0"))
+        .collect();
+    assert!(leftovers.is_empty(), "kept: {leftovers:?}");
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path.display().to_string());
+        }
+    }
+    found
 }
 
 #[test]
@@ -564,6 +600,66 @@ fn raw_entry(
     header.set_size(contents.len() as u64);
     header.set_cksum();
     builder.append(&header, contents).unwrap();
+}
+
+#[test]
+fn a_failed_first_install_leaves_the_sites_files_where_they_were() {
+    let site = Site::new(&["1.0.0"], "1.0.0");
+    // A release that cannot take the vendor key (its config/vendor.pub is a folder), so the
+    // install fails after unpacking, when the site's files would be carried in.
+    let tree = server_tree(
+        &site.dir.path().join("tree-broken"),
+        &[("config/vendor.pub/README", b"not a key\n")],
+    );
+    let feed = site.dir.path().join("feed-broken");
+    site.vendor.pack("server", "1.3.0", &tree, &feed);
+    let root = site.dir.path().join("office2");
+    let files: [(&str, &[u8]); 3] = [
+        ("config/site.toml", b"company = \"Muster GmbH\"\n"),
+        ("certs/server.pem", b"-----BEGIN CERTIFICATE-----\n"),
+        ("backups/monday.bak", &[7u8; 100_000]),
+    ];
+    for (path, contents) in files {
+        let file = root.join("server").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, contents).unwrap();
+    }
+    let output = install(
+        &root,
+        &feed.join(archive_name("1.3.0")),
+        &site.vendor.public_key,
+    );
+    assert!(!output.status.success());
+    for (path, contents) in files {
+        assert_eq!(
+            std::fs::read(root.join("server").join(path))
+                .ok()
+                .as_deref(),
+            Some(contents),
+            "{path} lost: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(list(&root), vec!["server".to_owned()], "leftovers");
+
+    // A good release then installs, carrying them in.
+    let output = install(&root, &site.archive("1.0.0"), &site.vendor.public_key);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (path, contents) in files {
+        assert_eq!(
+            std::fs::read(root.join("server").join(path))
+                .ok()
+                .as_deref(),
+            Some(contents),
+            "{path} not carried in"
+        );
+    }
+    assert!(root.join("server/release.json").exists());
+    assert!(!root.join(".server.before-install").exists());
 }
 
 #[test]

@@ -485,7 +485,7 @@ fn write_pid_file(dir: &Path, name: &str, pid: u32, stop_timeout: Duration) {
 
 /// The start time of process `pid` in clock ticks since boot (Linux), which tells a
 /// process apart from a later one that got the same pid.
-fn process_start_time(pid: u32) -> Option<u64> {
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields count from the last ')'.
     let after = &stat[stat.rfind(')')? + 1..];
@@ -494,7 +494,7 @@ fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 // Alive and not a zombie.
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rfind(')')

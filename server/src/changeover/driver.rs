@@ -178,7 +178,14 @@ pub struct Collaborators {
     pub server_version: String,
     /// Arguments the new process is started with (`run --root … --listen …`).
     pub restart_args: Vec<std::ffi::OsString>,
+    /// The new release's health timeout, which the watchdog extends a little.
+    pub health_timeout: Duration,
+    /// Whether to start the watchdog (`[changeover] watchdog`).
+    pub watchdog: bool,
 }
+
+/// How much longer than its health timeout the watchdog gives a new release.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(3);
 
 /// The changeover task.
 #[derive(Debug)]
@@ -560,6 +567,25 @@ impl Driver {
             .layout
             .install_dir()
             .join(changeover_protocol::release::ReleaseKind::Server.binary_path());
+        if !self.parts.watchdog {
+            info!("the watchdog is off ([changeover] watchdog = false)");
+        } else if super::watchdog::under_service_manager() {
+            info!("a service manager supervises the server: no watchdog needed");
+        } else if let Some(journal) = &self.journal {
+            let watch = super::watchdog::WatchOptions {
+                root: self.parts.layout.root().to_owned(),
+                name: self.parts.layout.name().to_owned(),
+                changeover_id: journal.changeover_id.clone(),
+                pid: std::process::id(),
+                patience: self.parts.health_timeout + WATCHDOG_MARGIN,
+                run_args: self.parts.restart_args.clone(),
+            };
+            // Without it a new release that dies or hangs before its verdict would stay
+            // down: the old release must not go on without one.
+            if let Err(err) = super::watchdog::start(&watch, &tcp) {
+                return self.roll_back_here(err, Some(tcp)).await;
+            }
+        }
         info!(binary = %binary.display(), "restarting as the new release");
         // Only returns if the new release could not be started at all.
         let err = crate::platform::reexec(&binary, &self.parts.restart_args, &tcp);

@@ -15,6 +15,7 @@ pub mod journal;
 pub mod machine;
 pub mod preflight;
 pub mod recovery;
+pub mod watchdog;
 
 /// Names of the steps at which the test-only switch `CHANGEOVER_FAULT_AT` makes the server
 /// abort (as `kill -9` would), right after the journal recorded the step. It may name
