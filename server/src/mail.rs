@@ -37,6 +37,10 @@ pub struct QueuedMail {
     pub attempts: u32,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Set when the SMTP server took it but it could not be moved to `sent/`: never sent
+    /// again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delivered: bool,
 }
 
 /// The outbox folder of a product folder.
@@ -161,6 +165,7 @@ pub fn queue_changeover_mail(
         queued_at: SystemTime::now(),
         attempts: 0,
         last_error: None,
+        delivered: false,
     };
     queue(state_dir, &mail)
 }
@@ -225,18 +230,40 @@ pub struct MailSettings {
 /// while it waits.
 pub async fn run_sender(state_dir: PathBuf, settings: MailSettings, shutdown: CancellationToken) {
     let mut delay = Duration::from_secs(1);
+    // Delivered in this process: never sent twice, even if neither the move to `sent/` nor
+    // the mark in the outbox could be written (a full disk, a read-only folder).
+    let mut delivered: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         let waiting = waiting(&state_dir);
         let mut all_sent = true;
         for mail in waiting {
+            if mail.delivered || delivered.contains(&mail.message_id) {
+                // Only the move is left; tried again, quietly, at the pace of retries.
+                if move_to(&state_dir, &mail, "sent", None).is_err() {
+                    all_sent = false;
+                }
+                continue;
+            }
             match send(&settings, &mail).await {
                 Ok(()) => {
                     info!(message_id = %mail.message_id, "mail sent");
-                    move_to(&state_dir, &mail, "sent", None);
+                    delivered.insert(mail.message_id.clone());
+                    if let Err(err) = move_to(&state_dir, &mail, "sent", None) {
+                        warn!(cause = %err, message_id = %mail.message_id, "cannot move a sent mail to sent/; it is not sent again");
+                        all_sent = false;
+                        let mut marked = mail.clone();
+                        marked.delivered = true;
+                        if let Ok(bytes) = serde_json::to_vec_pretty(&marked) {
+                            let path = outbox_dir(&state_dir).join(file_name(&mail.message_id));
+                            let _ = crate::release_tools::write_atomically(&path, &bytes, true);
+                        }
+                    }
                 }
                 Err(Failure::Permanent(reason)) => {
                     warn!(message_id = %mail.message_id, %reason, "mail refused for good");
-                    move_to(&state_dir, &mail, "failed", Some(reason));
+                    if let Err(err) = move_to(&state_dir, &mail, "failed", Some(reason)) {
+                        warn!(cause = %err, "cannot move a refused mail to failed/");
+                    }
                 }
                 Err(Failure::Transient(reason)) => {
                     all_sent = false;
@@ -312,21 +339,27 @@ async fn send(settings: &MailSettings, mail: &QueuedMail) -> Result<(), Failure>
     }
 }
 
-fn move_to(state_dir: &Path, mail: &QueuedMail, folder: &str, reason: Option<String>) {
+/// Moves a mail out of the outbox into `folder`, durably (both folders synced).
+fn move_to(
+    state_dir: &Path,
+    mail: &QueuedMail,
+    folder: &str,
+    reason: Option<String>,
+) -> std::io::Result<()> {
     let dir = outbox_dir(state_dir);
     let name = file_name(&mail.message_id);
     let target = dir.join(folder);
-    let moved = std::fs::create_dir_all(&target)
-        .and_then(|()| std::fs::rename(dir.join(&name), target.join(&name)));
-    if let Err(err) = moved {
-        warn!(cause = %err, "cannot move a mail out of the outbox");
-    }
     if let Some(reason) = reason {
+        std::fs::create_dir_all(&target)?;
         let _ = std::fs::write(
             target.join(format!("{name}.reason.txt")),
             format!("{reason}\n"),
         );
     }
+    std::fs::create_dir_all(&target)?;
+    std::fs::rename(dir.join(&name), target.join(&name))?;
+    std::fs::File::open(&target)?.sync_all()?;
+    std::fs::File::open(&dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -897,6 +897,29 @@ fn the_admins_mail_waits_while_smtp_is_down_and_arrives_exactly_once() {
 }
 
 #[test]
+fn a_mail_that_cannot_be_moved_to_sent_is_still_sent_only_once() {
+    let site = Site::new();
+    let smtp_port = changeover_tests::feeds::free_port();
+    let sink = changeover_tests::smtp::SmtpSink::start(smtp_port, &site.dir.path().join("maildir"));
+    // `sent` is a file, so the outbox cannot move a sent mail there.
+    let outbox = site.root.join("state/outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    std::fs::write(outbox.join("sent"), "in the way\n").unwrap();
+    let config = format!(
+        "{}[mail]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nto = \"it@example.com\"\n",
+        site.config()
+    );
+    let server = Server::start_installed(&site.root, &config);
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "0"]));
+    assert!(ok, "{stderr}");
+    eventually(Duration::from_secs(60), "the mail", || {
+        sink.messages().into_iter().next()
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(sink.messages().len(), 1, "sent again");
+}
+
+#[test]
 fn a_rollback_is_mailed_with_its_reason() {
     let site = Site::new();
     let smtp_port = changeover_tests::feeds::free_port();
