@@ -242,6 +242,25 @@ async fn session(
         }
     };
 
+    // Welcomed: an updated agent on trial has passed it; an agent put back after a failed
+    // trial says so.
+    if let Some(installation) = link.updater.installation() {
+        crate::trial::confirm(&installation.dir, &identity.agent_version);
+    }
+    if let Some(failure) = link.updater.pending_failure() {
+        let report = ClientMessage::AgentUpdateReport {
+            version: failure.version,
+            state: changeover_protocol::AgentUpdateState::Failed,
+            detail: Some(failure.reason),
+        };
+        if let Err(err) = send(&mut ws, &report).await {
+            return SessionEnd::Lost {
+                reason: format!("{err:#}"),
+            };
+        }
+        link.updater.failure_reported();
+    }
+
     // The server pings every heartbeat; two intervals of silence mean it is gone even if
     // the TCP connection never says so (a pulled cable, a dead NAT entry).
     let silence_limit = heartbeat * 2 + SILENCE_SLACK;

@@ -10,4 +10,5 @@ pub mod dial;
 pub mod hooks;
 pub mod identity;
 pub mod self_update;
+pub mod trial;
 pub mod version;

@@ -1,6 +1,6 @@
 //! `changeover-agent`: parses the command line, sets up logging, calls the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use changeover_agent::self_update::{self, Policy, UpdateSettings};
@@ -40,6 +40,21 @@ enum Command {
     /// Admin commands (need the admin password).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Watches an updated agent on trial and puts the previous one back if it fails;
+    /// started by the agent itself.
+    #[command(hide = true)]
+    TrialWatch {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        patience_secs: u64,
+        #[arg(long)]
+        detached: bool,
+        #[arg(last = true)]
+        run_args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +85,10 @@ struct RunArgs {
     /// --ask-hook exits 0 (ask), or not at all (never).
     #[arg(long, value_enum, default_value_t = Policy::Auto)]
     client_update: Policy,
+    /// Seconds an updated agent has to be welcomed by the server before the previous one
+    /// is put back.
+    #[arg(long, default_value_t = changeover_agent::trial::DEFAULT_PATIENCE.as_secs())]
+    update_trial_secs: u64,
     /// Run through `sh -c` when an agent update is offered and --client-update is ask;
     /// exit 0 to install it (CHANGEOVER_EVENT=ask, CHANGEOVER_TARGET_VERSION).
     #[arg(long)]
@@ -176,7 +195,24 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match done {
         Ok(Done::Exit) => ExitCode::SUCCESS,
-        Ok(Done::Restart(exe)) => {
+        Ok(Done::Restart(exe, patience)) => {
+            // The previous release watches the new one until the server has welcomed it.
+            if let Some(dir) = exe.parent().and_then(Path::parent)
+                && changeover_agent::trial::current(dir).is_some()
+            {
+                let watcher = dir
+                    .join(changeover_agent::trial::PREVIOUS_DIR)
+                    .join(changeover_protocol::release::ReleaseKind::Agent.binary_path());
+                let options = changeover_agent::trial::WatchOptions {
+                    dir: dir.to_owned(),
+                    pid: std::process::id(),
+                    patience,
+                    run_args: std::env::args_os().skip(1).collect(),
+                };
+                if let Err(err) = changeover_agent::trial::start_watcher(&watcher, &options) {
+                    eprintln!("warning: {err:#}; the update runs without a way back");
+                }
+            }
             let err = self_update::restart_in_place(&exe);
             eprintln!(
                 "error: the agent updated itself but cannot start {}: {err}",
@@ -194,12 +230,38 @@ fn main() -> ExitCode {
 /// How a command ended.
 enum Done {
     Exit,
-    /// The agent updated itself: start the new binary in this process.
-    Restart(PathBuf),
+    /// The agent updated itself: start the new binary in this process, watched for this
+    /// long.
+    Restart(PathBuf, std::time::Duration),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<Done> {
     match command {
+        Command::TrialWatch {
+            dir,
+            pid,
+            patience_secs,
+            detached,
+            run_args,
+        } => {
+            let options = changeover_agent::trial::WatchOptions {
+                dir,
+                pid,
+                patience: std::time::Duration::from_secs(patience_secs),
+                run_args,
+            };
+            tokio::task::spawn_blocking(move || {
+                if detached {
+                    changeover_agent::trial::watch(&options)
+                } else {
+                    changeover_agent::trial::detach(&options)
+                }
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|result| result)
+            .map(|()| Done::Exit)
+        }
         Command::Run(args) => {
             let state_dir = match args.state_dir {
                 Some(dir) => dir,
@@ -208,6 +270,7 @@ async fn dispatch(command: Command) -> anyhow::Result<Done> {
             if args.client_update == Policy::Ask && args.ask_hook.is_none() {
                 anyhow::bail!("--client-update ask needs an --ask-hook to ask with");
             }
+            let trial_patience = std::time::Duration::from_secs(args.update_trial_secs);
             let options = agent::AgentOptions {
                 server_url: args.server.clone(),
                 user: args.user,
@@ -230,7 +293,7 @@ async fn dispatch(command: Command) -> anyhow::Result<Done> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             match agent::run(options, shutdown).await? {
                 agent::AgentExit::Stopped => Ok(Done::Exit),
-                agent::AgentExit::Restart(exe) => Ok(Done::Restart(exe)),
+                agent::AgentExit::Restart(exe) => Ok(Done::Restart(exe, trial_patience)),
             }
         }
         Command::Install {

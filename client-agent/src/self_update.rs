@@ -123,6 +123,8 @@ pub struct Updater {
     outcomes: Mutex<HashMap<String, (Instant, AgentUpdateState, String)>>,
     /// The version an update task is working on.
     busy: Mutex<Option<String>>,
+    /// A failed trial of an update, to report once connected.
+    pending_failure: Mutex<Option<crate::trial::Failure>>,
 }
 
 impl Updater {
@@ -141,8 +143,24 @@ impl Updater {
             http = http.tls_backend_preconfigured(tls);
         }
         let http = http.build().context("cannot set up the HTTP client")?;
+        let installation = Installation::of_running_binary();
+        let mut outcomes = HashMap::new();
+        let pending_failure = installation
+            .as_ref()
+            .and_then(|installation| crate::trial::take_failure(&installation.dir));
+        if let Some(failure) = &pending_failure {
+            warn!(version = %failure.version, reason = %failure.reason, "the last agent update was put back");
+            outcomes.insert(
+                failure.version.clone(),
+                (
+                    Instant::now(),
+                    AgentUpdateState::Failed,
+                    failure.reason.clone(),
+                ),
+            );
+        }
         Ok(Arc::new(Updater {
-            installation: Installation::of_running_binary(),
+            installation,
             running: running_version
                 .parse()
                 .unwrap_or(semver::Version::new(0, 0, 0)),
@@ -150,9 +168,26 @@ impl Updater {
             http,
             base_url,
             settings,
-            outcomes: Mutex::new(HashMap::new()),
+            outcomes: Mutex::new(outcomes),
             busy: Mutex::new(None),
+            pending_failure: Mutex::new(pending_failure),
         }))
+    }
+
+    /// The failed trial of an update to report to the server, if one is waiting.
+    pub fn pending_failure(&self) -> Option<crate::trial::Failure> {
+        self.pending_failure
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// The failed trial was reported.
+    pub fn failure_reported(&self) {
+        *self
+            .pending_failure
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = None;
     }
 
     /// Where the running agent was installed when it started.
@@ -308,10 +343,23 @@ impl Updater {
             .send(report(AgentUpdateState::Installing, "verified"))
             .await;
         let version = offer.version.clone();
+        let running = self.running.to_string();
         let result = tokio::task::spawn_blocking(move || {
             let staging = installation.dir.join(STAGING_DIR);
-            let result = stage(&archive, &staging, &version)
-                .and_then(|()| put_in_place(&staging, &installation));
+            let result = stage(&archive, &staging, &version).and_then(|()| {
+                // The running release is kept whole until the new one has been welcomed.
+                crate::trial::keep_previous(&installation.dir)?;
+                if let Err(err) = put_in_place(&staging, &installation) {
+                    // Never a mix of old and new files.
+                    if let Err(undo) = crate::trial::restore_previous(&installation.dir) {
+                        return Err(err.context(format!(
+                            "and putting the previous files back failed: {undo:#}"
+                        )));
+                    }
+                    return Err(err);
+                }
+                crate::trial::begin(&installation.dir, &running, &version)
+            });
             let _ = std::fs::remove_dir_all(&staging);
             if result.is_ok() {
                 let _ = std::fs::remove_file(&archive);

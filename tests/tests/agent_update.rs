@@ -270,6 +270,10 @@ fn older_agents_update_themselves_after_the_changeover() {
                 .unwrap();
         assert_eq!(info["version"], "1.1.0");
         assert!(!dir.join(".update-staging").exists());
+        // Welcomed by the server: the trial is over and the previous release not kept.
+        eventually(Duration::from_secs(10), "the trial confirmed", || {
+            (!dir.join(".trial.json").exists() && !dir.join(".previous").exists()).then_some(())
+        });
     }
     assert_eq!(agent_version(&dora), "1.0.0");
     assert!(!dora.join(NEW_FILE).exists());
@@ -438,4 +442,154 @@ fn each_installer_takes_only_its_own_kind_of_release() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("changeover-agent install"), "{stderr}");
     assert!(!root.join("server").exists());
+}
+
+/// Kills every process whose command line names `path` (agents the test did not start
+/// itself: an agent put back by its watcher runs in the watcher's process).
+fn kill_processes_naming(path: &Path) {
+    let needle = path.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_broken_but_signed_agent_release_is_put_back_by_every_agent_and_reported() {
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let feed = dir.path().join("feed");
+    for version in ["1.0.0", "1.1.0"] {
+        let tree = server_tree(&dir.path().join(format!("server-{version}")), &[]);
+        fixture.vendor.pack("server", version, &tree, &feed);
+    }
+    let good = dir.path().join("agent-1.0.0");
+    std::fs::create_dir_all(good.join("bin")).unwrap();
+    std::fs::copy(
+        binary("changeover-agent"),
+        good.join("bin/changeover-agent"),
+    )
+    .unwrap();
+    fixture.vendor.pack("agent", "1.0.0", &good, &feed);
+    // Signed by the vendor, passes its self-check, and dies as soon as it runs for real.
+    let broken = dir.path().join("agent-1.1.0");
+    std::fs::create_dir_all(broken.join("bin")).unwrap();
+    std::fs::write(
+        broken.join("bin/changeover-agent"),
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'changeover-agent 1.1.0'; exit 0; fi\n\
+         echo 'cannot load the configuration' >&2\nexit 3\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            broken.join("bin/changeover-agent"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    fixture.vendor.pack("agent", "1.1.0", &broken, &feed);
+
+    let root = dir.path().join("office");
+    let output = install(
+        "changeover-server",
+        &root,
+        &feed.join(format!("server-1.0.0-{}.tar.gz", current_platform())),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let feed_server = StaticServer::python(&feed, dir.path());
+    let config = format!(
+        "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 20\n",
+        feed_server.url()
+    );
+    let server = Server::start_installed(&root, &config);
+    let users = ["emil", "fritz"];
+    let mut agents = Vec::new();
+    let mut dirs = Vec::new();
+    for user in users {
+        let agent_dir = dir.path().join(user).join("agent");
+        let output = install(
+            "changeover-agent",
+            &agent_dir,
+            &feed.join(format!("agent-1.0.0-{}.tar.gz", current_platform())),
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let state = dir.path().join(user).join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let log = state.join("agent.log");
+        let child = Command::new(agent_dir.join("bin/changeover-agent"))
+            .args([
+                "run",
+                "--server",
+                &server.url(),
+                "--user",
+                user,
+                "--state-dir",
+            ])
+            .arg(&state)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        agents.push(Process::from_child(child, log));
+        dirs.push(agent_dir);
+    }
+    eventually(Duration::from_secs(20), "two agents on 1.0.0", || {
+        let report = status(&server.url());
+        (report["sessions"].as_array().map_or(0, Vec::len) == 2).then_some(())
+    });
+
+    change_over(&server);
+
+    let report = eventually(
+        Duration::from_secs(60),
+        "both agents back on 1.0.0, their update reported failed",
+        || {
+            let report = status(&server.url());
+            users
+                .iter()
+                .all(|user| {
+                    session(&report, user).is_some_and(|s| {
+                        s["agent_version"] == "1.0.0" && s["update"]["state"] == "failed"
+                    })
+                })
+                .then_some(report)
+        },
+    );
+    let detail = session(&report, "emil").unwrap()["update"].to_string();
+    assert!(detail.contains("put back"), "{detail}");
+    for agent_dir in &dirs {
+        assert_eq!(agent_version(agent_dir), "1.0.0");
+        assert!(!agent_dir.join(".trial.json").exists());
+        assert!(!agent_dir.join(".previous").exists());
+    }
+    // The broken release is not tried again in a loop: they stay connected on 1.0.0.
+    std::thread::sleep(Duration::from_secs(3));
+    let report = status(&server.url());
+    for user in users {
+        assert_eq!(session(&report, user).unwrap()["agent_version"], "1.0.0");
+    }
+    for agent in &mut agents {
+        agent.signal("TERM");
+    }
+    kill_processes_naming(dir.path());
 }
