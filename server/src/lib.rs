@@ -26,6 +26,7 @@ pub mod mail;
 pub mod platform;
 pub mod release_tools;
 pub mod releases;
+pub mod service;
 pub mod tls;
 pub mod unattended;
 pub mod version;
@@ -100,6 +101,9 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     // The socket has its descriptor: the log file may have the next one.
     let layout = Layout::named(&options.root, &options.name);
     log_file::attach(&layout.state_dir());
+    // From the first moment on, also through recovery and a new release's health check
+    // (each bounded by its own timeout): only a process that hangs stops pinging.
+    service::spawn_watchdog_pings(CancellationToken::new());
     match platform::raise_open_file_limit() {
         Ok(limit) => info!(%limit, "one file descriptor per agent"),
         Err(err) => warn!(cause = %err, "cannot raise the open-file limit"),
@@ -398,9 +402,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         ));
     }
     tokio::spawn(driver.run(commands));
+    service::ready(&format!("serving version {server_version} on {bound}"));
 
     wait_for_stop_signal().await?;
     info!("stopping: closing every session");
+    service::stopping();
     shutdown.cancel();
     let _ = listener_control.pause().await;
     tracker.close();

@@ -945,3 +945,64 @@ fn a_rollback_is_mailed_with_its_reason() {
     assert!(mail.contains("lines of the server log"), "{mail}");
     assert!(mail.contains("unhealthy"), "{mail}");
 }
+
+#[test]
+fn under_systemd_the_server_says_ready_pings_the_watchdog_and_starts_no_watchdog_of_its_own() {
+    let site = Site::new();
+    let socket_path = site.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let path = socket_path.to_string_lossy().into_owned();
+    let mut server = Server::start_installed_with_env(
+        &site.root,
+        &site.config(),
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+            ("INVOCATION_ID", "0123456789abcdef"),
+        ],
+    );
+    let mut heard = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3)
+    {
+        let read = socket.recv(&mut buffer).expect("a notification");
+        heard.push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+    }
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.contains("STATUS=serving version 1.0.0")),
+        "{heard:?}"
+    );
+    // The changeover relies on the service manager: no watchdog process of its own.
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "0"]));
+    assert!(ok, "{stderr}");
+    let log = std::fs::read_to_string(site.root.join("state/server.log")).unwrap();
+    assert!(
+        log.contains("a service manager supervises the server"),
+        "{log}"
+    );
+    assert!(!log.contains("watchdog waiting"), "{log}");
+    // The new release says ready too, and goes on pinging.
+    let mut again = Vec::new();
+    while !again
+        .iter()
+        .any(|m: &String| m.contains("STATUS=serving version 1.1.0"))
+    {
+        let read = socket.recv(&mut buffer).expect("a notification");
+        again.push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+    }
+    server.stop();
+    let mut last = Vec::new();
+    while let Ok(read) = socket.recv(&mut buffer) {
+        last.push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+        if last.iter().any(|m| m.contains("STOPPING=1")) {
+            break;
+        }
+    }
+    assert!(last.iter().any(|m| m.contains("STOPPING=1")), "{last:?}");
+}

@@ -448,6 +448,10 @@ fn spawn(
         // the server does not reach it before the server stops it in order.
         .process_group(0)
         .kill_on_drop(false);
+    // The service manager speaks with the server only.
+    for name in crate::service::NOTIFY_ENV {
+        command.env_remove(name);
+    }
     let mut child = command
         .spawn()
         .map_err(|err| anyhow::anyhow!("{}: {err}", program.display()))?;
