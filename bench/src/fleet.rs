@@ -385,6 +385,7 @@ impl Agent {
             host: "loadgen".to_owned(),
             platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            instance_id: None,
         });
         let text = serde_json::to_string(&hello).map_err(|err| format!("encode hello: {err}"))?;
         ws.send(Message::text(text))

@@ -96,6 +96,7 @@ impl RawServer {
             server_version: "raw-baseline".to_owned(),
             session_id: 0,
             heartbeat_secs: 25,
+            assigned_agent_id: None,
         })
         .context("cannot encode the welcome")?;
         Ok(RawServer {

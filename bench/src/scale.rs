@@ -666,6 +666,7 @@ async fn open_slow_reader(
         host: "loadgen".to_owned(),
         platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance_id: None,
     });
     ws.send(Message::text(serde_json::to_string(&hello)?))
         .await?;

@@ -227,6 +227,7 @@ async fn session(
             server_version,
             heartbeat_secs,
             protocol_version,
+            assigned_agent_id: _,
         })) => {
             info!(session_id, %server_version, protocol_version, "connected");
             Duration::from_secs(heartbeat_secs.max(1))

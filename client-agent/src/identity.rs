@@ -47,6 +47,7 @@ impl Identity {
             host: self.host.clone(),
             platform: self.platform.clone(),
             agent_version: self.agent_version.clone(),
+            instance_id: None,
         }
     }
 }

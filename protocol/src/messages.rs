@@ -141,6 +141,13 @@ pub struct AgentHello {
     pub platform: String,
     /// The version of the agent release that is running.
     pub agent_version: String,
+    /// A random id the agent process picks when it starts (and hands on to the release it
+    /// restarts into). Two live connections with one `agent_id` but different instances are
+    /// two workstations cloned from one disk image: the server keeps the first and gives the
+    /// newcomer a fresh id in its welcome. Absent from agents before 1.1; such a hello
+    /// replaces only a session that has no instance either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
 
 /// A message from the server to an agent or an admin client.
@@ -157,6 +164,11 @@ pub enum ServerMessage {
         /// The server pings this often; an agent that hears nothing for two intervals
         /// (plus a few seconds of slack) treats the connection as dead and reconnects.
         heartbeat_secs: u64,
+        /// Present when the server registered the session under another id than the hello
+        /// named, because that id is already connected from another instance (a cloned
+        /// workstation). The agent keeps this id in its state folder from now on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assigned_agent_id: Option<String>,
     },
     /// The answer to a correct admin login.
     AdminWelcome {

@@ -31,6 +31,7 @@ fn hello() -> ClientMessage {
         host: "ws-accounting-07".to_owned(),
         platform: "windows-x86_64".to_owned(),
         agent_version: "2.3.0".to_owned(),
+        instance_id: Some("6f1c0d2e9a7b4c35".to_owned()),
     })
 }
 
@@ -47,6 +48,7 @@ fn welcome() -> ServerMessage {
         server_version: "2.3.0".to_owned(),
         session_id: 4182,
         heartbeat_secs: 25,
+        assigned_agent_id: None,
     }
 }
 

@@ -186,6 +186,7 @@ where
             server_version: context.server_version.clone(),
             session_id: 0,
             heartbeat_secs: context.heartbeat.as_secs(),
+            assigned_agent_id: None,
         };
         if let Err(ending) = Box::pin(send(ws, &welcome, context)).await {
             return ending;
@@ -234,6 +235,7 @@ where
             server_version: context.server_version.clone(),
             session_id,
             heartbeat_secs: context.heartbeat.as_secs(),
+            assigned_agent_id: None,
         };
         Box::pin(send(ws, &welcome, context)).await
     };

@@ -380,6 +380,7 @@ mod tests {
             host: "ws1".to_owned(),
             platform: "linux-x86_64".to_owned(),
             agent_version: "1.0.0".to_owned(),
+            instance_id: None,
         }
     }
 

@@ -114,6 +114,7 @@ pub async fn say_hello(hello: &SelfHello) -> anyhow::Result<()> {
         host: "health-check".to_owned(),
         platform: changeover_protocol::release::current_platform(),
         agent_version: hello.server_version.clone(),
+        instance_id: None,
     });
     let welcome = match &hello.tls {
         Some(connector) => {
