@@ -344,8 +344,10 @@ fn write_random_file(path: &Path, bytes: u64) -> anyhow::Result<()> {
 pub fn product_config(max_transfers: usize) -> String {
     format!(
         "# Written by changeover-loadgen agent-updates; every other key keeps its default.\n\
+         [server]\n{}\
          [agent_updates]\n\
-         max_transfers = {max_transfers}\n"
+         max_transfers = {max_transfers}\n",
+        crate::fleet::ONE_ADDRESS_FLEET_KEYS
     )
 }
 

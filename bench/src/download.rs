@@ -416,8 +416,10 @@ async fn repeat_once(
 pub fn product_config(feed_url: &str) -> String {
     format!(
         "# Written by changeover-loadgen download; every other key keeps its default.\n\
+         [server]\n{}\
          [feed]\n\
-         url = \"{feed_url}\"\n"
+         url = \"{feed_url}\"\n",
+        crate::fleet::ONE_ADDRESS_FLEET_KEYS
     )
 }
 

@@ -65,6 +65,11 @@ impl FleetOptions {
 }
 
 /// The WebSocket settings of a simulated agent: the real agent's small buffers
+/// The `[server]` keys every measurement with a fleet needs: the whole fleet connects from
+/// 127.0.0.1, one address, which the server's per-address limits would otherwise cut short.
+pub const ONE_ADDRESS_FLEET_KEYS: &str =
+    "max_sessions_per_address = 1000000\nmax_handshakes_per_address = 1000000\n";
+
 /// (`changeover_agent::agent::websocket_config`), so the load generator itself stays small.
 pub fn agent_websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()

@@ -88,7 +88,8 @@ pub fn server_config(largest_fleet: usize) -> String {
     format!(
         "# Written by changeover-loadgen idle-rss; every other key keeps its default.\n\
          [server]\n\
-         max_sessions = {max_sessions}\n"
+         max_sessions = {max_sessions}\n{}",
+        crate::fleet::ONE_ADDRESS_FLEET_KEYS
     )
 }
 

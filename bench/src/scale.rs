@@ -286,8 +286,9 @@ async fn measure_size(
     let config = site.layout.config_file();
     let mut config_text = std::fs::read_to_string(&config)?;
     config_text.push_str(&format!(
-        "[server]\nheartbeat_secs = {}\n",
-        options.heartbeat_secs
+        "[server]\nheartbeat_secs = {}\n{}",
+        options.heartbeat_secs,
+        crate::fleet::ONE_ADDRESS_FLEET_KEYS
     ));
     std::fs::write(&config, config_text)?;
     let server = ServerProcess::start_installed_logging(

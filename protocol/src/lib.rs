@@ -12,6 +12,7 @@ pub mod close;
 pub mod messages;
 pub mod package;
 pub mod release;
+pub mod text;
 pub mod version;
 
 pub use close::CloseCode;
@@ -32,3 +33,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// The largest message an admin client accepts: a status report listing every session.
 pub const MAX_STATUS_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Sessions a status report lists at most (the oldest); `sessions_total` counts them all.
+/// With every field at its limit of [`text`] a session takes under 4.5 KB of JSON, so the
+/// report stays well under [`MAX_STATUS_MESSAGE_BYTES`].
+pub const MAX_LISTED_SESSIONS: usize = 10_000;

@@ -150,6 +150,71 @@ pub struct AgentHello {
     pub instance_id: Option<String>,
 }
 
+impl AgentHello {
+    /// The hello as a server may keep it, or why it is refused: ids, platform and version
+    /// must be short tokens (see [`crate::text`]), user and host within their limits;
+    /// control characters in user and host are kept escaped, so they reach no terminal.
+    pub fn checked(mut self) -> Result<AgentHello, String> {
+        use crate::text::{
+            MAX_HOST_BYTES, MAX_ID_BYTES, MAX_USER_BYTES, escape_control, is_valid_id,
+            is_valid_token,
+        };
+        if !is_valid_id(&self.agent_id) {
+            return Err(format!(
+                "the agent id must be 1 to {MAX_ID_BYTES} letters, digits, '.', '_' or '-'"
+            ));
+        }
+        if self
+            .instance_id
+            .as_deref()
+            .is_some_and(|id| !is_valid_id(id))
+        {
+            return Err(format!(
+                "the instance id must be 1 to {MAX_ID_BYTES} letters, digits, '.', '_' or '-'"
+            ));
+        }
+        for (name, value) in [
+            ("platform", &self.platform),
+            ("agent version", &self.agent_version),
+        ] {
+            if !is_valid_token(value) {
+                return Err(format!(
+                    "the {name} must be 1 to {MAX_ID_BYTES} printable characters without spaces"
+                ));
+            }
+        }
+        for (name, value, max) in [
+            ("user name", &mut self.user, MAX_USER_BYTES),
+            ("host name", &mut self.host, MAX_HOST_BYTES),
+        ] {
+            if value.len() > max {
+                return Err(format!(
+                    "the {name} is {} bytes long; at most {max} are allowed",
+                    value.len()
+                ));
+            }
+            if let std::borrow::Cow::Owned(escaped) = escape_control(value) {
+                *value = escaped;
+            }
+        }
+        Ok(self)
+    }
+}
+
+impl AgentUpdateView {
+    /// The view of an agent's report as a server keeps it: the version and the detail
+    /// cut to their limits, control characters escaped.
+    pub fn from_report(version: &str, state: AgentUpdateState, detail: Option<&str>) -> Self {
+        use crate::text::{MAX_DETAIL_BYTES, MAX_ID_BYTES, escape_control, truncate};
+        let keep = |text: &str, max: usize| escape_control(truncate(text, max)).into_owned();
+        AgentUpdateView {
+            version: keep(version, MAX_ID_BYTES),
+            state,
+            detail: detail.map(|detail| keep(detail, MAX_DETAIL_BYTES)),
+        }
+    }
+}
+
 /// A message from the server to an agent or an admin client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -406,8 +471,12 @@ pub struct StatusReport {
     /// in start order; empty when the release has none.
     #[serde(default)]
     pub apps: Vec<AppStatus>,
-    /// Every connected agent session, oldest first.
+    /// The connected agent sessions, oldest first: all of them, or the oldest
+    /// [`MAX_LISTED_SESSIONS`](crate::MAX_LISTED_SESSIONS) when there are more.
     pub sessions: Vec<SessionView>,
+    /// How many agent sessions are connected, listed or not.
+    #[serde(default)]
+    pub sessions_total: u64,
 }
 
 /// One supervised application of the installed release.
@@ -667,6 +736,10 @@ pub struct SessionView {
     /// The agent's own update, when one was offered in this session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<AgentUpdateView>,
+    /// The agent id this agent came with, when another workstation was connected with it
+    /// already (a cloned disk image): the server gave this one `agent_id` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
 }
 
 /// An agent's own update as the status report shows it.

@@ -137,6 +137,7 @@ fn status() -> ServerMessage {
             },
         ],
         sessions: two_sessions(),
+        sessions_total: 2,
     }))
 }
 
@@ -154,6 +155,7 @@ fn two_sessions() -> Vec<SessionView> {
             // 2026-11-28T07:58:41Z
             connected_since: at(1_795_852_721),
             update: None,
+            clone_of: None,
         },
         SessionView {
             session_id: 4182,
@@ -167,6 +169,7 @@ fn two_sessions() -> Vec<SessionView> {
             // 2026-11-28T09:15:02Z
             connected_since: at(1_795_857_302),
             update: None,
+            clone_of: None,
         },
     ]
 }
@@ -191,6 +194,7 @@ fn status_inbox_only() -> ServerMessage {
         agents_behind: 0,
         apps: Vec::new(),
         sessions: Vec::new(),
+        sessions_total: 0,
     }))
 }
 
@@ -256,6 +260,7 @@ fn status_counting_down() -> ServerMessage {
         agents_behind: 0,
         apps: Vec::new(),
         sessions: two_sessions(),
+        sessions_total: 2,
     }))
 }
 
@@ -293,6 +298,7 @@ fn status_scheduled() -> ServerMessage {
         agents_behind: 0,
         apps: Vec::new(),
         sessions: Vec::new(),
+        sessions_total: 0,
     }))
 }
 
@@ -321,6 +327,7 @@ fn status_after_changeover() -> ServerMessage {
         agents_behind: 3,
         apps: Vec::new(),
         sessions: sessions_after_changeover(),
+        sessions_total: 4,
     }))
 }
 
@@ -345,6 +352,7 @@ fn sessions_after_changeover() -> Vec<SessionView> {
             // 2026-11-28T12:32:11Z
             connected_since: at(1_795_869_131),
             update: update(AgentUpdateState::Failed, Some(AGENT_UPDATE_FAILURE)),
+            clone_of: None,
         },
         SessionView {
             session_id: 3,
@@ -358,6 +366,7 @@ fn sessions_after_changeover() -> Vec<SessionView> {
             // 2026-11-28T12:32:14Z
             connected_since: at(1_795_869_134),
             update: None,
+            clone_of: None,
         },
         SessionView {
             session_id: 4,
@@ -371,6 +380,7 @@ fn sessions_after_changeover() -> Vec<SessionView> {
             // 2026-11-28T12:41:49Z
             connected_since: at(1_795_869_709),
             update: update(AgentUpdateState::Offered, None),
+            clone_of: None,
         },
         SessionView {
             session_id: 5,
@@ -384,6 +394,7 @@ fn sessions_after_changeover() -> Vec<SessionView> {
             // 2026-11-28T12:41:52Z
             connected_since: at(1_795_869_712),
             update: update(AgentUpdateState::Downloading, Some("9873410 bytes")),
+            clone_of: None,
         },
     ]
 }

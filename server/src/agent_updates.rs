@@ -200,22 +200,24 @@ impl AgentUpdates {
     }
 
     /// Marks in `sessions` the agents that were offered an update and have not reported
-    /// on it; returns how many run an agent older than the release on offer.
-    pub fn annotate(&self, sessions: &mut [SessionView]) -> u64 {
+    /// on it; returns how many of all sessions (`versions`: platform, agent version and
+    /// how many run it) run an agent older than the release on offer.
+    pub fn annotate(
+        &self,
+        sessions: &mut [SessionView],
+        versions: &[(String, String, usize)],
+    ) -> u64 {
         let Some(release) = self.release_version() else {
             return 0;
         };
-        let mut behind = 0;
-        for session in sessions {
-            let older = session
-                .agent_version
+        let older = |version: &str| {
+            version
                 .parse::<semver::Version>()
-                .is_ok_and(|running| running < release);
-            if !older {
-                continue;
-            }
-            behind += 1;
+                .is_ok_and(|running| running < release)
+        };
+        for session in sessions {
             if session.update.is_none()
+                && older(&session.agent_version)
                 && self
                     .offer_for(&session.platform, &session.agent_version)
                     .is_some()
@@ -227,7 +229,11 @@ impl AgentUpdates {
                 });
             }
         }
-        behind
+        versions
+            .iter()
+            .filter(|(_, version, _)| older(version))
+            .map(|(_, _, count)| *count as u64)
+            .sum()
     }
 
     /// Answers one `GET`/`HEAD` for an agent archive: the file (or the requested range of

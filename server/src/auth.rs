@@ -14,24 +14,38 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use argon2::{Argon2, PasswordHash, PasswordHasher as _};
 use rand::RngExt as _;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
+
+use crate::peer::AddressKey;
 
 /// The environment variable that sets the admin password on first start.
 pub const ADMIN_PASSWORD_ENV: &str = "CHANGEOVER_ADMIN_PASSWORD";
 
-/// Failed logins allowed per address within [`THROTTLE_WINDOW`].
+/// Failed or pending logins allowed per address (an IPv4 address or an IPv6 /64) within
+/// [`THROTTLE_WINDOW`].
 pub const MAX_FAILED_LOGINS: usize = 5;
 
 /// The window in which failed logins are counted.
 pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
 
-// Addresses remembered at most; past this the oldest entry goes, so a flood of spoofed
+/// Failed logins of all addresses together within [`THROTTLE_WINDOW`] before every address
+/// that is not trusted gets only one try per window.
+pub const GLOBAL_FAILED_LOGINS: usize = 100;
+
+/// Logins waiting for the verification at once; past this a newcomer is told to come back
+/// unless it has a better priority than the worst waiter.
+pub const MAX_QUEUED_LOGINS: usize = 16;
+
+/// How long a login waits for its turn at the verification before it is told to come back.
+pub const LOGIN_QUEUE_PATIENCE: Duration = Duration::from_secs(3);
+
+// How long an address an admin logged in from keeps its precedence.
+const TRUST_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_TRUSTED_ADDRESSES: usize = 64;
+
+// Addresses remembered at most; past this the stalest entry goes, so a flood of spoofed
 // sources cannot grow the table without bound.
 const MAX_TRACKED_ADDRESSES: usize = 10_000;
-
-// Password checks running at once: argon2 is deliberately expensive, and each check needs
-// its working memory (the hash's `m`, 19 MiB by default).
-const CONCURRENT_VERIFICATIONS: usize = 1;
 
 /// How the admin password came to be, so `run` can tell the operator once.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,7 +63,9 @@ pub enum PasswordOrigin {
 pub struct AdminAuth {
     password_hash: Arc<str>,
     throttle: Arc<LoginThrottle>,
-    verification_slots: Arc<Semaphore>,
+    /// One password check at a time: argon2 is deliberately expensive, and each check
+    /// needs its working memory (the hash's `m`, 19 MiB by default).
+    queue: Arc<VerificationQueue>,
     /// argon2's working memory, allocated once and reused by every check. Freshly
     /// allocated each time, glibc kept the freed megabytes and the server grew by ~19 MiB
     /// per login up to hundreds of MiB (measured in BENCHMARKS.md).
@@ -63,6 +79,10 @@ pub enum LoginOutcome {
     WrongPassword,
     /// Refused without checking: too many failures; retry after this long.
     Throttled {
+        retry_after: Duration,
+    },
+    /// Refused without checking: too many logins wait for the verification.
+    Busy {
         retry_after: Duration,
     },
 }
@@ -105,38 +125,77 @@ impl AdminAuth {
         let auth = AdminAuth {
             password_hash: password_hash.into(),
             throttle: Arc::new(LoginThrottle::default()),
-            verification_slots: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
+            queue: Arc::new(VerificationQueue::default()),
             working_memory: Arc::new(Mutex::new(Vec::new())),
         };
         Ok((auth, origin))
     }
 
-    /// Checks a login from `address`, counting failures against it.
+    /// Checks a login from `address`, counting it against the address before the check.
     pub async fn login(&self, address: IpAddr, password: String) -> LoginOutcome {
-        if let Some(retry_after) = self.throttle.refusal(address, Instant::now()) {
-            return LoginOutcome::Throttled { retry_after };
-        }
-        let correct = self.verify(password).await;
-        if correct {
-            LoginOutcome::Accepted
-        } else {
-            self.throttle.record_failure(address, Instant::now());
-            LoginOutcome::WrongPassword
-        }
-    }
-
-    async fn verify(&self, password: String) -> bool {
-        let Ok(_slot) = self.verification_slots.acquire().await else {
-            return false;
+        let key = AddressKey::of(address);
+        let priority = match self.throttle.admit(key, Instant::now()) {
+            Ok(priority) => priority,
+            Err(retry_after) => return LoginOutcome::Throttled { retry_after },
+        };
+        let attempt = Attempt {
+            throttle: Arc::clone(&self.throttle),
+            key,
+            checked: false,
+        };
+        let busy = LoginOutcome::Busy {
+            retry_after: Duration::from_secs(1),
+        };
+        let turn = match self.queue.enter(priority) {
+            Err(QueueFull) => return busy,
+            Ok(Ok(turn)) => turn,
+            Ok(Err(place)) => {
+                match tokio::time::timeout(LOGIN_QUEUE_PATIENCE, VerificationQueue::wait(place))
+                    .await
+                {
+                    Ok(Ok(turn)) => turn,
+                    Ok(Err(QueueFull)) | Err(_) => return busy,
+                }
+            }
         };
         let hash = Arc::clone(&self.password_hash);
         let memory = Arc::clone(&self.working_memory);
-        tokio::task::spawn_blocking(move || {
-            let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
-            verify_password(&hash, &password, &mut memory)
-        })
-        .await
-        .unwrap_or(false)
+        // The attempt and the turn go with the check, so a login whose connection is gone
+        // is still counted, and the next one waits until this one is done.
+        let check = tokio::task::spawn_blocking(move || {
+            let mut attempt = attempt;
+            let correct = {
+                let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
+                verify_password(&hash, &password, &mut memory)
+            };
+            attempt.checked = true;
+            attempt
+                .throttle
+                .settle(attempt.key, correct, Instant::now());
+            drop(turn);
+            correct
+        });
+        if check.await.unwrap_or(false) {
+            LoginOutcome::Accepted
+        } else {
+            LoginOutcome::WrongPassword
+        }
+    }
+}
+
+// An admitted login; given back uncounted if it is dropped before its password was checked.
+#[derive(Debug)]
+struct Attempt {
+    throttle: Arc<LoginThrottle>,
+    key: AddressKey,
+    checked: bool,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.checked {
+            self.throttle.release(self.key);
+        }
     }
 }
 
@@ -218,54 +277,154 @@ fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Failed logins per client address within a sliding window.
+/// Failed and pending logins per address within a sliding window, and failed logins of
+/// all addresses together.
+///
+/// An attempt is counted when it is admitted, before its password is checked, so logins
+/// sent at once from one address cannot all be verified: with five in flight or failed
+/// within the window, the sixth is refused without hashing. A login that never reached the
+/// verification (turned away by a full queue, or its connection gone) is not counted as a
+/// failure; one that did is, whether or not anyone waits for its answer.
 #[derive(Debug, Default)]
 pub struct LoginThrottle {
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    state: Mutex<ThrottleState>,
 }
 
+#[derive(Debug, Default)]
+struct ThrottleState {
+    addresses: HashMap<AddressKey, AddressRecord>,
+    /// The most recent failures of every address, at most [`GLOBAL_FAILED_LOGINS`].
+    global_failures: VecDeque<Instant>,
+    /// Addresses an admin logged in from lately, with the time of the last success.
+    trusted: HashMap<AddressKey, Instant>,
+}
+
+#[derive(Debug, Default)]
+struct AddressRecord {
+    failures: VecDeque<Instant>,
+    pending: usize,
+}
+
+/// Where an admitted login queues for the verification: lower goes first.
+pub type Priority = usize;
+
 impl LoginThrottle {
-    /// Whether `address` is refused at `now`, and for how long.
-    pub fn refusal(&self, address: IpAddr, now: Instant) -> Option<Duration> {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = failures.get_mut(&address)?;
-        forget_expired(recent, now);
-        if recent.len() < MAX_FAILED_LOGINS {
-            return None;
+    /// Admits a login attempt from `key` at `now`, counting it as pending, or says how
+    /// long to wait. The returned priority orders the verification queue: an address an
+    /// admin logged in from lately first, then by how many attempts the address has in
+    /// flight or failed, so a flooding address queues behind everyone else.
+    pub fn admit(&self, key: AddressKey, now: Instant) -> Result<Priority, Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *state;
+        forget_expired(&mut state.global_failures, now);
+        state
+            .trusted
+            .retain(|_, since| now.saturating_duration_since(*since) < TRUST_PERIOD);
+        let trusted = state.trusted.contains_key(&key);
+        let (failures, pending, oldest) = match state.addresses.get_mut(&key) {
+            Some(record) => {
+                forget_expired(&mut record.failures, now);
+                (
+                    record.failures.len(),
+                    record.pending,
+                    record.failures.front().copied(),
+                )
+            }
+            None => (0, 0, None),
+        };
+        let used = failures + pending;
+        if used >= MAX_FAILED_LOGINS {
+            // Refused until the oldest failure that still counts leaves the window; while
+            // attempts are still in flight, shortly.
+            let retry_after = match oldest {
+                Some(oldest) if failures >= MAX_FAILED_LOGINS => {
+                    (oldest + THROTTLE_WINDOW).saturating_duration_since(now)
+                }
+                _ => Duration::from_secs(1),
+            };
+            return Err(retry_after.max(Duration::from_secs(1)));
         }
-        // Refused until the oldest failure that still counts leaves the window.
-        let oldest = *recent.front()?;
-        Some(
-            (oldest + THROTTLE_WINDOW)
-                .saturating_duration_since(now)
-                .max(Duration::from_secs(1)),
-        )
+        // Past the global budget an address that is not trusted gets one try per window.
+        if state.global_failures.len() >= GLOBAL_FAILED_LOGINS && !trusted && used > 0 {
+            let retry_after = state
+                .global_failures
+                .front()
+                .map_or(THROTTLE_WINDOW, |oldest| {
+                    (*oldest + THROTTLE_WINDOW).saturating_duration_since(now)
+                });
+            return Err(retry_after.max(Duration::from_secs(1)));
+        }
+        if !state.addresses.contains_key(&key) && state.addresses.len() >= MAX_TRACKED_ADDRESSES {
+            make_room(&mut state.addresses, now);
+        }
+        state.addresses.entry(key).or_default().pending += 1;
+        Ok(if trusted { 0 } else { 1 + used })
     }
 
-    /// Counts a failed login of `address` at `now`.
-    pub fn record_failure(&self, address: IpAddr, now: Instant) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if !failures.contains_key(&address) && failures.len() >= MAX_TRACKED_ADDRESSES {
-            failures.retain(|_, times| {
-                forget_expired(times, now);
-                !times.is_empty()
-            });
-            if failures.len() >= MAX_TRACKED_ADDRESSES {
-                let stalest = failures
+    /// Settles an admitted attempt whose password was checked.
+    pub fn settle(&self, key: AddressKey, accepted: bool, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *state;
+        let record = state.addresses.entry(key).or_default();
+        record.pending = record.pending.saturating_sub(1);
+        if accepted {
+            record.failures.clear();
+            if !state.trusted.contains_key(&key) && state.trusted.len() >= MAX_TRUSTED_ADDRESSES {
+                let stalest = state
+                    .trusted
                     .iter()
-                    .min_by_key(|(_, times)| times.back().copied())
-                    .map(|(address, _)| *address);
+                    .min_by_key(|(_, since)| **since)
+                    .map(|(key, _)| *key);
                 if let Some(stalest) = stalest {
-                    failures.remove(&stalest);
+                    state.trusted.remove(&stalest);
                 }
             }
+            state.trusted.insert(key, now);
+        } else {
+            forget_expired(&mut record.failures, now);
+            record.failures.push_back(now);
+            while record.failures.len() > MAX_FAILED_LOGINS {
+                record.failures.pop_front();
+            }
+            state.global_failures.push_back(now);
+            while state.global_failures.len() > GLOBAL_FAILED_LOGINS {
+                state.global_failures.pop_front();
+            }
         }
-        let recent = failures.entry(address).or_default();
-        forget_expired(recent, now);
-        recent.push_back(now);
-        while recent.len() > MAX_FAILED_LOGINS {
-            recent.pop_front();
+        if record.pending == 0 && record.failures.is_empty() {
+            state.addresses.remove(&key);
         }
+    }
+
+    /// Gives back an admitted attempt that was never checked.
+    pub fn release(&self, key: AddressKey) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(record) = state.addresses.get_mut(&key) {
+            record.pending = record.pending.saturating_sub(1);
+            if record.pending == 0 && record.failures.is_empty() {
+                state.addresses.remove(&key);
+            }
+        }
+    }
+}
+
+// Forgets addresses with nothing left in the window, else the one with the stalest
+// failure among those with nothing in flight.
+fn make_room(addresses: &mut HashMap<AddressKey, AddressRecord>, now: Instant) {
+    addresses.retain(|_, record| {
+        forget_expired(&mut record.failures, now);
+        record.pending > 0 || !record.failures.is_empty()
+    });
+    if addresses.len() < MAX_TRACKED_ADDRESSES {
+        return;
+    }
+    let stalest = addresses
+        .iter()
+        .filter(|(_, record)| record.pending == 0)
+        .min_by_key(|(_, record)| record.failures.back().copied())
+        .map(|(key, _)| *key);
+    if let Some(stalest) = stalest {
+        addresses.remove(&stalest);
     }
 }
 
@@ -278,6 +437,148 @@ fn forget_expired(times: &mut VecDeque<Instant>, now: Instant) {
     }
 }
 
+/// The queue for the verification slot: bounded, ordered by [`Priority`] and then by
+/// arrival. When it is full a newcomer of better priority takes the place of the worst
+/// waiter, who is told to come back; otherwise the newcomer is.
+#[derive(Debug, Default)]
+struct VerificationQueue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Whether a verification holds the slot.
+    busy: bool,
+    waiting: Vec<Waiter>,
+    next_arrival: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    priority: Priority,
+    arrival: u64,
+    turn: oneshot::Sender<()>,
+}
+
+/// The verification slot, held until dropped; then it passes to the best waiter.
+#[derive(Debug)]
+struct Turn {
+    queue: Arc<VerificationQueue>,
+}
+
+// A place in the queue. Dropped before its turn came, it leaves the queue; dropped after
+// the turn was handed to it but before it was taken, it hands the turn on.
+#[derive(Debug)]
+struct Place {
+    queue: Arc<VerificationQueue>,
+    arrival: u64,
+    turn: oneshot::Receiver<()>,
+}
+
+/// Why a login got no turn at the verification.
+#[derive(Debug)]
+struct QueueFull;
+
+impl VerificationQueue {
+    fn enter(self: &Arc<Self>, priority: Priority) -> Result<Result<Turn, Place>, QueueFull> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.busy && state.waiting.is_empty() {
+            state.busy = true;
+            return Ok(Ok(Turn {
+                queue: Arc::clone(self),
+            }));
+        }
+        if state.waiting.len() >= MAX_QUEUED_LOGINS {
+            let worst = state
+                .waiting
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, waiter)| (waiter.priority, waiter.arrival))
+                .map(|(index, waiter)| (index, waiter.priority));
+            match worst {
+                // Dropping its sender tells the worst waiter to come back later.
+                Some((index, worst)) if worst > priority => drop(state.waiting.swap_remove(index)),
+                _ => return Err(QueueFull),
+            }
+        }
+        let arrival = state.next_arrival;
+        state.next_arrival += 1;
+        let (turn, receiver) = oneshot::channel();
+        state.waiting.push(Waiter {
+            priority,
+            arrival,
+            turn,
+        });
+        Ok(Err(Place {
+            queue: Arc::clone(self),
+            arrival,
+            turn: receiver,
+        }))
+    }
+
+    // Passes the slot to the best waiter still waiting, or frees it.
+    fn pass_on(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let best = state
+                .waiting
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, waiter)| (waiter.priority, waiter.arrival))
+                .map(|(index, _)| index);
+            let Some(best) = best else {
+                state.busy = false;
+                return;
+            };
+            let waiter = state.waiting.swap_remove(best);
+            if waiter.turn.send(()).is_ok() {
+                return;
+            }
+        }
+    }
+
+    async fn wait(place: Place) -> Result<Turn, QueueFull> {
+        let mut place = place;
+        let outcome = (&mut place.turn).await;
+        let queue = Arc::clone(&place.queue);
+        // The turn is taken now (or there is none); the place must not hand it on.
+        place.arrival = u64::MAX;
+        drop(place);
+        match outcome {
+            Ok(()) => Ok(Turn { queue }),
+            Err(_) => Err(QueueFull),
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.queue.pass_on();
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.arrival == u64::MAX {
+            return;
+        }
+        let arrival = self.arrival;
+        {
+            let mut state = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
+            let before = state.waiting.len();
+            state.waiting.retain(|waiter| waiter.arrival != arrival);
+            if state.waiting.len() < before {
+                return;
+            }
+        }
+        // No longer queued: evicted, or handed the turn as the waiting login went away (the
+        // hand-over happens under the lock, so it is complete by now). Pass it on.
+        if self.turn.try_recv().is_ok() {
+            self.queue.pass_on();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,19 +586,41 @@ mod tests {
     const ALICE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const BOB: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
+    fn key(address: IpAddr) -> AddressKey {
+        AddressKey::of(address)
+    }
+
     #[test]
-    fn throttles_after_five_failures_within_a_minute_per_address() {
+    fn attempts_count_when_admitted_not_when_checked() {
         let throttle = LoginThrottle::default();
-        let start = Instant::now();
-        for second in 0..MAX_FAILED_LOGINS as u64 {
-            assert_eq!(throttle.refusal(ALICE, start), None);
-            throttle.record_failure(ALICE, start + Duration::from_secs(second));
+        let now = Instant::now();
+        for _ in 0..MAX_FAILED_LOGINS {
+            throttle.admit(key(ALICE), now).unwrap();
         }
-        let now = start + Duration::from_secs(10);
-        assert_eq!(throttle.refusal(ALICE, now), Some(Duration::from_secs(50)));
-        assert_eq!(throttle.refusal(BOB, now), None);
+        // Five in flight: the sixth is refused before any of them was checked.
+        assert_eq!(throttle.admit(key(ALICE), now), Err(Duration::from_secs(1)));
+        assert!(throttle.admit(key(BOB), now).is_ok());
+        for second in 0..MAX_FAILED_LOGINS as u64 {
+            throttle.settle(key(ALICE), false, now + Duration::from_secs(second));
+        }
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            throttle.admit(key(ALICE), later),
+            Err(Duration::from_secs(50))
+        );
         // The first failure leaves the window after 60 s; then one more try is allowed.
-        assert_eq!(throttle.refusal(ALICE, start + THROTTLE_WINDOW), None);
+        assert!(throttle.admit(key(ALICE), now + THROTTLE_WINDOW).is_ok());
+    }
+
+    #[test]
+    fn an_attempt_given_back_unchecked_is_not_a_failure() {
+        let throttle = LoginThrottle::default();
+        let now = Instant::now();
+        for _ in 0..3 * MAX_FAILED_LOGINS {
+            throttle.admit(key(ALICE), now).unwrap();
+            throttle.release(key(ALICE));
+        }
+        assert!(throttle.admit(key(ALICE), now).is_ok());
     }
 
     #[test]
@@ -306,9 +629,142 @@ mod tests {
         let start = Instant::now();
         for minute in 0..10 {
             let now = start + Duration::from_secs(61 * minute);
-            assert_eq!(throttle.refusal(ALICE, now), None);
-            throttle.record_failure(ALICE, now);
+            throttle.admit(key(ALICE), now).unwrap();
+            throttle.settle(key(ALICE), false, now);
         }
+    }
+
+    #[test]
+    fn one_ipv6_host_cannot_rotate_through_its_64() {
+        let throttle = LoginThrottle::default();
+        let now = Instant::now();
+        for host in 0..MAX_FAILED_LOGINS as u16 {
+            let address = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, host, 0, 0, 1));
+            throttle.admit(key(address), now).unwrap();
+        }
+        let another = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 99, 9, 9, 9));
+        assert!(throttle.admit(key(another), now).is_err());
+        let next_net = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 8, 0, 0, 0, 1));
+        assert!(throttle.admit(key(next_net), now).is_ok());
+    }
+
+    #[test]
+    fn past_the_global_budget_only_trusted_and_clean_addresses_get_a_try() {
+        let throttle = LoginThrottle::default();
+        let now = Instant::now();
+        let admin = key(IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 9, 9)));
+        throttle.admit(admin, now).unwrap();
+        throttle.settle(admin, true, now);
+        for n in 0..GLOBAL_FAILED_LOGINS as u32 {
+            let guesser = key(IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + n)));
+            throttle.admit(guesser, now).unwrap();
+            throttle.settle(guesser, false, now);
+        }
+        // A guesser that failed once is refused; a fresh address gets one try; the
+        // address the admin logged in from gets as many as ever, and goes first.
+        let guesser = key(IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000)));
+        assert!(throttle.admit(guesser, now).is_err());
+        let fresh = key(IpAddr::V4(std::net::Ipv4Addr::new(10, 7, 7, 7)));
+        assert_eq!(throttle.admit(fresh, now), Ok(1));
+        assert!(throttle.admit(fresh, now).is_err());
+        for _ in 0..MAX_FAILED_LOGINS {
+            assert_eq!(throttle.admit(admin, now), Ok(0));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_serves_by_priority_and_evicts_the_worst_when_full() {
+        let queue = Arc::new(VerificationQueue::default());
+        let Ok(Ok(first)) = queue.enter(3) else {
+            panic!("an idle queue gives the turn at once");
+        };
+        let mut places = Vec::new();
+        for _ in 0..MAX_QUEUED_LOGINS {
+            let Ok(Err(place)) = queue.enter(5) else {
+                panic!("there is room to wait");
+            };
+            places.push(place);
+        }
+        // Full of priority-5 waiters: another one is turned away, a better one gets in
+        // and the newest of the worst is told to come back.
+        assert!(matches!(queue.enter(5), Err(QueueFull)));
+        let Ok(Err(admin)) = queue.enter(1) else {
+            panic!("a better priority takes a place");
+        };
+        let evicted = places.pop().unwrap();
+        assert!(matches!(
+            VerificationQueue::wait(evicted).await,
+            Err(QueueFull)
+        ));
+        drop(first);
+        let turn = tokio::time::timeout(Duration::from_secs(1), VerificationQueue::wait(admin))
+            .await
+            .expect("the admin goes first")
+            .unwrap();
+        // A waiter that gives up leaves no hole: the turn still reaches the next one.
+        let gone = places.remove(0);
+        drop(gone);
+        drop(turn);
+        let next = places.remove(0);
+        let turn = tokio::time::timeout(Duration::from_secs(1), VerificationQueue::wait(next))
+            .await
+            .expect("the turn is passed on")
+            .unwrap();
+        drop(turn);
+        drop(places);
+        assert!(
+            matches!(queue.enter(9), Ok(Ok(_))),
+            "the queue is idle again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_turn_handed_to_a_waiter_that_went_away_is_passed_on() {
+        let queue = Arc::new(VerificationQueue::default());
+        let Ok(Ok(first)) = queue.enter(1) else {
+            panic!("idle queue");
+        };
+        let Ok(Err(leaving)) = queue.enter(1) else {
+            panic!("room");
+        };
+        let Ok(Err(staying)) = queue.enter(1) else {
+            panic!("room");
+        };
+        // The turn goes to `leaving`, which is dropped before it takes it.
+        drop(first);
+        drop(leaving);
+        let turn = tokio::time::timeout(Duration::from_secs(1), VerificationQueue::wait(staying))
+            .await
+            .expect("the turn reaches the next waiter")
+            .unwrap();
+        drop(turn);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_concurrent_wrong_logins_from_one_address_check_at_most_five() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.argon2");
+        let (auth, _) = AdminAuth::load_or_create(&file, Some("right".to_owned())).unwrap();
+        let logins: Vec<_> = (0..50)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.login(ALICE, "wrong".to_owned()).await })
+            })
+            .collect();
+        let admin = auth.login(BOB, "right".to_owned()).await;
+        let mut checked = 0;
+        for login in logins {
+            match login.await.unwrap() {
+                LoginOutcome::WrongPassword => checked += 1,
+                LoginOutcome::Throttled { .. } | LoginOutcome::Busy { .. } => {}
+                LoginOutcome::Accepted => panic!("a wrong password was accepted"),
+            }
+        }
+        assert!(
+            checked <= MAX_FAILED_LOGINS,
+            "{checked} wrong passwords were checked"
+        );
+        assert_eq!(admin, LoginOutcome::Accepted);
     }
 
     #[tokio::test]

@@ -25,12 +25,22 @@ listen = "127.0.0.1:7600"
 heartbeat_secs = 25
 # A connection must finish its TLS and WebSocket handshake and send its hello within this time.
 handshake_timeout_secs = 10
+# ... and its TLS handshake and WebSocket upgrade request within this much of it, so idle
+# connections cannot hold the door for long.
+upgrade_timeout_secs = 3
 # Handshakes in progress at once; further connections wait in the listen backlog.
 max_concurrent_handshakes = 1024
+# Handshakes in progress at once from one address (an IPv4 address or an IPv6 /64). Up to
+# eight times as many more connections of that address wait for a slot of their own; past
+# that they are closed at once. Raise it for many workstations behind one NAT address.
+max_handshakes_per_address = 64
 # Length of the kernel's listen backlog (capped by net.core.somaxconn).
 listen_backlog = 4096
 # Agent sessions held at once; further agents are refused with "server full".
 max_sessions = 100000
+# Agent sessions held at once from one address (an IPv4 address or an IPv6 /64): raise it
+# for more workstations than this behind one NAT address or terminal server.
+max_sessions_per_address = 1000
 # Seconds a write to one agent may take before it is dropped as a slow consumer.
 write_timeout_secs = 10
 
@@ -208,9 +218,12 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     pub heartbeat_secs: u64,
     pub handshake_timeout_secs: u64,
+    pub upgrade_timeout_secs: u64,
     pub max_concurrent_handshakes: usize,
+    pub max_handshakes_per_address: usize,
     pub listen_backlog: u32,
     pub max_sessions: usize,
+    pub max_sessions_per_address: usize,
     pub write_timeout_secs: u64,
 }
 
@@ -220,9 +233,12 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 7600)),
             heartbeat_secs: 25,
             handshake_timeout_secs: 10,
+            upgrade_timeout_secs: 3,
             max_concurrent_handshakes: 1024,
+            max_handshakes_per_address: 64,
             listen_backlog: 4096,
             max_sessions: 100_000,
+            max_sessions_per_address: 1000,
             write_timeout_secs: 10,
         }
     }
@@ -235,6 +251,12 @@ impl ServerSection {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    /// How long a connection has for its TLS handshake and upgrade request: the
+    /// `upgrade_timeout_secs`, but never beyond the whole handshake's timeout.
+    pub fn upgrade_timeout(&self) -> Duration {
+        Duration::from_secs(self.upgrade_timeout_secs.min(self.handshake_timeout_secs))
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -333,8 +355,20 @@ impl Config {
             "server.max_concurrent_handshakes must be at least 1"
         );
         anyhow::ensure!(
+            server.upgrade_timeout_secs >= 1,
+            "server.upgrade_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            server.max_handshakes_per_address >= 1,
+            "server.max_handshakes_per_address must be at least 1"
+        );
+        anyhow::ensure!(
             server.max_sessions >= 1,
             "server.max_sessions must be at least 1"
+        );
+        anyhow::ensure!(
+            server.max_sessions_per_address >= 1,
+            "server.max_sessions_per_address must be at least 1"
         );
         anyhow::ensure!(
             server.write_timeout_secs >= 1,
@@ -409,6 +443,18 @@ mod tests {
         );
         assert_eq!(parsed.server.listen_backlog, defaults.listen_backlog);
         assert_eq!(parsed.server.max_sessions, defaults.max_sessions);
+        assert_eq!(
+            parsed.server.upgrade_timeout_secs,
+            defaults.upgrade_timeout_secs
+        );
+        assert_eq!(
+            parsed.server.max_handshakes_per_address,
+            defaults.max_handshakes_per_address
+        );
+        assert_eq!(
+            parsed.server.max_sessions_per_address,
+            defaults.max_sessions_per_address
+        );
         assert_eq!(
             parsed.server.write_timeout_secs,
             defaults.write_timeout_secs

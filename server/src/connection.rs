@@ -31,6 +31,7 @@ use crate::agent_updates::AgentUpdates;
 use crate::auth::{AdminAuth, LoginOutcome};
 use crate::changeover::driver::{ChangeoverHandle, UpdateParams};
 use crate::hub::{HubHandle, Kick, RegisterError, encode};
+use crate::listener::HandshakeHold;
 use crate::releases::Releases;
 
 /// A status report reads the feed again when the last look is older than this.
@@ -76,11 +77,13 @@ enum Ending {
 }
 
 /// Serves one upgraded WebSocket until it ends. `hello_deadline` is when the peer's
-/// first message must have arrived.
+/// first message must have arrived; `hold` is its place at the door, given up once that
+/// message is read.
 pub async fn serve<S>(
     mut ws: WebSocketStream<S>,
     peer: SocketAddr,
     hello_deadline: Instant,
+    hold: HandshakeHold,
     context: Arc<ConnectionContext>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -106,6 +109,8 @@ pub async fn serve<S>(
             },
         }
     };
+    // The first message is in: the handshake slots go to the next connection.
+    drop(hold);
     let ending = match first {
         Err(ending) => ending,
         Ok(ClientMessage::Hello(hello)) => agent_session(&mut ws, peer, hello, &context).await,
@@ -178,6 +183,17 @@ where
     };
     // The session table shows the version actually spoken.
     hello.protocol_version = protocol_version;
+    let hello = match hello.checked() {
+        Ok(hello) => hello,
+        Err(reason) => {
+            let refusal = Refusal::new(
+                ErrorCode::MalformedMessage,
+                CloseCode::PolicyViolation,
+                format!("hello refused: {reason}"),
+            );
+            return refuse(ws, refusal, context).await;
+        }
+    };
     if !context.self_check_id.is_empty() && hello.agent_id == context.self_check_id {
         // The server's own health check: the whole path an agent takes, up to the
         // welcome, also while the door is still closed to sessions.
@@ -202,7 +218,7 @@ where
         .offer_for(&hello.platform, &hello.agent_version);
     let registration = match Box::pin(context.hub.register(hello, peer)).await {
         Ok(registration) => registration,
-        Err(err @ RegisterError::ServerFull { .. }) => {
+        Err(err @ (RegisterError::ServerFull { .. } | RegisterError::AddressFull { .. })) => {
             let refusal = Refusal::new(
                 ErrorCode::ServerFull,
                 CloseCode::ServerFull,
@@ -225,6 +241,7 @@ where
     let session_id = registration.session_id;
     let mut kick = registration.kick;
     let notice = registration.notice;
+    let assigned_agent_id = registration.assigned_agent_id;
     info!(%peer, session_id, %user, %agent_version, "agent connected");
 
     let mut heartbeat = Heartbeat::start(context.heartbeat);
@@ -235,7 +252,7 @@ where
             server_version: context.server_version.clone(),
             session_id,
             heartbeat_secs: context.heartbeat.as_secs(),
-            assigned_agent_id: None,
+            assigned_agent_id,
         };
         Box::pin(send(ws, &welcome, context)).await
     };
@@ -301,7 +318,8 @@ where
                                 AgentUpdateState::Failed => warn!(%peer, session_id, %user, %version, detail = detail.as_deref().unwrap_or(""), "agent update failed"),
                                 _ => info!(%peer, session_id, %user, %version, %state, detail = detail.as_deref().unwrap_or(""), "agent update"),
                             }
-                            context.hub.set_update(session_id, AgentUpdateView { version, state, detail }).await;
+                            let update = AgentUpdateView::from_report(&version, state, detail.as_deref());
+                            context.hub.set_update(session_id, update).await;
                         }
                         Incoming::Message(
                             request @ (ClientMessage::StatusRequest
@@ -359,6 +377,22 @@ where
                     message: format!(
                         "too many failed logins from {}; try again in {seconds} s",
                         peer.ip()
+                    ),
+                    retry_after_secs: Some(seconds),
+                    supported_protocol: None,
+                },
+                close: CloseCode::Throttled,
+            };
+            return refuse(ws, refusal, context).await;
+        }
+        LoginOutcome::Busy { retry_after } => {
+            let seconds = retry_after.as_secs().max(1);
+            warn!(%peer, "admin login turned away: too many logins waiting");
+            let refusal = Refusal {
+                error: ServerMessage::Error {
+                    code: ErrorCode::Throttled,
+                    message: format!(
+                        "too many logins are waiting to be checked; try again in {seconds} s"
                     ),
                     retry_after_secs: Some(seconds),
                     supported_protocol: None,
@@ -443,8 +477,14 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
     .await;
     let snapshot = releases.snapshot();
     let changeover = context.changeover.current();
-    let mut sessions = context.hub.sessions().await;
-    let agents_behind = context.agent_updates.annotate(&mut sessions);
+    let listed = context
+        .hub
+        .snapshot(changeover_protocol::MAX_LISTED_SESSIONS)
+        .await;
+    let mut sessions = listed.sessions;
+    let agents_behind = context
+        .agent_updates
+        .annotate(&mut sessions, &listed.versions);
     ServerMessage::Status(Box::new(StatusReport {
         server_version: context.server_version.clone(),
         available_version: releases.available_version(),
@@ -474,6 +514,7 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
         agents_behind,
         apps: context.apps.statuses(),
         sessions,
+        sessions_total: listed.total as u64,
     }))
 }
 

@@ -7,13 +7,15 @@
 //! from; a connection that falls a whole ring behind is disconnected as a slow consumer
 //! rather than buffered for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use changeover_protocol::{AgentHello, AgentUpdateView, ServerMessage, SessionView};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::peer::AddressKey;
 
 // Commands waiting for the hub task; senders wait when it is full.
 const COMMAND_QUEUE: usize = 1024;
@@ -49,6 +51,11 @@ pub struct LoggedOut {
 pub enum RegisterError {
     #[error("the server holds its maximum of {max_sessions} sessions")]
     ServerFull { max_sessions: usize },
+    #[error("the server holds its maximum of {max_sessions} sessions from {address}")]
+    AddressFull {
+        max_sessions: usize,
+        address: AddressKey,
+    },
     #[error("the server is shutting down")]
     HubStopped,
     #[error("the server is updating; it will be back shortly")]
@@ -63,6 +70,20 @@ pub struct Registration {
     pub kick: oneshot::Receiver<Kick>,
     /// What a session joining now must hear first (the countdown's warning).
     pub notice: Option<Utf8Bytes>,
+    /// The agent id the session was registered under, when it is not the one the hello
+    /// named: that one is connected from another workstation already (a cloned disk).
+    pub assigned_agent_id: Option<String>,
+}
+
+/// A bounded view of the session table, for the status report.
+#[derive(Debug, Default)]
+pub struct SessionSnapshot {
+    /// The oldest sessions, at most the limit asked for.
+    pub sessions: Vec<SessionView>,
+    /// Every session, listed or not.
+    pub total: usize,
+    /// How many sessions run each (platform, agent version), listed or not.
+    pub versions: Vec<(String, String, usize)>,
 }
 
 /// A cloneable handle to the hub task.
@@ -83,7 +104,8 @@ enum HubCommand {
         session_id: u64,
     },
     Snapshot {
-        reply: oneshot::Sender<Vec<SessionView>>,
+        limit: usize,
+        reply: oneshot::Sender<SessionSnapshot>,
     },
     SetNotice(Option<Utf8Bytes>),
     SetUpdate {
@@ -102,6 +124,9 @@ enum HubCommand {
 #[derive(Debug)]
 struct Session {
     view: SessionView,
+    /// The instance id of the agent process, from its hello.
+    instance_id: Option<String>,
+    address: AddressKey,
     /// Dropping or firing this ends the connection's task.
     kick: oneshot::Sender<Kick>,
 }
@@ -109,14 +134,17 @@ struct Session {
 /// The state owned by the hub task.
 #[derive(Debug)]
 struct Hub {
-    /// Every registered agent session, by session id.
-    sessions: HashMap<u64, Session>,
+    /// Every registered agent session, by session id (so oldest first).
+    sessions: BTreeMap<u64, Session>,
+    /// Sessions per address, for `max_sessions_per_address`.
+    per_address: HashMap<AddressKey, usize>,
     /// Agent id to session id, so a reconnecting agent replaces its stale session
     /// instead of appearing twice.
     by_agent: HashMap<String, u64>,
     /// Ids only grow, so ordering by id is ordering by connection time.
     next_session_id: u64,
     max_sessions: usize,
+    max_sessions_per_address: usize,
     /// Sent to every session that registers while it is set: the current warning.
     notice: Option<Utf8Bytes>,
     /// After the changeover's logout: no sessions until the new version is up.
@@ -125,14 +153,16 @@ struct Hub {
 
 impl HubHandle {
     /// Starts the hub task. It ends when the last handle is dropped.
-    pub fn spawn(max_sessions: usize) -> HubHandle {
+    pub fn spawn(max_sessions: usize, max_sessions_per_address: usize) -> HubHandle {
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         let (broadcast, _) = broadcast::channel(BROADCAST_RING);
         let hub = Hub {
-            sessions: HashMap::new(),
+            sessions: BTreeMap::new(),
+            per_address: HashMap::new(),
             by_agent: HashMap::new(),
             next_session_id: 1,
             max_sessions,
+            max_sessions_per_address,
             notice: None,
             updating: false,
         };
@@ -172,14 +202,19 @@ impl HubHandle {
 
     /// Every session, oldest first.
     pub async fn sessions(&self) -> Vec<SessionView> {
+        self.snapshot(usize::MAX).await.sessions
+    }
+
+    /// The oldest `limit` sessions, and counts of all of them.
+    pub async fn snapshot(&self, limit: usize) -> SessionSnapshot {
         let (reply, response) = oneshot::channel();
         if self
             .commands
-            .send(HubCommand::Snapshot { reply })
+            .send(HubCommand::Snapshot { limit, reply })
             .await
             .is_err()
         {
-            return Vec::new();
+            return SessionSnapshot::default();
         }
         response.await.unwrap_or_default()
     }
@@ -233,7 +268,7 @@ impl HubHandle {
 
     /// How many sessions are connected.
     pub async fn session_count(&self) -> usize {
-        self.sessions().await.len()
+        self.snapshot(0).await.total
     }
 
     /// A receiver of every broadcast from now on; connections take one before registering.
@@ -275,14 +310,8 @@ impl Hub {
                     let _ = reply.send(outcome);
                 }
                 HubCommand::Unregister { session_id } => self.unregister(session_id),
-                HubCommand::Snapshot { reply } => {
-                    let mut views: Vec<SessionView> = self
-                        .sessions
-                        .values()
-                        .map(|session| session.view.clone())
-                        .collect();
-                    views.sort_unstable_by_key(|view| view.session_id);
-                    let _ = reply.send(views);
+                HubCommand::Snapshot { limit, reply } => {
+                    let _ = reply.send(self.snapshot(limit));
                 }
                 HubCommand::SetNotice(notice) => self.notice = notice,
                 HubCommand::SetUpdate { session_id, update } => {
@@ -295,13 +324,14 @@ impl Hub {
                     self.notice = None;
                     let count = self.sessions.len();
                     let (closed, closing) = mpsc::channel(1);
-                    for (_, session) in self.sessions.drain() {
+                    for (_, session) in std::mem::take(&mut self.sessions) {
                         let _ = session.kick.send(Kick::Logout {
                             logout: logout.clone(),
                             closed: closed.clone(),
                         });
                     }
                     self.by_agent.clear();
+                    self.per_address.clear();
                     let _ = reply.send(LoggedOut { count, closing });
                 }
                 HubCommand::Reopen => self.updating = false,
@@ -318,21 +348,45 @@ impl Hub {
         if self.updating {
             return Err(RegisterError::Updating);
         }
-        let replaced = self
-            .by_agent
-            .get(&hello.agent_id)
-            .copied()
-            .and_then(|old_id| self.sessions.remove(&old_id));
-        if let Some(old) = replaced {
-            tracing::info!(
-                agent_id = %hello.agent_id,
-                old_session = old.view.session_id,
-                "agent reconnected; closing its previous connection"
-            );
-            let _ = old.kick.send(Kick::Replaced);
-        } else if self.sessions.len() >= self.max_sessions {
+        let key = AddressKey::of(address.ip());
+        let mut agent_id = hello.agent_id;
+        let mut clone_of = None;
+        if let Some(&old_id) = self.by_agent.get(&agent_id) {
+            let old = &self.sessions[&old_id];
+            // A session without an instance (an agent before 1.1) is replaced by any
+            // reconnect of its id; one with an instance only by the same instance.
+            let same_agent = old.instance_id.is_none() || old.instance_id == hello.instance_id;
+            if same_agent {
+                if let Some(old) = self.remove(old_id) {
+                    tracing::info!(
+                        %agent_id,
+                        old_session = old.view.session_id,
+                        "agent reconnected; closing its previous connection"
+                    );
+                    let _ = old.kick.send(Kick::Replaced);
+                }
+            } else {
+                let fresh = fresh_agent_id();
+                tracing::warn!(
+                    %agent_id,
+                    assigned_agent_id = %fresh,
+                    first = %old.view.address,
+                    second = %address,
+                    "two workstations connected with one agent id (a cloned disk?); the second gets a fresh id"
+                );
+                clone_of = Some(std::mem::replace(&mut agent_id, fresh));
+            }
+        }
+        if self.sessions.len() >= self.max_sessions {
             return Err(RegisterError::ServerFull {
                 max_sessions: self.max_sessions,
+            });
+        }
+        let from_address = self.per_address.get(&key).copied().unwrap_or(0);
+        if from_address >= self.max_sessions_per_address {
+            return Err(RegisterError::AddressFull {
+                max_sessions: self.max_sessions_per_address,
+                address: key,
             });
         }
         let session_id = self.next_session_id;
@@ -340,7 +394,7 @@ impl Hub {
         let (kick, kick_receiver) = oneshot::channel();
         let view = SessionView {
             session_id,
-            agent_id: hello.agent_id,
+            agent_id,
             user: hello.user,
             host: hello.host,
             platform: hello.platform,
@@ -349,23 +403,85 @@ impl Hub {
             address: address.to_string(),
             connected_since: SystemTime::now(),
             update: None,
+            clone_of,
         };
+        let assigned_agent_id = view.clone_of.as_ref().map(|_| view.agent_id.clone());
         self.by_agent.insert(view.agent_id.clone(), session_id);
-        self.sessions.insert(session_id, Session { view, kick });
+        *self.per_address.entry(key).or_default() += 1;
+        self.sessions.insert(
+            session_id,
+            Session {
+                view,
+                instance_id: hello.instance_id,
+                address: key,
+                kick,
+            },
+        );
         Ok(Registration {
             session_id,
             kick: kick_receiver,
             notice: self.notice.clone(),
+            assigned_agent_id,
         })
     }
 
     fn unregister(&mut self, session_id: u64) {
-        if let Some(session) = self.sessions.remove(&session_id)
-            && self.by_agent.get(&session.view.agent_id) == Some(&session_id)
-        {
+        self.remove(session_id);
+    }
+
+    // Takes a session out of the table and every index.
+    fn remove(&mut self, session_id: u64) -> Option<Session> {
+        let session = self.sessions.remove(&session_id)?;
+        if self.by_agent.get(&session.view.agent_id) == Some(&session_id) {
             self.by_agent.remove(&session.view.agent_id);
         }
+        if let Some(count) = self.per_address.get_mut(&session.address) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_address.remove(&session.address);
+            }
+        }
+        Some(session)
     }
+
+    fn snapshot(&self, limit: usize) -> SessionSnapshot {
+        let sessions = self
+            .sessions
+            .values()
+            .take(limit)
+            .map(|session| session.view.clone())
+            .collect();
+        let mut versions: HashMap<(&str, &str), usize> = HashMap::new();
+        for session in self.sessions.values() {
+            *versions
+                .entry((&session.view.platform, &session.view.agent_version))
+                .or_default() += 1;
+        }
+        SessionSnapshot {
+            sessions,
+            total: self.sessions.len(),
+            versions: versions
+                .into_iter()
+                .map(|((platform, version), count)| {
+                    (platform.to_owned(), version.to_owned(), count)
+                })
+                .collect(),
+        }
+    }
+}
+
+// A new agent id for the second of two cloned workstations, in the form agents make.
+fn fresh_agent_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 #[cfg(test)]
@@ -390,7 +506,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_are_listed_oldest_first_and_leave_on_unregister() {
-        let hub = HubHandle::spawn(10);
+        let hub = HubHandle::spawn(10, 1000);
         let alice = hub.register(hello("a", "alice"), address()).await.unwrap();
         let bob = hub.register(hello("b", "bob"), address()).await.unwrap();
         let users: Vec<String> = hub.sessions().await.into_iter().map(|s| s.user).collect();
@@ -403,7 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reconnecting_agent_replaces_its_stale_session() {
-        let hub = HubHandle::spawn(10);
+        let hub = HubHandle::spawn(10, 1000);
         let first = hub.register(hello("a", "alice"), address()).await.unwrap();
         let second = hub.register(hello("a", "alice"), address()).await.unwrap();
         assert!(matches!(first.kick.await, Ok(Kick::Replaced)));
@@ -416,7 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_table_refuses_new_agents_but_not_reconnects() {
-        let hub = HubHandle::spawn(1);
+        let hub = HubHandle::spawn(1, 1000);
         let _alice = hub.register(hello("a", "alice"), address()).await.unwrap();
         let refused = hub
             .register(hello("b", "bob"), address())
@@ -426,9 +542,94 @@ mod tests {
         assert!(hub.register(hello("a", "alice"), address()).await.is_ok());
     }
 
+    fn instance(agent_id: &str, instance: &str) -> AgentHello {
+        AgentHello {
+            instance_id: Some(instance.to_owned()),
+            ..hello(agent_id, "alice")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clone_gets_a_fresh_id_and_the_first_workstation_keeps_its_session() {
+        let hub = HubHandle::spawn(10, 1000);
+        let first = hub.register(instance("a", "one"), address()).await.unwrap();
+        assert_eq!(first.assigned_agent_id, None);
+        let clone = hub.register(instance("a", "two"), address()).await.unwrap();
+        let fresh = clone
+            .assigned_agent_id
+            .clone()
+            .expect("the clone gets a new id");
+        assert_ne!(fresh, "a");
+        assert!(changeover_protocol::text::is_valid_id(&fresh));
+        let sessions = hub.sessions().await;
+        assert_eq!(sessions.len(), 2, "both stay connected");
+        assert_eq!(sessions[1].agent_id, fresh);
+        assert_eq!(sessions[1].clone_of.as_deref(), Some("a"));
+        // The same instance reconnecting replaces its own session, not the other one.
+        let again = hub.register(instance("a", "one"), address()).await.unwrap();
+        assert!(matches!(first.kick.await, Ok(Kick::Replaced)));
+        assert_eq!(again.assigned_agent_id, None);
+        // The clone, now under its fresh id, reconnects as itself.
+        let back = hub
+            .register(instance(&fresh, "two"), address())
+            .await
+            .unwrap();
+        assert!(matches!(clone.kick.await, Ok(Kick::Replaced)));
+        assert_eq!(back.assigned_agent_id, None);
+        assert_eq!(hub.session_count().await, 2);
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_sessions() {
+        let hub = HubHandle::spawn(10, 2);
+        let _a = hub.register(hello("a", "alice"), address()).await.unwrap();
+        let _b = hub.register(hello("b", "bob"), address()).await.unwrap();
+        let refused = hub
+            .register(hello("c", "carol"), address())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            refused,
+            RegisterError::AddressFull {
+                max_sessions: 2,
+                ..
+            }
+        ));
+        let elsewhere = SocketAddr::from(([10, 0, 0, 9], 40000));
+        assert!(hub.register(hello("c", "carol"), elsewhere).await.is_ok());
+        // A reconnect from the full address still works.
+        assert!(hub.register(hello("a", "alice"), address()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_lists_the_oldest_and_counts_all() {
+        let hub = HubHandle::spawn(10, 1000);
+        let mut kept = Vec::new();
+        for n in 0..5 {
+            let mut agent = hello(&format!("a{n}"), &format!("user{n}"));
+            if n == 4 {
+                agent.agent_version = "1.1.0".to_owned();
+            }
+            kept.push(hub.register(agent, address()).await.unwrap());
+        }
+        let snapshot = hub.snapshot(3).await;
+        let users: Vec<_> = snapshot.sessions.iter().map(|s| s.user.as_str()).collect();
+        assert_eq!(users, ["user0", "user1", "user2"]);
+        assert_eq!(snapshot.total, 5);
+        let mut versions = snapshot.versions;
+        versions.sort();
+        assert_eq!(
+            versions,
+            [
+                ("linux-x86_64".to_owned(), "1.0.0".to_owned(), 4),
+                ("linux-x86_64".to_owned(), "1.1.0".to_owned(), 1)
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_broadcast_is_serialised_once_and_shared() {
-        let hub = HubHandle::spawn(10);
+        let hub = HubHandle::spawn(10, 1000);
         let mut first = hub.subscribe();
         let mut second = hub.subscribe();
         let message = ServerMessage::error(changeover_protocol::ErrorCode::Internal, "x");

@@ -23,6 +23,7 @@ pub mod layout;
 pub mod listener;
 pub mod log_file;
 pub mod mail;
+pub mod peer;
 pub mod platform;
 pub mod release_tools;
 pub mod releases;
@@ -211,7 +212,10 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             .unwrap_or(semver::Version::new(0, 0, 0)),
         retry_base: Duration::from_secs(1),
     });
-    let hub = HubHandle::spawn(config.server.max_sessions);
+    let hub = HubHandle::spawn(
+        config.server.max_sessions,
+        config.server.max_sessions_per_address,
+    );
     let hub_for_health = hub.clone();
     if matches!(resume, Resume::HealthCheck(_)) {
         // No user session before the new release proved healthy: a rollback would cut it.
@@ -251,6 +255,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     let listener = Arc::new(Listener {
         tls,
         handshake_slots: Arc::new(Semaphore::new(config.server.max_concurrent_handshakes)),
+        gate: crate::peer::HandshakeGate::new(
+            config.server.max_handshakes_per_address,
+            config.server.max_handshakes_per_address.saturating_mul(8),
+        ),
+        upgrade_timeout: config.server.upgrade_timeout(),
         context,
         tracker: tracker.clone(),
     });

@@ -2,8 +2,13 @@
 //!
 //! Connections are admitted only while a handshake slot is free: beyond
 //! `max_concurrent_handshakes` the loop stops accepting and new connections wait in the
-//! kernel's listen backlog instead of piling up as tasks. Each accepted connection gets its
-//! TLS and WebSocket handshake and its first message within `handshake_timeout`.
+//! kernel's listen backlog instead of piling up as tasks. One address (see
+//! [`crate::peer::AddressKey`]) holds at most `max_handshakes_per_address` of those slots;
+//! its further connections wait for a slot of their own without holding a global one, up
+//! to a bound, and are closed beyond it, so one address cannot take the door. Each
+//! connection gets its TLS handshake and upgrade request within `upgrade_timeout`, and its
+//! first message within `handshake_timeout`; it keeps both slots until that message is
+//! read, so the memory of messages being read is bounded too.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +28,7 @@ use tracing::{debug, warn};
 
 use crate::connection::{self, ConnectionContext};
 use crate::handshake::Opened;
+use crate::peer::{Entry, HandshakeGate, HandshakeTicket};
 
 /// Binds with an explicit backlog (std's default is 128, far too short for a reconnect
 /// storm) and address reuse, so a restarted server can bind while old sockets linger in
@@ -58,6 +64,10 @@ pub struct Listener {
     pub tls: Option<TlsAcceptor>,
     /// One permit per handshake in progress.
     pub handshake_slots: Arc<Semaphore>,
+    /// The handshakes in progress per address.
+    pub gate: Arc<HandshakeGate>,
+    /// How long the TLS handshake and the upgrade request may take.
+    pub upgrade_timeout: Duration,
     pub context: Arc<ConnectionContext>,
     /// Every connection task, so shutdown can wait for their close frames.
     pub tracker: TaskTracker,
@@ -100,46 +110,101 @@ impl Listener {
                     continue;
                 }
             };
-            let context = Arc::clone(&self.context);
-            let tls = self.tls.clone();
-            self.tracker.spawn(async move {
-                let hello_deadline = Instant::now() + context.hello_timeout;
-                // Boxed: a task is as large as its largest state, and the handshake's state
-                // would otherwise stay reserved for the whole life of the connection.
-                let handshake = Box::pin(tokio::time::timeout_at(
-                    hello_deadline,
-                    upgrade(stream, tls),
-                ));
-                let opened = match handshake.await {
-                    Ok(Ok(opened)) => opened,
-                    Ok(Err(err)) => {
-                        warn!(%peer, cause = %err, "handshake failed");
-                        return;
-                    }
-                    Err(_elapsed) => {
-                        warn!(%peer, "handshake not completed in time");
-                        return;
-                    }
-                };
-                drop(permit);
-                match opened {
-                    Opened::WebSocket(ws) => {
-                        connection::serve(ws, peer, hello_deadline, context).await;
-                    }
-                    Opened::AgentDownload { stream, request } => {
-                        // Boxed: a transfer's state is not reserved in every agent's task.
-                        Box::pin(context.agent_updates.serve(
-                            stream,
-                            request,
-                            peer,
-                            &context.shutdown,
-                        ))
-                        .await;
-                    }
+            let admission = match self.gate.enter(peer.ip()) {
+                Entry::Admitted(ticket) => Admission::Admitted(HandshakeHold {
+                    _slot: permit,
+                    _address: ticket,
+                }),
+                // Waits without the global slot, so others get it meanwhile.
+                Entry::Wait(waiting) => Admission::Waiting(waiting),
+                Entry::Refused => {
+                    debug!(%peer, "too many connections from one address are waiting; closed");
+                    continue;
                 }
-            });
+            };
+            self.tracker
+                .spawn(Arc::clone(&self).connection(stream, peer, admission));
         }
     }
+
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admission: Admission,
+    ) {
+        let accepted = Instant::now();
+        let hello_deadline = accepted + self.context.hello_timeout;
+        let upgrade_deadline = accepted + self.upgrade_timeout;
+        let hold = match admission {
+            Admission::Admitted(hold) => hold,
+            Admission::Waiting(waiting) => {
+                let slots = Arc::clone(&self.handshake_slots);
+                let admitted = tokio::time::timeout_at(upgrade_deadline, async move {
+                    let ticket = waiting.admitted().await;
+                    let slot = slots.acquire_owned().await.ok()?;
+                    Some(HandshakeHold {
+                        _slot: slot,
+                        _address: ticket,
+                    })
+                });
+                match admitted.await {
+                    Ok(Some(hold)) => hold,
+                    Ok(None) => return,
+                    Err(_elapsed) => {
+                        debug!(%peer, "no handshake slot for this address in time; closed");
+                        return;
+                    }
+                }
+            }
+        };
+        let context = Arc::clone(&self.context);
+        // Boxed: a task is as large as its largest state, and the handshake's state
+        // would otherwise stay reserved for the whole life of the connection.
+        let handshake = Box::pin(tokio::time::timeout_at(
+            upgrade_deadline,
+            upgrade(stream, self.tls.clone()),
+        ));
+        let opened = match handshake.await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(err)) => {
+                warn!(%peer, cause = %err, "handshake failed");
+                return;
+            }
+            Err(_elapsed) => {
+                warn!(%peer, "handshake not completed in time");
+                return;
+            }
+        };
+        match opened {
+            Opened::WebSocket(ws) => {
+                connection::serve(ws, peer, hello_deadline, hold, context).await;
+            }
+            Opened::AgentDownload { stream, request } => {
+                drop(hold);
+                // Boxed: a transfer's state is not reserved in every agent's task.
+                Box::pin(
+                    context
+                        .agent_updates
+                        .serve(stream, request, peer, &context.shutdown),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// A connection's place at the door: a global handshake slot and one of its address. The
+/// connection gives it up once its first message is read.
+#[derive(Debug)]
+pub struct HandshakeHold {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _address: HandshakeTicket,
+}
+
+enum Admission {
+    Admitted(HandshakeHold),
+    Waiting(crate::peer::Waiting),
 }
 
 // The TLS state is boxed so plain ws:// connections do not pay for its size inline.
