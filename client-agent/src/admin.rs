@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use changeover_protocol::text::escape_control as escape;
 use changeover_protocol::{
     ClientMessage, ErrorCode, PROTOCOL_VERSION, PackageSource, ServerMessage, StatusReport,
 };
@@ -16,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::agent::{next_message, send};
 use crate::dial::{AgentStream, Dialer};
+use crate::server_values::rfc3339;
 
 /// The environment variable admin commands read the password from.
 pub const ADMIN_PASSWORD_ENV: &str = "CHANGEOVER_ADMIN_PASSWORD";
@@ -102,7 +104,8 @@ impl AdminSession {
                 ..
             } => Err(AdminError::Throttled {
                 message,
-                retry_after_secs,
+                retry_after_secs: retry_after_secs
+                    .map(|secs| crate::server_values::retry_after(secs).as_secs()),
             }),
             ServerMessage::Error {
                 code: ErrorCode::Unauthorized,
@@ -270,7 +273,10 @@ pub async fn download_command(
     session.close().await;
     let version = result?;
     if !json {
-        println!("server {version} is verified and ready for a changeover");
+        println!(
+            "server {} is verified and ready for a changeover",
+            escape(&version)
+        );
     }
     Ok(())
 }
@@ -282,6 +288,7 @@ fn show_download_progress(bar: &indicatif::ProgressBar, message: &ServerMessage)
             size,
             resumed_from,
         } => {
+            let version = escape(version);
             if *resumed_from > 0 {
                 eprintln!("resuming server {version} at {resumed_from} of {size} bytes");
             } else {
@@ -303,7 +310,10 @@ fn show_download_progress(bar: &indicatif::ProgressBar, message: &ServerMessage)
             reason,
             ..
         } => bar.suspend(|| {
-            eprintln!("attempt {attempt} broke off ({reason}); resuming in {retry_in_ms} ms")
+            eprintln!(
+                "attempt {attempt} broke off ({}); resuming in {retry_in_ms} ms",
+                escape(reason)
+            )
         }),
         _ => {}
     }
@@ -331,7 +341,12 @@ pub fn parse_when(text: &str) -> anyhow::Result<String> {
             "--at {text:?} is neither a time (2026-11-28T22:00:00Z) nor a duration (30m)"
         )
     })?;
-    Ok(humantime::format_rfc3339_seconds(SystemTime::now() + after).to_string())
+    // RFC 3339 as the protocol writes it ends with the year 9999.
+    let last = humantime::parse_rfc3339("9999-12-31T23:59:59Z")?;
+    match SystemTime::now().checked_add(after) {
+        Some(at) if at <= last => Ok(rfc3339(at)),
+        _ => anyhow::bail!("--at {text:?} is beyond the year 9999"),
+    }
 }
 
 /// How long `admin update` waits for the server to come back after its restart.
@@ -381,12 +396,12 @@ pub async fn update_command(
             if json {
                 print_json(&message);
             } else {
+                let (id, target) = (escape(&changeover_id), escape(&target_version));
                 match scheduled_at {
-                    Some(at) => println!(
-                        "changeover {changeover_id} to {target_version} scheduled for {}",
-                        humantime::format_rfc3339_seconds(at)
-                    ),
-                    None => println!("changeover {changeover_id} to {target_version} started"),
+                    Some(at) => {
+                        println!("changeover {id} to {target} scheduled for {}", rfc3339(at))
+                    }
+                    None => println!("changeover {id} to {target} started"),
                 }
             }
             changeover_id
@@ -411,7 +426,8 @@ pub async fn update_command(
                 bar.finish_and_clear();
                 if !json {
                     println!(
-                        "connection to the server lost ({reason}); waiting for it to come back"
+                        "connection to the server lost ({}); waiting for it to come back",
+                        escape(&reason)
                     );
                 }
                 session = reconnect(dialer, &password).await?;
@@ -482,8 +498,8 @@ fn finish_line(summary: &changeover_protocol::ChangeoverSummary, json: bool) -> 
                     .unwrap_or_else(|| "unknown".to_owned());
                 println!(
                     "server updated {} -> {} in {} (downtime {downtime}; {} sessions warned, {} logged out)",
-                    summary.from_version,
-                    summary.target_version,
+                    escape(&summary.from_version),
+                    escape(&summary.target_version),
                     humantime::format_duration(Duration::from_secs(took.as_secs())),
                     summary.sessions_warned,
                     summary.sessions_logged_out
@@ -511,7 +527,7 @@ fn show_update_progress(
             if detail.is_empty() {
                 println!("[{elapsed:6.1}s] {phase}");
             } else {
-                println!("[{elapsed:6.1}s] {phase}: {detail}");
+                println!("[{elapsed:6.1}s] {phase}: {}", escape(detail));
             }
         }),
         other => show_download_progress(bar, other),
@@ -536,7 +552,10 @@ pub async fn cancel_command(dialer: &Dialer, password: String) -> anyhow::Result
     session.close().await;
     match answer {
         ServerMessage::CancelAccepted { changeover_id } => {
-            println!("changeover {changeover_id} cancelled; the users were told");
+            println!(
+                "changeover {} cancelled; the users were told",
+                escape(&changeover_id)
+            );
             Ok(())
         }
         ServerMessage::Error { code, message, .. } => {
@@ -546,18 +565,22 @@ pub async fn cancel_command(dialer: &Dialer, password: String) -> anyhow::Result
     }
 }
 
-/// The status as a human reads it.
+/// The status as a human reads it. Every string in it came from the server or an agent, so
+/// each is printed through [`escape`]: a host name cannot move the admin's cursor.
 pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
     let mut out = String::new();
     let available = report
         .available_version
         .as_deref()
         .unwrap_or("none newer than installed");
-    out.push_str(&format!("server version     {}\n", report.server_version));
-    out.push_str(&format!("available release  {available}\n"));
+    out.push_str(&format!(
+        "server version     {}\n",
+        escape(&report.server_version)
+    ));
+    out.push_str(&format!("available release  {}\n", escape(available)));
     let feed = match (&report.feed.url, &report.feed.error) {
         (None, _) => "not configured (packages come from the inbox)".to_owned(),
-        (Some(url), Some(error)) => format!("{url}: {error}"),
+        (Some(url), Some(error)) => format!("{}: {}", escape(url), escape(error)),
         (Some(url), None) => {
             let newest = report
                 .feed
@@ -567,9 +590,9 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             let checked = report
                 .feed
                 .checked_at
-                .map(|at| format!(", checked {}", humantime::format_rfc3339_seconds(at)))
+                .map(|at| format!(", checked {}", rfc3339(at)))
                 .unwrap_or_default();
-            format!("{url}: newest {newest}{checked}")
+            format!("{}: newest {}{checked}", escape(url), escape(newest))
         }
     };
     out.push_str(&format!("feed               {feed}\n"));
@@ -585,55 +608,55 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         };
         out.push_str(&format!(
             "candidate          {} from {} ({state})\n",
-            candidate.version, candidate.source
+            escape(&candidate.version),
+            candidate.source
         ));
     }
     for mail in &report.outbox {
         let why = mail.last_error.as_deref().unwrap_or("not tried yet");
         out.push_str(&format!(
-            "mail waiting       {:?} to {} ({} tries; {why})\n",
-            mail.subject,
-            mail.to.as_deref().unwrap_or("the configured mail.to"),
-            mail.attempts
+            "mail waiting       \"{}\" to {} ({} tries; {})\n",
+            escape(&mail.subject),
+            escape(mail.to.as_deref().unwrap_or("the configured mail.to")),
+            mail.attempts,
+            escape(why)
         ));
     }
     if let Some(refusal) = &report.last_refusal {
-        out.push_str(&format!("last refusal       {refusal}\n"));
+        out.push_str(&format!("last refusal       {}\n", escape(refusal)));
     }
     out.push_str(&format!("changeover phase   {}\n", report.phase));
     if let Some(changeover) = &report.changeover {
         let when = match (changeover.scheduled_at, changeover.deadline) {
-            (_, Some(deadline)) => format!(
-                ", logout at {}",
-                humantime::format_rfc3339_seconds(deadline)
-            ),
-            (Some(at), None) => {
-                format!(", scheduled for {}", humantime::format_rfc3339_seconds(at))
-            }
+            (_, Some(deadline)) => format!(", logout at {}", rfc3339(deadline)),
+            (Some(at), None) => format!(", scheduled for {}", rfc3339(at)),
             (None, None) => String::new(),
         };
         out.push_str(&format!(
             "changeover         {} -> {} ({}{when})\n",
-            changeover.from_version, changeover.target_version, changeover.changeover_id
+            escape(&changeover.from_version),
+            escape(&changeover.target_version),
+            escape(&changeover.changeover_id)
         ));
     }
     if let Some(last) = &report.last_changeover {
         let reason = last
             .reason
             .as_deref()
-            .map(|r| format!(": {r}"))
+            .map(|r| format!(": {}", escape(r)))
             .unwrap_or_default();
         out.push_str(&format!(
             "last changeover    {} -> {} {} at {}{reason}\n",
-            last.from_version,
-            last.target_version,
+            escape(&last.from_version),
+            escape(&last.target_version),
             last.outcome,
-            humantime::format_rfc3339_seconds(last.ended_at)
+            rfc3339(last.ended_at)
         ));
     }
     match &report.agent_release {
         Some(release) => out.push_str(&format!(
-            "agent release      {release} offered to older agents; {} behind\n",
+            "agent release      {} offered to older agents; {} behind\n",
+            escape(release),
             report.agents_behind
         )),
         None => out.push_str("agent release      none on offer\n"),
@@ -645,9 +668,7 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             .iter()
             .map(|app| {
                 let health = match (&app.health, app.health_at) {
-                    (Some(health), Some(at)) => {
-                        format!("{health} ({})", humantime::format_rfc3339_seconds(at))
-                    }
+                    (Some(health), Some(at)) => format!("{health} ({})", rfc3339(at)),
                     (Some(health), None) => health.clone(),
                     (None, _) => "-".to_owned(),
                 };
@@ -678,7 +699,16 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         ));
         out.push('\n');
     }
-    out.push_str(&format!("sessions           {}\n", report.sessions.len()));
+    // Older servers do not count; a large site's report lists only the oldest sessions.
+    let total = report.sessions_total.max(report.sessions.len() as u64);
+    if total > report.sessions.len() as u64 {
+        out.push_str(&format!(
+            "sessions           {total} (the oldest {} listed; --json has the same)\n",
+            report.sessions.len()
+        ));
+    } else {
+        out.push_str(&format!("sessions           {total}\n"));
+    }
     if report.sessions.is_empty() {
         return out;
     }
@@ -698,13 +728,29 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
                 session.address.clone(),
                 format!(
                     "{} ({} ago)",
-                    humantime::format_rfc3339_seconds(session.connected_since),
+                    rfc3339(session.connected_since),
                     humantime::format_duration(Duration::from_secs(age.as_secs()))
                 ),
             ]
         })
         .collect();
     out.push('\n');
+    let clones: Vec<String> = report
+        .sessions
+        .iter()
+        .filter_map(|session| {
+            session.clone_of.as_ref().map(|original| {
+                format!(
+                    "clone              {}@{} came with the agent id {} of another connected \
+                     workstation (a cloned disk?); it is {} now\n",
+                    escape(&session.user),
+                    escape(&session.host),
+                    escape(original),
+                    escape(&session.agent_id)
+                )
+            })
+        })
+        .collect();
     out.push_str(&table(
         &[
             "USER",
@@ -717,6 +763,10 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         ],
         &rows,
     ));
+    if !clones.is_empty() {
+        out.push('\n');
+        out.extend(clones);
+    }
     out
 }
 
@@ -725,10 +775,15 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-// Left-aligned columns two spaces apart, the header first.
+// Left-aligned columns two spaces apart, the header first. Every cell is escaped first
+// (its width is the width of what is printed).
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -743,7 +798,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     };
     push_row(&mut header.iter().copied());
-    for row in rows {
+    for row in &rows {
         push_row(&mut row.iter().map(String::as_str));
     }
     out
@@ -787,10 +842,12 @@ mod tests {
     use super::*;
     use changeover_protocol::{ChangeoverPhase, SessionView};
 
-    #[test]
-    fn the_table_lists_every_session_aligned() {
-        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let session = |user: &str, host: &str| SessionView {
+    fn since() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn session(user: &str, host: &str) -> SessionView {
+        SessionView {
             session_id: 1,
             agent_id: "id".to_owned(),
             user: user.to_owned(),
@@ -799,10 +856,14 @@ mod tests {
             agent_version: "1.2.0".to_owned(),
             protocol_version: 1,
             address: "10.0.0.7:50000".to_owned(),
-            connected_since: since,
+            connected_since: since(),
             update: None,
-        };
-        let report = StatusReport {
+            clone_of: None,
+        }
+    }
+
+    fn report(sessions: Vec<SessionView>) -> StatusReport {
+        StatusReport {
             server_version: "1.2.0".to_owned(),
             available_version: None,
             phase: ChangeoverPhase::Idle,
@@ -823,11 +884,20 @@ mod tests {
                 health_at: None,
                 last_exit: Some("exit status: 1".to_owned()),
             }],
-            sessions: vec![session("alice", "ws-1"), session("bob", "workstation-22")],
-        };
-        let text = render_status(&report, since + Duration::from_secs(125));
+            sessions_total: sessions.len() as u64,
+            sessions,
+        }
+    }
+
+    #[test]
+    fn the_table_lists_every_session_aligned() {
+        let report = report(vec![
+            session("alice", "ws-1"),
+            session("bob", "workstation-22"),
+        ]);
+        let text = render_status(&report, since() + Duration::from_secs(125));
         assert!(text.contains("changeover phase   idle"), "{text}");
-        assert!(text.contains("sessions           2"), "{text}");
+        assert!(text.contains("sessions           2\n"), "{text}");
         let lines: Vec<&str> = text.lines().collect();
         let header = lines.iter().position(|l| l.starts_with("USER")).unwrap();
         assert!(
@@ -840,6 +910,61 @@ mod tests {
             lines[apps + 1].starts_with("business  healthy  4242  1         ok"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn escapes_from_peers_are_shown_not_obeyed() {
+        let mut sneaky = session("\u{1b}[2J\u{1b}[31mroot", "ws\u{202e}1\nfake row");
+        sneaky.platform = "linux\u{9b}x".to_owned();
+        sneaky.update = Some(changeover_protocol::AgentUpdateView {
+            version: "9.9.9\u{7}".to_owned(),
+            state: changeover_protocol::AgentUpdateState::Failed,
+            detail: Some("bad\u{1b}]0;title\u{7}".to_owned()),
+        });
+        sneaky.clone_of = Some("orig\u{1b}".to_owned());
+        let mut report = report(vec![session("alice", "ws-1"), sneaky]);
+        report.server_version = "1.2.0\u{1b}[8m".to_owned();
+        report.last_refusal = Some("refused\u{2066}".to_owned());
+        report.apps[0].name = "app\u{1b}c".to_owned();
+        report.feed.url = Some("http://feed\u{1b}/".to_owned());
+        report.feed.error = Some("down\r\n".to_owned());
+        let text = render_status(&report, since());
+        for c in text.chars() {
+            assert!(
+                c == '\n' || !(c.is_control() || ('\u{202a}'..='\u{2069}').contains(&c)),
+                "{c:?} reached the terminal: {text}"
+            );
+        }
+        assert!(text.contains("\\x1b[2J\\x1b[31mroot"), "{text}");
+        assert!(text.contains("ws\\u{202e}1\\x0afake row"), "{text}");
+        assert!(text.contains("app\\x1bc"), "{text}");
+        assert!(text.contains("server version     1.2.0\\x1b[8m"), "{text}");
+        // The injected newline did not make a row: two sessions, two rows.
+        let header = text.lines().position(|l| l.starts_with("USER")).unwrap();
+        assert!(
+            text.lines().nth(header + 3).is_none_or(str::is_empty),
+            "{text}"
+        );
+        assert!(text.contains("clone              "), "{text}");
+    }
+
+    #[test]
+    fn a_long_list_says_how_many_are_left_out() {
+        let mut report = report(vec![session("alice", "ws-1")]);
+        report.sessions_total = 12_000;
+        let text = render_status(&report, since());
+        assert!(
+            text.contains("sessions           12000 (the oldest 1 listed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn at_refuses_times_no_clock_holds() {
+        assert!(parse_when("30m").is_ok());
+        assert!(parse_when("2030-01-01T00:00:00Z").is_ok());
+        let err = parse_when("100000years").unwrap_err();
+        assert!(err.to_string().contains("beyond the year 9999"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::dial::{AgentStream, Dialer};
 use crate::hooks::{HookEvent, Hooks};
 use crate::identity::Identity;
 use crate::self_update::{UpdateEvent, UpdateSettings, Updater};
+use crate::server_values;
 use changeover_protocol::backoff::{BASE_DELAY, Backoff, MAX_DELAY};
 
 /// How long to wait for the welcome after sending the hello.
@@ -52,7 +53,7 @@ pub enum AgentExit {
 
 /// Runs the agent until `shutdown` is cancelled or it updated itself.
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<AgentExit> {
-    let identity = Identity::load_or_create(&options.state_dir, options.user.clone())?;
+    let mut identity = Identity::load_or_create(&options.state_dir, options.user.clone())?;
     let dialer = Dialer::new(&options.server_url, options.ca_file.as_deref())?;
     let updater = Updater::new(
         options.updates.clone(),
@@ -68,6 +69,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     info!(
         server = %dialer.url(),
         agent_id = %identity.agent_id,
+        instance_id = %identity.instance_id,
         user = %identity.user,
         version = %identity.agent_version,
         "agent starting"
@@ -76,9 +78,11 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     loop {
         info!(server = %dialer.url(), "connecting");
         let ending = tokio::select! {
-            ending = session(&dialer, &identity, &options.hooks, &shutdown, &mut link) => ending,
+            ending = session(&dialer, &mut identity, &options.hooks, &shutdown, &mut link) => ending,
             () = shutdown.cancelled() => SessionEnd::Stopped,
         };
+        // A pause the server asked for on refusing the hello (already clamped).
+        let mut at_least = Duration::ZERO;
         match ending {
             SessionEnd::Stopped => {
                 info!("agent stopped");
@@ -97,7 +101,8 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 backoff.reset();
                 // The whole fleet was logged out at once: come back at a random moment of
                 // the window the server announced, not all in the same millisecond.
-                let window = u64::try_from(reconnect_within.as_millis()).unwrap_or(u64::MAX);
+                let window = u64::try_from(reconnect_within.as_millis())
+                    .unwrap_or(crate::server_values::MAX_RECONNECT_WINDOW_MS);
                 let pause = Duration::from_millis(rand::random_range(0..=window));
                 info!(
                     pause_ms = pause.as_millis() as u64,
@@ -111,15 +116,24 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             SessionEnd::Refused {
                 code: ErrorCode::Updating,
                 message,
-            } => info!(%message, "the server is updating; trying again shortly"),
-            SessionEnd::Refused { code, message } => {
+                retry_after,
+            } => {
+                info!(%message, "the server is updating; trying again shortly");
+                at_least = retry_after.unwrap_or_default();
+            }
+            SessionEnd::Refused {
+                code,
+                message,
+                retry_after,
+            } => {
                 error!(?code, %message, "the server refused this agent");
                 if code == ErrorCode::UnsupportedProtocol {
                     backoff.give_up_quick_retries();
                 }
+                at_least = retry_after.unwrap_or_default();
             }
         }
-        let delay = backoff.next_delay();
+        let delay = backoff.next_delay().max(at_least);
         info!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting after a pause"
@@ -182,9 +196,13 @@ enum SessionEnd {
     ConnectFailed(anyhow::Error),
     /// The session was up and then ended.
     Lost { reason: String },
-    /// The server refused the hello.
-    Refused { code: ErrorCode, message: String },
-    /// The server logged everyone out for an update.
+    /// The server refused the hello, maybe saying when to try again (clamped).
+    Refused {
+        code: ErrorCode,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The server logged everyone out for an update; come back within this (clamped).
     LoggedOut { reconnect_within: Duration },
     /// The agent updated itself and restarts.
     Restart,
@@ -201,7 +219,7 @@ pub fn websocket_config() -> WebSocketConfig {
 
 async fn session(
     dialer: &Dialer,
-    identity: &Identity,
+    identity: &mut Identity,
     hooks: &Hooks,
     shutdown: &CancellationToken,
     link: &mut UpdateLink<'_>,
@@ -227,14 +245,26 @@ async fn session(
             server_version,
             heartbeat_secs,
             protocol_version,
-            assigned_agent_id: _,
+            assigned_agent_id,
         })) => {
             info!(session_id, %server_version, protocol_version, "connected");
-            Duration::from_secs(heartbeat_secs.max(1))
+            if let Some(assigned) = assigned_agent_id {
+                identity.adopt_assigned_id(&assigned);
+            }
+            server_values::heartbeat(heartbeat_secs)
         }
-        Ok(Ok(ServerMessage::Error { code, message, .. })) => {
+        Ok(Ok(ServerMessage::Error {
+            code,
+            message,
+            retry_after_secs,
+            ..
+        })) => {
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-            return SessionEnd::Refused { code, message };
+            return SessionEnd::Refused {
+                code,
+                message,
+                retry_after: retry_after_secs.map(server_values::retry_after),
+            };
         }
         Ok(Ok(other)) => {
             return SessionEnd::ConnectFailed(anyhow::anyhow!(
@@ -263,8 +293,9 @@ async fn session(
     }
 
     // The server pings every heartbeat; two intervals of silence mean it is gone even if
-    // the TCP connection never says so (a pulled cable, a dead NAT entry).
-    let silence_limit = heartbeat * 2 + SILENCE_SLACK;
+    // the TCP connection never says so (a pulled cable, a dead NAT entry). The heartbeat is
+    // at most an hour, so neither this nor `silent_since + silence_limit` can overflow.
+    let silence_limit = heartbeat.saturating_mul(2).saturating_add(SILENCE_SLACK);
     // The version the last warning announced, for the logout hook.
     let mut announced_version = String::new();
     let mut silent_since = Instant::now();
@@ -307,7 +338,9 @@ async fn session(
                             warn!(?code, %message, "the server reported an error");
                         }
                         Ok(ServerMessage::Warning { deadline, seconds_left, target_version, message, .. }) => {
-                            let deadline = humantime::format_rfc3339_seconds(deadline).to_string();
+                            let countdown = server_values::countdown(deadline, seconds_left, std::time::SystemTime::now());
+                            let seconds_left = countdown.seconds_left;
+                            let deadline = server_values::rfc3339(countdown.deadline);
                             announced_version.clone_from(&target_version);
                             warn!(%deadline, seconds_left, %target_version, %message, "the server will be updated: save your work");
                             let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message };
@@ -321,15 +354,16 @@ async fn session(
                         }
                         Ok(ServerMessage::Logout { reason, reconnect_within_ms, .. }) => {
                             warn!(%reason, "logged out by the server");
+                            let reconnect_within = server_values::reconnect_window(reconnect_within_ms);
                             let event = HookEvent {
                                 event: "logout",
-                                deadline: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                                deadline: server_values::rfc3339(std::time::SystemTime::now()),
                                 seconds_left: 0,
                                 target_version: announced_version.clone(),
                                 message: reason,
                             };
                             hooks.on_logout(&event).await;
-                            return SessionEnd::LoggedOut { reconnect_within: Duration::from_millis(reconnect_within_ms) };
+                            return SessionEnd::LoggedOut { reconnect_within };
                         }
                         Ok(other) => debug!(message = ?other, "message not handled in this state"),
                         Err(err) => warn!(cause = %err, "unreadable message from the server"),

@@ -69,6 +69,8 @@ pub async fn run_for_status(
         .env("CHANGEOVER_SECONDS_LEFT", event.seconds_left.to_string())
         .env("CHANGEOVER_TARGET_VERSION", &event.target_version)
         .env("CHANGEOVER_MESSAGE", &event.message)
+        // An agent a hook starts is another instance, not this one.
+        .env_remove(crate::identity::INSTANCE_ENV)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
@@ -86,6 +88,7 @@ fn notify_desktop(event: &HookEvent) {
     let spawned = std::process::Command::new("notify-send")
         .arg(format!("Server update in {} s", event.seconds_left))
         .arg(&event.message)
+        .env_remove(crate::identity::INSTANCE_ENV)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

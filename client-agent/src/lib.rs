@@ -7,8 +7,12 @@
 pub mod admin;
 pub mod agent;
 pub mod dial;
+pub mod disk;
+pub mod files;
 pub mod hooks;
 pub mod identity;
+pub mod offer;
 pub mod self_update;
+pub mod server_values;
 pub mod trial;
 pub mod version;

@@ -221,7 +221,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The reason may quote the server (a refusal's message): shown, not obeyed.
+            let reason = format!("{err:#}");
+            eprintln!(
+                "error: {}",
+                changeover_protocol::text::escape_control(&reason)
+            );
             ExitCode::FAILURE
         }
     }

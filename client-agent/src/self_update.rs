@@ -5,11 +5,14 @@
 //! When the server offers a newer agent release, the agent, as its policy says
 //! (`--client-update auto|ask|never`):
 //!
-//! 1. checks the offer against the vendor's signature that comes with it, using its own
-//!    key: a server can pass on only what the vendor signed, for this platform, newer;
-//! 2. downloads the archive from the server (resuming with `Range`, waiting its turn when
-//!    the server says `503` + `Retry-After`), verifying size, hash and signature as the
-//!    bytes arrive;
+//! 1. screens the offer's plain fields against fixed limits (`offer::screen`: at most
+//!    [`MAX_DOWNLOAD_BYTES`], a plain path on this server), then checks the trusted comment
+//!    of the vendor's signature that comes with it with its own key, before believing any
+//!    of it: a server can pass on only what the vendor signed, for this platform, newer;
+//! 2. checks the free space, then downloads the archive from the server (resuming with
+//!    `Range`, waiting its turn when the server says `503` + `Retry-After`), verifying
+//!    size, hash and signature as the bytes arrive and stopping at the first byte beyond
+//!    the signed size; a download that fails is removed;
 //! 3. unpacks it into a staging folder and runs the new binary's `--version`;
 //! 4. puts the release in place: the other files first, the binary with self-replace,
 //!    `release.json` last, so an interrupted update reports the old version and is
@@ -34,6 +37,9 @@ use changeover_protocol::{AgentUpdateOffer, AgentUpdateState};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+pub use crate::offer::MAX_DOWNLOAD_BYTES;
+use crate::offer::SignedComment;
 
 /// The vendor key's file name in an installed agent's folder.
 pub const VENDOR_KEY_FILE: &str = "vendor.pub";
@@ -233,6 +239,19 @@ impl Updater {
                 }
                 outcomes.remove(&offer.version);
             }
+            if let Err(reason) = crate::offer::screen(&offer) {
+                warn!(version = %offer.version, %reason, "refusing the agent update offer");
+                outcomes.insert(
+                    offer.version.clone(),
+                    (Instant::now(), AgentUpdateState::Failed, reason.clone()),
+                );
+                let _ = events.try_send(UpdateEvent::Report {
+                    version: offer.version.clone(),
+                    state: AgentUpdateState::Failed,
+                    detail: Some(reason),
+                });
+                return;
+            }
             *busy = Some(offer.version.clone());
         }
         let updater = Arc::clone(self);
@@ -320,13 +339,22 @@ impl Updater {
             .public_key
             .clone()
             .unwrap_or_else(|| installation.dir.join(VENDOR_KEY_FILE));
-        let key = VendorKey::from_file(&key_file).with_context(|| {
+        let no_key = || {
             format!(
                 "no vendor key to check the update with (pass --public-key, or keep it in {})",
                 installation.dir.join(VENDOR_KEY_FILE).display()
             )
-        })?;
-        let signature = self.check_offer(offer)?;
+        };
+        let key_text = std::fs::read_to_string(&key_file)
+            .with_context(|| format!("cannot read {}", key_file.display()))
+            .with_context(no_key)?;
+        let key = VendorKey::decode(&key_text)
+            .map_err(|reason| anyhow::anyhow!("{}: {reason}", key_file.display()))
+            .with_context(no_key)?;
+        let comment_key = SignedComment::from_key_text(&key_text)
+            .map_err(|reason| anyhow::anyhow!("{}: {reason}", key_file.display()))
+            .with_context(no_key)?;
+        let signature = self.check_offer(offer, &comment_key)?;
         let report = |state, detail: &str| UpdateEvent::Report {
             version: offer.version.clone(),
             state,
@@ -361,9 +389,8 @@ impl Updater {
                 crate::trial::begin(&installation.dir, &running, &version)
             });
             let _ = std::fs::remove_dir_all(&staging);
-            if result.is_ok() {
-                let _ = std::fs::remove_file(&archive);
-            }
+            // Verified, but a release that did not stage must not stay on the disk either.
+            let _ = std::fs::remove_file(&archive);
             result
         })
         .await
@@ -394,8 +421,14 @@ impl Updater {
     }
 
     // The offer must be exactly what the vendor signed: an agent release for this
-    // platform, newer than the running one.
-    fn check_offer(&self, offer: &AgentUpdateOffer) -> anyhow::Result<PackageSignature> {
+    // platform, newer than the running one. The trusted comment is verified first, so no
+    // field of it (the size above all) is believed on the server's word.
+    fn check_offer(
+        &self,
+        offer: &AgentUpdateOffer,
+        key: &SignedComment,
+    ) -> anyhow::Result<PackageSignature> {
+        key.verify(&offer.signature).map_err(anyhow::Error::msg)?;
         let signature = PackageSignature::decode(&offer.signature, &offer.archive)?;
         let signed = signature.claimed_entry();
         let matches = signed.kind == ReleaseKind::Agent
@@ -411,6 +444,13 @@ impl Updater {
                 signed.version,
                 signed.archive,
                 signed.platform
+            );
+        }
+        if signed.size > MAX_DOWNLOAD_BYTES {
+            bail!(
+                "the signed archive is {} bytes, above the agent's download cap of \
+                 {MAX_DOWNLOAD_BYTES} bytes",
+                signed.size
             );
         }
         if signed.version <= self.running {
@@ -433,7 +473,8 @@ impl Updater {
     }
 
     // Fetches the archive into the state folder, verifying it as it arrives; returns the
-    // verified archive.
+    // verified archive. Whatever fails, the partial download is removed: a workstation's
+    // disk does not keep what the agent could not use.
     async fn download(
         &self,
         offer: &AgentUpdateOffer,
@@ -445,16 +486,40 @@ impl Updater {
             .await
             .with_context(|| format!("cannot create {}", folder.display()))?;
         let part = folder.join(format!("{}.part", offer.archive));
+        let result = self
+            .download_into(&folder, &part, offer, signature, key)
+            .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&part).await;
+        }
+        result
+    }
+
+    async fn download_into(
+        &self,
+        folder: &Path,
+        part: &Path,
+        offer: &AgentUpdateOffer,
+        signature: &PackageSignature,
+        key: &VendorKey,
+    ) -> anyhow::Result<PathBuf> {
         let url = archive_url(&self.base_url, &offer.path)?;
+        // The size is the vendor's (its signed comment is verified) and within the cap.
+        let have = tokio::fs::metadata(part)
+            .await
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
+        let folder_for_check = folder.to_owned();
+        let needed = offer.size.saturating_sub(have);
+        tokio::task::spawn_blocking(move || crate::disk::ensure_room(&folder_for_check, needed))
+            .await
+            .context("the free space check failed")??;
         let started = Instant::now();
         let mut failures = 0;
         loop {
-            match self.attempt(&url, &part, offer, signature, key).await {
+            match self.attempt(&url, part, offer, signature, key).await {
                 Ok(()) => break,
-                Err(Attempt::Refused(err)) => {
-                    let _ = tokio::fs::remove_file(&part).await;
-                    return Err(err);
-                }
+                Err(Attempt::Refused(err)) => return Err(err),
                 Err(Attempt::ComeBack(after)) => {
                     if started.elapsed() > MAX_QUEUE_WAIT {
                         return Err(TransferGaveUp(format!(
@@ -483,7 +548,7 @@ impl Updater {
             }
         }
         let archive = folder.join(&offer.archive);
-        tokio::fs::rename(&part, &archive)
+        tokio::fs::rename(part, &archive)
             .await
             .with_context(|| format!("cannot move the download to {}", archive.display()))?;
         Ok(archive)
@@ -500,14 +565,16 @@ impl Updater {
         let mut verifier = signature
             .verifier(key, &offer.archive)
             .map_err(|err| Attempt::Refused(err.into()))?;
+        // The signed size, and never more than the cap whatever was signed.
+        let limit = offer.size.min(MAX_DOWNLOAD_BYTES);
         let mut have = match tokio::fs::metadata(part).await {
-            Ok(metadata) if metadata.len() <= offer.size => metadata.len(),
+            Ok(metadata) if metadata.len() <= limit => metadata.len(),
             _ => 0,
         };
         if have > 0 {
             hash_prefix(part, &mut verifier).await?;
         }
-        if have < offer.size {
+        if have < limit {
             let mut request = self.http.get(url.clone());
             if have > 0 {
                 request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
@@ -545,6 +612,15 @@ impl Updater {
                     have = 0;
                 }
             }
+            if let Some(announced) = response.content_length()
+                && announced > limit - have
+            {
+                return Err(Attempt::Refused(anyhow::anyhow!(
+                    "the server announced {announced} bytes for {url}, more than the {} bytes \
+                     left of the signed size",
+                    limit - have
+                )));
+            }
             let mut file = open_part(part, append).await?;
             loop {
                 let chunk = match response.chunk().await {
@@ -555,6 +631,13 @@ impl Updater {
                         return Err(Attempt::Broken(error_chain(&err)));
                     }
                 };
+                // Not a byte beyond the signed size (or the cap) reaches the disk.
+                if chunk.len() as u64 > limit - have {
+                    return Err(Attempt::Refused(anyhow::anyhow!(
+                        "{} grew beyond its signed size of {limit} bytes",
+                        offer.archive
+                    )));
+                }
                 verifier
                     .update(&chunk)
                     .map_err(|err| Attempt::Refused(err.into()))?;
@@ -568,10 +651,9 @@ impl Updater {
                 .sync_data()
                 .await
                 .map_err(|err| local(part, err))?;
-            if have < offer.size {
+            if have < limit {
                 return Err(Attempt::Broken(format!(
-                    "the transfer ended after {have} of {} bytes",
-                    offer.size
+                    "the transfer ended after {have} of {limit} bytes"
                 )));
             }
         }
@@ -582,7 +664,7 @@ impl Updater {
     }
 }
 
-/// The download gave up on the network (what arrived is kept and resumes next time).
+/// The download gave up on the network; the next offer starts it again.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TransferGaveUp(String);
@@ -702,6 +784,7 @@ fn stage(archive: &Path, staging: &Path, version: &str) -> anyhow::Result<()> {
 fn self_check(binary: &Path, version: &str) -> anyhow::Result<()> {
     let mut child = std::process::Command::new(binary)
         .arg("--version")
+        .env_remove(crate::identity::INSTANCE_ENV)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -786,17 +869,24 @@ fn files_under(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Starts the agent binary again in this process, with the same arguments: the agent
-/// that was just put in place. Returns only when that fails.
+/// that was just put in place. It gets this process's instance id
+/// ([`crate::identity::INSTANCE_ENV`]), so the server sees the same agent reconnecting and
+/// not a clone. Returns only when that fails.
 pub fn restart_in_place(exe: &Path) -> std::io::Error {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut command = std::process::Command::new(exe);
+    command.args(&args).env(
+        crate::identity::INSTANCE_ENV,
+        crate::identity::instance_id(),
+    );
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt as _;
-        std::process::Command::new(exe).args(&args).exec()
+        command.exec()
     }
     #[cfg(not(unix))]
     {
-        match std::process::Command::new(exe).args(&args).spawn() {
+        match command.spawn() {
             Ok(_) => std::process::exit(0),
             Err(err) => err,
         }
@@ -893,6 +983,176 @@ mod tests {
                 .as_str(),
             "http://10.0.0.5:7600/agent-updates/a.tar.gz"
         );
+    }
+
+    /// A vendor, a signed 1,000-byte agent archive, and an offer of it from `server_url`.
+    struct SignedOffer {
+        public_key: String,
+        key: VendorKey,
+        signature: PackageSignature,
+        offer: AgentUpdateOffer,
+    }
+
+    fn signed_offer(server_url_path: &str) -> SignedOffer {
+        let pair = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let platform = current_platform();
+        let archive = format!("agent-9.0.0-{platform}.tar.gz");
+        let entry = serde_json::json!({
+            "product": "changeover",
+            "kind": "agent",
+            "version": "9.0.0",
+            "platform": platform,
+            "archive": archive,
+            "size": 1000,
+            "sha256": "ab".repeat(32),
+            "date": "2026-01-01T00:00:00Z",
+        });
+        let signature_text = minisign::sign(
+            None,
+            &pair.sk,
+            &[b'x'; 1000][..],
+            Some(&entry.to_string()),
+            None,
+        )
+        .unwrap()
+        .to_string();
+        let public_key = pair.pk.to_box().unwrap().to_string();
+        let key = VendorKey::decode(&public_key).unwrap();
+        SignedOffer {
+            public_key,
+            key,
+            signature: PackageSignature::decode(&signature_text, &archive).unwrap(),
+            offer: AgentUpdateOffer {
+                version: "9.0.0".to_owned(),
+                platform,
+                archive,
+                size: 1000,
+                sha256: "ab".repeat(32),
+                path: server_url_path.to_owned(),
+                signature: signature_text,
+            },
+        }
+    }
+
+    // An HTTP server that answers every request with `head` and then `body_bytes` bytes.
+    async fn serve_too_much(head: &'static str, body_bytes: usize) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => request.extend_from_slice(&buffer[..read]),
+                        }
+                    }
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&vec![b'x'; body_bytes]).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        address
+    }
+
+    // Downloads the signed offer from `address`; the result and the state folder.
+    async fn download_from(
+        address: std::net::SocketAddr,
+    ) -> (anyhow::Result<PathBuf>, tempfile::TempDir) {
+        let state = tempfile::tempdir().unwrap();
+        let settings = UpdateSettings {
+            policy: Policy::Auto,
+            ask_hook: None,
+            public_key: None,
+            state_dir: state.path().to_owned(),
+            server_url: format!("ws://{address}"),
+            ca_file: None,
+        };
+        let updater = Updater::new(settings, "1.0.0", None).unwrap();
+        let signed = signed_offer("/agent-updates/agent.tar.gz");
+        let result = updater
+            .download(&signed.offer, &signed.signature, &signed.key)
+            .await;
+        (result, state)
+    }
+
+    fn files_in(folder: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(folder)
+            .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_download_announced_beyond_its_signed_size_is_refused_and_removed() {
+        let address = serve_too_much("HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", 5000).await;
+        let (result, state) = download_from(address).await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains("announced 5000 bytes"), "{err}");
+        assert_eq!(
+            files_in(&state.path().join("updates")),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_download_stops_at_the_first_byte_beyond_its_signed_size() {
+        // No length announced: the body simply goes on.
+        let address = serve_too_much("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", 300_000).await;
+        let (result, state) = download_from(address).await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("grew beyond its signed size of 1000 bytes"),
+            "{err}"
+        );
+        assert_eq!(
+            files_in(&state.path().join("updates")),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offer_is_believed_only_once_its_trusted_comment_verifies() {
+        let signed = signed_offer("/agent-updates/agent.tar.gz");
+        let settings = UpdateSettings {
+            policy: Policy::Auto,
+            ask_hook: None,
+            public_key: None,
+            state_dir: PathBuf::from("/nonexistent"),
+            server_url: "ws://127.0.0.1:1".to_owned(),
+            ca_file: None,
+        };
+        let updater = Updater::new(settings, "1.0.0", None).unwrap();
+        let vendor = SignedComment::from_key_text(&signed.public_key).unwrap();
+        assert!(updater.check_offer(&signed.offer, &vendor).is_ok());
+
+        let stranger = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let stranger =
+            SignedComment::from_key_text(&stranger.pk.to_box().unwrap().to_string()).unwrap();
+        let err = updater
+            .check_offer(&signed.offer, &stranger)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another key"), "{err}");
+
+        // A server that writes another size into the signed comment is caught before a
+        // byte is fetched.
+        let forged = AgentUpdateOffer {
+            signature: signed
+                .offer
+                .signature
+                .replace("\"size\":1000", "\"size\":400000000"),
+            size: 400_000_000,
+            ..signed.offer.clone()
+        };
+        assert_ne!(forged.signature, signed.offer.signature);
+        let err = updater
+            .check_offer(&forged, &vendor)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not verify"), "{err}");
     }
 
     #[test]

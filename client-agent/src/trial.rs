@@ -43,10 +43,7 @@ pub struct Failure {
 
 fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).context("cannot encode")?;
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
-        .and_then(|()| std::fs::rename(&temporary, path))
+    crate::files::write_atomically(path, &bytes)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -197,10 +194,15 @@ fn arguments(options: &WatchOptions, detached: bool) -> Vec<OsString> {
 }
 
 /// In the old agent, right before it becomes the new one: starts the watcher (which
-/// detaches itself) and waits for that.
+/// detaches itself) and waits for that. The watcher carries this agent's instance id, so a
+/// previous release it puts back is this instance too.
 pub fn start_watcher(exe: &Path, options: &WatchOptions) -> anyhow::Result<()> {
     let status = std::process::Command::new(exe)
         .args(arguments(options, false))
+        .env(
+            crate::identity::INSTANCE_ENV,
+            crate::identity::instance_id(),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -287,15 +289,25 @@ pub fn watch(options: &WatchOptions) -> anyhow::Result<()> {
     ))
 }
 
+// The previous agent, as the instance the watcher was started for.
+fn previous_agent(binary: &Path, args: &[OsString]) -> std::process::Command {
+    let mut command = std::process::Command::new(binary);
+    command.args(args).env(
+        crate::identity::INSTANCE_ENV,
+        crate::identity::instance_id(),
+    );
+    command
+}
+
 #[cfg(unix)]
 fn exec(binary: &Path, args: &[OsString]) -> std::io::Error {
     use std::os::unix::process::CommandExt as _;
-    std::process::Command::new(binary).args(args).exec()
+    previous_agent(binary, args).exec()
 }
 
 #[cfg(not(unix))]
 fn exec(binary: &Path, args: &[OsString]) -> std::io::Error {
-    match std::process::Command::new(binary).args(args).spawn() {
+    match previous_agent(binary, args).spawn() {
         Ok(_) => std::process::exit(0),
         Err(err) => err,
     }
