@@ -63,8 +63,16 @@ impl Identity {
         Ok(Identity {
             agent_id,
             instance_id: instance_id().to_owned(),
-            user: user.unwrap_or_else(login_name),
-            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            user: within_limit(
+                "user name",
+                user.unwrap_or_else(login_name),
+                changeover_protocol::text::MAX_USER_BYTES,
+            ),
+            host: within_limit(
+                "host name",
+                gethostname::gethostname().to_string_lossy().into_owned(),
+                changeover_protocol::text::MAX_HOST_BYTES,
+            ),
             platform: platform(),
             agent_version: crate::version::running_version(),
             id_file,
@@ -150,6 +158,19 @@ fn shown(id: &str) -> String {
     format!("{cut:?}")
 }
 
+// The server refuses a hello with a longer field; better a shortened name than none.
+fn within_limit(what: &str, text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let cut = changeover_protocol::text::truncate(&text, max).to_owned();
+    tracing::warn!(
+        "the {what} is {} bytes long; the server takes {max}, so it is sent as {cut:?}",
+        text.len()
+    );
+    cut
+}
+
 /// Operating system and architecture, such as `linux-x86_64`.
 pub fn platform() -> String {
     format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
@@ -172,6 +193,15 @@ fn write_new_id(id_file: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_beyond_the_servers_limits_are_shortened_not_refused() {
+        assert_eq!(within_limit("user name", "anna".to_owned(), 256), "anna");
+        let long = "ü".repeat(200);
+        let cut = within_limit("user name", long, 256);
+        assert_eq!(cut.len(), 256);
+        assert!(cut.chars().all(|c| c == 'ü'));
+    }
 
     #[test]
     fn the_agent_id_survives_restarts() {
