@@ -284,12 +284,18 @@ async fn measure_size(
     // 2. The changeover server: fan-out, the slow reader, restart storms.
     let site = Site::install(context, &folder.join("fanout"))?;
     let config = site.layout.config_file();
-    let mut config_text = std::fs::read_to_string(&config)?;
-    config_text.push_str(&format!(
-        "[server]\nheartbeat_secs = {}\n{}",
-        options.heartbeat_secs,
-        crate::fleet::ONE_ADDRESS_FLEET_KEYS
-    ));
+    // The site's config has a [server] table already (the fleet's one-address keys).
+    let config_text = std::fs::read_to_string(&config)?;
+    anyhow::ensure!(
+        config_text.contains("[server]\n"),
+        "{} has no [server] table",
+        config.display()
+    );
+    let config_text = config_text.replacen(
+        "[server]\n",
+        &format!("[server]\nheartbeat_secs = {}\n", options.heartbeat_secs),
+        1,
+    );
     std::fs::write(&config, config_text)?;
     let server = ServerProcess::start_installed_logging(
         &site.server_bin(),
