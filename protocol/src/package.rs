@@ -5,7 +5,9 @@
 //! SHA-256 and signature together, so a download can be verified while it arrives and a
 //! 200 MB release never has to be in memory. Unpacking refuses every entry that could
 //! write outside the target folder or create something other than files, folders and
-//! links inside it.
+//! links inside it, and every link that could lead out of it: a link may only point into
+//! its own folder or below ([`link_target_problem`]), the rule the release packer applies
+//! too.
 //!
 //! This is the one module of the crate that touches the file system: the server's install,
 //! inbox and downloads and the agent's self-update all verify packages the same way.
@@ -50,6 +52,12 @@ pub enum PackageError {
     },
     #[error("the archive entry {path:?} is refused: {reason}")]
     UnsafeEntry { path: String, reason: String },
+    #[error("the archive entry {path:?} is refused: it links to {target:?}, {reason}")]
+    UnsafeLink {
+        path: String,
+        target: String,
+        reason: String,
+    },
     #[error("{what} is a {actual} release, and this installs {expected} releases")]
     WrongKind {
         what: String,
@@ -377,120 +385,190 @@ pub fn verify_manifest(
 
 /// Unpacks a verified `.tar.gz` archive into `target`, which must not exist yet.
 ///
-/// Refused, with nothing left behind: absolute paths, `..`, symlinks or hard links that
-/// point outside `target`, device files, FIFOs and any other special entry.
+/// Refused, with nothing left behind: absolute paths and `..` in entry paths; links whose
+/// target is absolute or holds a `..` (text cannot tell where `b/..` leads once `b` is
+/// itself a link, so no link may climb at all); entries written through, or over, a link
+/// the archive made earlier; hard links to anything but a file unpacked earlier; device
+/// files, FIFOs and any other special entry.
 pub fn unpack(archive: &Path, target: &Path) -> Result<(), PackageError> {
     let what = archive_label(archive);
     std::fs::create_dir(target)
         .map_err(|err| PackageError::io(format!("cannot create {}", target.display()), err))?;
-    let result = unpack_into(archive, target, &what);
+    let result = std::fs::File::open(archive)
+        .map_err(|err| PackageError::io(&what, err))
+        .and_then(|file| unpack_reader(std::io::BufReader::new(file), target, &what));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(target);
     }
     result
 }
 
-fn unpack_into(archive: &Path, target: &Path, what: &str) -> Result<(), PackageError> {
-    let file = File::open(archive).map_err(|err| PackageError::io(what, err))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+// Unpacks a `.tar.gz` stream into the existing folder `target` by the rules of `unpack`,
+// leaving what it unpacked before a refusal for the caller to remove.
+fn unpack_reader(archive: impl Read, target: &Path, what: &str) -> Result<(), PackageError> {
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
     tar.set_preserve_permissions(false);
     tar.set_overwrite(false);
     let entries = tar.entries().map_err(|err| PackageError::io(what, err))?;
-    // Links this archive created: nothing may be written through one, and no link may
-    // point through one, so a chain of links that each look harmless cannot add up to a
-    // way out (`a -> .`, then `a/b -> ..`).
-    let mut links: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
-    let through_link = |links: &std::collections::HashSet<PathBuf>, path: &Path| {
-        path.ancestors()
-            .skip(1)
-            .any(|ancestor| links.contains(ancestor))
-    };
     for entry in entries {
         let mut entry = entry.map_err(|err| PackageError::io(what, err))?;
         let path = entry
             .path()
             .map_err(|err| PackageError::io(what, err))?
             .into_owned();
+        check_entry(&mut entry, &path, target, what)?;
         let shown = path.display().to_string();
-        let unsafe_entry = |reason: &str| PackageError::UnsafeEntry {
-            path: shown.clone(),
-            reason: reason.to_owned(),
-        };
-        let relative = normal_relative(&path).ok_or_else(|| {
-            unsafe_entry("absolute paths and \"..\" could write outside the install folder")
-        })?;
-        if through_link(&links, &relative) || links.contains(&relative) {
-            return Err(unsafe_entry(
-                "it would be written through a link the archive made",
-            ));
-        }
-        let kind = entry.header().entry_type();
-        match kind {
-            tar::EntryType::Regular | tar::EntryType::GNUSparse | tar::EntryType::Directory => {}
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .map_err(|err| PackageError::io(what, err))?
-                    .ok_or_else(|| unsafe_entry("a link without a target"))?;
-                let resolved = if kind == tar::EntryType::Symlink {
-                    // Relative to the link's own folder.
-                    let base = relative.parent().unwrap_or(Path::new(""));
-                    if link.is_absolute() {
-                        None
-                    } else {
-                        normal_relative(&base.join(&link))
-                    }
-                } else {
-                    // Hard links name a path inside the archive.
-                    normal_relative(&link)
-                };
-                let stays_inside = resolved
-                    .as_ref()
-                    .is_some_and(|resolved| !through_link(&links, resolved));
-                if !stays_inside {
-                    return Err(unsafe_entry(&format!(
-                        "it links to {} outside the install folder",
-                        link.display()
-                    )));
-                }
-            }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                return Err(unsafe_entry("device files are never part of a release"));
-            }
-            tar::EntryType::Fifo => return Err(unsafe_entry("FIFOs are never part of a release")),
-            other => {
-                return Err(unsafe_entry(&format!("unsupported entry type {other:?}")));
-            }
-        }
-        if kind == tar::EntryType::Symlink {
-            links.insert(relative.clone());
-        }
         let unpacked = entry
             .unpack_in(target)
             .map_err(|err| PackageError::io(format!("{what}: {shown}"), err))?;
         if !unpacked {
-            return Err(unsafe_entry(
-                "it would be written outside the install folder",
-            ));
+            return Err(PackageError::UnsafeEntry {
+                path: shown,
+                reason: "it would be written outside the install folder".to_owned(),
+            });
         }
     }
     Ok(())
 }
 
-/// The path with `.` removed, if it is relative and never climbs above its start.
-fn normal_relative(path: &Path) -> Option<PathBuf> {
-    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => parts.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                parts.pop()?;
+// Decides on one entry before anything of it is written, against what the archive has
+// unpacked into `target` so far.
+fn check_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    path: &Path,
+    target: &Path,
+    what: &str,
+) -> Result<(), PackageError> {
+    let shown = path.display().to_string();
+    let unsafe_entry = |reason: String| PackageError::UnsafeEntry {
+        path: shown.clone(),
+        reason,
+    };
+    let relative = plain_relative(path).ok_or_else(|| {
+        unsafe_entry("absolute paths and \"..\" could write outside the install folder".into())
+    })?;
+    // On disk, not from the archive's own list: a hard link to a link, or a name that
+    // differs only in case on a case-insensitive file system, is a link all the same.
+    if let Some(link) = first_link_on_path(target, &relative) {
+        let reason = if link == relative {
+            format!(
+                "it would replace the link {:?} that the archive made earlier",
+                link.display().to_string()
+            )
+        } else {
+            format!(
+                "it would be written through the link {:?} that the archive made earlier",
+                link.display().to_string()
+            )
+        };
+        return Err(unsafe_entry(reason));
+    }
+    let kind = entry.header().entry_type();
+    match kind {
+        tar::EntryType::Regular | tar::EntryType::GNUSparse | tar::EntryType::Directory => Ok(()),
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let link = entry
+                .link_name()
+                .map_err(|err| PackageError::io(what, err))?
+                .ok_or_else(|| unsafe_entry("a link without a target".into()))?
+                .into_owned();
+            let unsafe_link = |reason: String| PackageError::UnsafeLink {
+                path: shown.clone(),
+                target: link.display().to_string(),
+                reason,
+            };
+            if let Some(reason) = link_target_problem(&link) {
+                return Err(unsafe_link(reason.to_owned()));
             }
-            Component::RootDir | Component::Prefix(_) => return None,
+            if kind == tar::EntryType::Link {
+                // A hard link names another entry of the archive by its own path.
+                let linked = plain_relative(&link).unwrap_or_default();
+                if let Some(through) = first_link_on_path(target, &linked) {
+                    let reason = if through == linked {
+                        "which is a link, not a file the archive unpacked earlier".to_owned()
+                    } else {
+                        format!(
+                            "reached through the link {:?}; a hard link must name a file the \
+                             archive unpacked earlier",
+                            through.display().to_string()
+                        )
+                    };
+                    return Err(unsafe_link(reason));
+                }
+                let is_file = std::fs::symlink_metadata(target.join(&linked))
+                    .is_ok_and(|metadata| metadata.is_file());
+                if !is_file {
+                    return Err(unsafe_link(
+                        "which is not a file the archive unpacked earlier".to_owned(),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        tar::EntryType::Char | tar::EntryType::Block => Err(unsafe_entry(
+            "device files are never part of a release".into(),
+        )),
+        tar::EntryType::Fifo => Err(unsafe_entry("FIFOs are never part of a release".into())),
+        other => Err(unsafe_entry(format!("unsupported entry type {other:?}"))),
+    }
+}
+
+/// Why a link with this target may not be part of a release, if it may not: release
+/// packing and unpacking apply the same rule.
+///
+/// A link may only point into its own folder or below: relative, without `..`. Text
+/// cannot tell where `..` leads once some folder on the way is itself a link (`b -> .`,
+/// then `a -> b/..` is `a -> ..`), so no link may climb at all.
+pub fn link_target_problem(target: &Path) -> Option<&'static str> {
+    if target.as_os_str().is_empty() {
+        return Some("an empty target");
+    }
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => {
+                return Some(
+                    "an absolute target, outside the install folder; links in a release must \
+                     be relative",
+                );
+            }
+            Component::ParentDir => {
+                return Some(
+                    "a target with \"..\", which could lead outside the install folder; links \
+                     in a release may only point into their own folder or below",
+                );
+            }
+            Component::CurDir | Component::Normal(_) => {}
         }
     }
-    Some(parts.iter().collect())
+    None
+}
+
+/// The first part of `root/relative` that is a symbolic link on disk, the last part
+/// included, as a path relative to `root`.
+pub fn first_link_on_path(root: &Path, relative: &Path) -> Option<PathBuf> {
+    let mut partial = PathBuf::new();
+    for part in relative.components() {
+        partial.push(part);
+        let is_link = std::fs::symlink_metadata(root.join(&partial))
+            .is_ok_and(|metadata| metadata.file_type().is_symlink());
+        if is_link {
+            return Some(partial);
+        }
+    }
+    None
+}
+
+/// The path with `.` removed, if it is relative and has no `..`.
+fn plain_relative(path: &Path) -> Option<PathBuf> {
+    let mut plain = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => plain.push(part),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(plain)
 }
 
 #[cfg(test)]
@@ -498,33 +576,89 @@ mod tests {
     use super::*;
 
     #[test]
-    fn relative_paths_that_climb_out_are_caught() {
+    fn entry_paths_that_are_absolute_or_climb_are_caught() {
         assert_eq!(
-            normal_relative(Path::new("bin/x")),
+            plain_relative(Path::new("./bin/x")),
             Some(PathBuf::from("bin/x"))
         );
-        assert_eq!(
-            normal_relative(Path::new("./bin/../lib/x")),
-            Some(PathBuf::from("lib/x"))
-        );
-        assert_eq!(normal_relative(Path::new("../x")), None);
-        assert_eq!(normal_relative(Path::new("bin/../../x")), None);
-        assert_eq!(normal_relative(Path::new("/etc/passwd")), None);
+        assert_eq!(plain_relative(Path::new("../x")), None);
+        assert_eq!(plain_relative(Path::new("bin/../lib/x")), None);
+        assert_eq!(plain_relative(Path::new("/etc/passwd")), None);
     }
 
-    fn archive_with(dir: &Path, entries: &[(tar::EntryType, &str, Option<&str>)]) -> PathBuf {
+    #[test]
+    fn link_targets_may_only_point_down() {
+        for harmless in ["libfoo.so.1", "./libfoo.so.1", "sub/dir/file", "."] {
+            assert_eq!(link_target_problem(Path::new(harmless)), None, "{harmless}");
+        }
+        for refused in ["", "..", "b/..", "a/../b", "/etc/passwd", "/"] {
+            assert!(
+                link_target_problem(Path::new(refused)).is_some(),
+                "{refused:?} accepted"
+            );
+        }
+    }
+
+    /// One archive entry; `contents` only for regular files.
+    struct Raw<'a> {
+        kind: tar::EntryType,
+        path: &'a str,
+        link: Option<&'a str>,
+        contents: &'a [u8],
+    }
+
+    fn file<'a>(path: &'a str, contents: &'a [u8]) -> Raw<'a> {
+        Raw {
+            kind: tar::EntryType::Regular,
+            path,
+            link: None,
+            contents,
+        }
+    }
+
+    fn folder(path: &str) -> Raw<'_> {
+        Raw {
+            kind: tar::EntryType::Directory,
+            path,
+            link: None,
+            contents: b"",
+        }
+    }
+
+    fn symlink<'a>(path: &'a str, link: &'a str) -> Raw<'a> {
+        Raw {
+            kind: tar::EntryType::Symlink,
+            path,
+            link: Some(link),
+            contents: b"",
+        }
+    }
+
+    fn hard_link<'a>(path: &'a str, link: &'a str) -> Raw<'a> {
+        Raw {
+            kind: tar::EntryType::Link,
+            path,
+            link: Some(link),
+            contents: b"",
+        }
+    }
+
+    // Headers written byte by byte: the tar crate's builder refuses the hostile paths
+    // these tests need.
+    fn archive_with(dir: &Path, entries: &[Raw<'_>]) -> PathBuf {
         let mut builder = tar::Builder::new(Vec::new());
-        for (kind, path, link) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(*kind);
-            header.set_mode(0o755);
-            header.set_size(0);
-            if let Some(link) = link {
-                header.set_link_name(link).unwrap();
+        for entry in entries {
+            let mut header = tar::Header::new_old();
+            let old = header.as_old_mut();
+            old.name[..entry.path.len()].copy_from_slice(entry.path.as_bytes());
+            if let Some(link) = entry.link {
+                old.linkname[..link.len()].copy_from_slice(link.as_bytes());
             }
-            builder
-                .append_data(&mut header, path, std::io::empty())
-                .unwrap();
+            header.set_entry_type(entry.kind);
+            header.set_mode(0o755);
+            header.set_size(entry.contents.len() as u64);
+            header.set_cksum();
+            builder.append(&header, entry.contents).unwrap();
         }
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut encoder, &builder.into_inner().unwrap()).unwrap();
@@ -533,37 +667,142 @@ mod tests {
         archive
     }
 
-    #[test]
-    fn a_chain_of_links_cannot_lead_outside() {
+    /// Unpacks into `dir/root/target`; returns the error's text and checks that nothing
+    /// is left, neither in the target nor beside it.
+    fn refused(entries: &[Raw<'_>]) -> (PackageError, String) {
         let dir = tempfile::tempdir().unwrap();
-        let archive = archive_with(
-            dir.path(),
-            &[
-                (tar::EntryType::Symlink, "l1", Some(".")),
-                (tar::EntryType::Symlink, "l1/l2", Some("..")),
-            ],
-        );
-        let err = unpack(&archive, &dir.path().join("target")).unwrap_err();
-        assert!(err.to_string().contains("through a link"), "{err}");
-        assert!(!dir.path().join("target").exists());
+        let archive = archive_with(dir.path(), entries);
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let err = unpack(&archive, &root.join("target")).unwrap_err();
+        let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?} left behind after: {err}");
+        let text = err.to_string();
+        (err, text)
     }
 
     #[test]
-    fn links_that_stay_inside_are_kept() {
+    fn a_chain_of_links_that_adds_up_to_a_way_out_is_refused() {
+        // `b -> .` is harmless alone; `a -> b/..` looks like `a -> .` as text but is `..`
+        // on disk, because `b` is a link.
+        let (err, text) = refused(&[
+            file("bin/changeover-server", b"#!/bin/sh\n"),
+            symlink("b", "."),
+            symlink("a", "b/.."),
+        ]);
+        assert!(
+            matches!(&err, PackageError::UnsafeLink { path, target, .. }
+                if path == "a" && target == "b/.."),
+            "{err:?}"
+        );
+        assert!(text.contains("\"a\"") && text.contains("\"..\""), "{text}");
+    }
+
+    #[test]
+    fn absolute_link_targets_are_refused() {
+        for kind in [tar::EntryType::Symlink, tar::EntryType::Link] {
+            let (err, text) = refused(&[Raw {
+                kind,
+                path: "bin/passwd",
+                link: Some("/etc/passwd"),
+                contents: b"",
+            }]);
+            assert!(matches!(err, PackageError::UnsafeLink { .. }), "{err:?}");
+            assert!(
+                text.contains("\"bin/passwd\"") && text.contains("absolute"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn link_targets_with_dot_dot_are_refused_even_when_they_stay_inside() {
+        for target in ["../lib/libfoo.so", "x/../libfoo.so", ".."] {
+            let (err, text) = refused(&[
+                file("lib/libfoo.so", b"elf"),
+                symlink("lib/sub/libfoo.so", target),
+            ]);
+            assert!(matches!(err, PackageError::UnsafeLink { .. }), "{err:?}");
+            assert!(
+                text.contains("lib/sub/libfoo.so") && text.contains("\"..\""),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_through_or_over_a_link_made_earlier() {
+        let (err, text) = refused(&[symlink("l1", "."), symlink("l1/l2", "..")]);
+        assert!(matches!(err, PackageError::UnsafeEntry { .. }), "{err:?}");
+        assert!(
+            text.contains("\"l1/l2\"") && text.contains("through the link \"l1\""),
+            "{text}"
+        );
+
+        // A link into a folder of the release is still a link: nothing goes through it.
+        let (_, text) = refused(&[
+            folder("data"),
+            symlink("shortcut", "data"),
+            file("shortcut/config.toml", b"evil = true\n"),
+        ]);
+        assert!(text.contains("through the link \"shortcut\""), "{text}");
+
+        let (_, text) = refused(&[
+            file("lib/libfoo.so.1", b"elf"),
+            symlink("lib/libfoo.so", "libfoo.so.1"),
+            file("lib/libfoo.so", b"replaced"),
+        ]);
+        assert!(
+            text.contains("replace the link \"lib/libfoo.so\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hard_links_only_name_files_unpacked_earlier() {
+        let (_, text) = refused(&[hard_link("bin/evil", "../../etc/passwd")]);
+        assert!(text.contains("outside the install folder"), "{text}");
+
+        // Through a link the archive made, or to a link: refused, though both stay inside.
+        let (_, text) = refused(&[
+            file("data/file", b"x"),
+            symlink("shortcut", "data"),
+            hard_link("copy", "shortcut/file"),
+        ]);
+        assert!(text.contains("through the link \"shortcut\""), "{text}");
+        let (_, text) = refused(&[symlink("b", "."), hard_link("c", "b")]);
+        assert!(
+            text.contains("not a file the archive unpacked earlier"),
+            "{text}"
+        );
+        let (_, text) = refused(&[hard_link("early", "later"), file("later", b"x")]);
+        assert!(text.contains("\"early\""), "{text}");
+    }
+
+    #[test]
+    fn links_that_point_down_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let archive = archive_with(
             dir.path(),
             &[
-                (tar::EntryType::Directory, "lib", None),
-                (tar::EntryType::Regular, "lib/libx.so.1", None),
-                (tar::EntryType::Symlink, "lib/libx.so", Some("libx.so.1")),
+                folder("lib"),
+                file("lib/libfoo.so.1", b"elf"),
+                symlink("lib/libfoo.so", "libfoo.so.1"),
+                symlink("lib/current", "."),
+                symlink("bin", "lib"),
+                hard_link("lib/libfoo.so.1.0", "lib/libfoo.so.1"),
             ],
         );
         let target = dir.path().join("target");
         unpack(&archive, &target).unwrap();
         assert_eq!(
-            std::fs::read_link(target.join("lib/libx.so")).unwrap(),
-            Path::new("libx.so.1")
+            std::fs::read_link(target.join("lib/libfoo.so")).unwrap(),
+            Path::new("libfoo.so.1")
+        );
+        assert_eq!(std::fs::read(target.join("lib/libfoo.so")).unwrap(), b"elf");
+        assert_eq!(
+            std::fs::read(target.join("bin/libfoo.so.1.0")).unwrap(),
+            b"elf"
         );
     }
 }

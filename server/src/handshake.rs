@@ -91,7 +91,11 @@ where
 
 type ParsedHead = (http::Request<()>, usize);
 
-fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, String> {
+/// Parses the request head at the start of `buffer`: the request and the head's length in
+/// bytes (what follows it is the peer's first frame), `None` while the head is incomplete,
+/// or why the bytes are not an HTTP request. Public for the property tests and the fuzzer;
+/// it never panics, whatever the bytes.
+pub fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(buffer) {

@@ -174,7 +174,23 @@ fn tidy_before_install(before: &Path) {
 
 // Copies every file of `from` into `to`, each synced; files already in `to` from the
 // release are replaced, because the site's own settings win over a release's defaults.
+// Nothing is written through a link the release made (its links are checked by
+// `package::unpack` and may only point down, but through one a site's file could land on
+// a release file of another name): a release file that is a link is replaced like any
+// other, a release folder that is a link is refused. The site's own links are copied as
+// they are: they were the admin's before the install, wherever they point.
 fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let is_link = |path: &Path| {
+        std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_symlink())
+    };
+    if is_link(to) {
+        bail!(
+            "cannot carry {} into the release: the release's {} is a link, and the site's \
+             files are never written through one",
+            from.display(),
+            to.display()
+        );
+    }
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     for item in
         std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
@@ -193,6 +209,11 @@ fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
             #[cfg(not(unix))]
             let _ = link;
         } else {
+            if is_link(&target) {
+                std::fs::remove_file(&target).with_context(|| {
+                    format!("cannot replace the release's link {}", target.display())
+                })?;
+            }
             std::fs::copy(item.path(), &target)
                 .with_context(|| format!("cannot copy {}", item.path().display()))?;
             std::fs::File::open(&target)

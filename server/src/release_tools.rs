@@ -346,10 +346,11 @@ fn write_archive(from: &Path, info: &ReleaseInfo, target: &Path) -> anyhow::Resu
         if file_type.is_symlink() {
             let target = std::fs::read_link(item.path())
                 .with_context(|| format!("cannot read the link {}", item.path().display()))?;
-            let inside = relative.parent().unwrap_or(Path::new("")).join(&target);
-            if target.is_absolute() || !stays_inside(&inside) {
+            // The installer's own rule, so a release that packs also unpacks.
+            if let Some(problem) = package::link_target_problem(&target) {
                 bail!(
-                    "{} links to {} outside the release; installs would refuse it",
+                    "{} links to {}, {problem}; installs would refuse it (make the link \
+                     relative without \"..\", or put a copy of the file there)",
                     item.path().display(),
                     target.display()
                 );
@@ -373,22 +374,6 @@ fn write_archive(from: &Path, info: &ReleaseInfo, target: &Path) -> anyhow::Resu
         .sync_all()
         .context("cannot write the archive")?;
     Ok(())
-}
-
-fn stays_inside(path: &Path) -> bool {
-    let mut depth = 0i32;
-    for component in path.components() {
-        match component {
-            std::path::Component::Normal(_) => depth += 1,
-            std::path::Component::ParentDir => depth -= 1,
-            std::path::Component::CurDir => {}
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
 }
 
 fn size_and_sha256(path: &Path) -> anyhow::Result<(u64, String)> {
@@ -554,6 +539,40 @@ mod tests {
         let packed = pack(&with_password).unwrap();
         let key = VendorKey::from_file(&public).unwrap();
         assert!(verify_archive(&packed.archive, &key).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_that_could_lead_outside_are_not_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, _) = keys(dir.path(), None);
+        let tree = release_tree(dir.path(), "binary");
+        // The chain: `b -> .` is harmless alone, `a -> b/..` leads out of the release.
+        std::os::unix::fs::symlink(".", tree.join("b")).unwrap();
+        std::os::unix::fs::symlink("b/..", tree.join("a")).unwrap();
+        let err = pack(&pack_options(dir.path(), &tree, &secret, "1.0.0")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("links to b/..") && text.contains("\"..\""),
+            "{text}"
+        );
+        std::fs::remove_file(tree.join("a")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", tree.join("a")).unwrap();
+        let err = pack(&pack_options(dir.path(), &tree, &secret, "1.0.0")).unwrap_err();
+        assert!(format!("{err:#}").contains("absolute"), "{err:#}");
+
+        // A link that points down packs and unpacks as a link.
+        std::fs::remove_file(tree.join("a")).unwrap();
+        std::fs::create_dir_all(tree.join("lib")).unwrap();
+        std::fs::write(tree.join("lib/libfoo.so.1"), "elf").unwrap();
+        std::os::unix::fs::symlink("libfoo.so.1", tree.join("lib/libfoo.so")).unwrap();
+        let packed = pack(&pack_options(dir.path(), &tree, &secret, "1.0.0")).unwrap();
+        let target = dir.path().join("unpacked");
+        package::unpack(&packed.archive, &target).unwrap();
+        assert_eq!(
+            std::fs::read_link(target.join("lib/libfoo.so")).unwrap(),
+            Path::new("libfoo.so.1")
+        );
     }
 
     #[test]
