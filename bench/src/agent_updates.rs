@@ -1035,7 +1035,10 @@ mod tests {
     fn the_product_config_names_only_the_cap_and_the_fleets_one_address() {
         let config = product_config(8);
         assert!(config.contains("[agent_updates]\nmax_transfers = 8\n"));
-        assert!(config.contains(crate::fleet::ONE_ADDRESS_FLEET_KEYS), "{config}");
+        assert!(
+            config.contains(crate::fleet::ONE_ADDRESS_FLEET_KEYS),
+            "{config}"
+        );
         assert_eq!(config.lines().filter(|line| line.contains('=')).count(), 3);
         changeover_server::config::Config::parse(&config).expect("a valid config");
     }
