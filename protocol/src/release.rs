@@ -44,11 +44,21 @@ impl ReleaseKind {
         }
     }
 
-    /// The executable inside a release of this kind, relative to its root.
+    /// The executable inside a release of this kind built for this platform, relative to
+    /// its root.
     pub fn binary_path(self) -> &'static str {
-        match self {
-            ReleaseKind::Server => "bin/changeover-server",
-            ReleaseKind::Agent => "bin/changeover-agent",
+        self.binary_path_for(std::env::consts::OS)
+    }
+
+    /// The executable inside a release of this kind for the operating system `os` (the
+    /// first part of a platform such as `windows-x86_64`): `.exe` on Windows.
+    pub fn binary_path_for(self, os: &str) -> &'static str {
+        let windows = os == "windows" || os.starts_with("windows-");
+        match (self, windows) {
+            (ReleaseKind::Server, false) => "bin/changeover-server",
+            (ReleaseKind::Agent, false) => "bin/changeover-agent",
+            (ReleaseKind::Server, true) => "bin/changeover-server.exe",
+            (ReleaseKind::Agent, true) => "bin/changeover-agent.exe",
         }
     }
 }
@@ -205,6 +215,18 @@ pub fn current_platform() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_releases_hold_exe_files() {
+        assert_eq!(
+            ReleaseKind::Server.binary_path_for("windows-x86_64"),
+            "bin/changeover-server.exe"
+        );
+        assert_eq!(
+            ReleaseKind::Agent.binary_path_for("linux-x86_64"),
+            "bin/changeover-agent"
+        );
+    }
 
     fn entry(kind: ReleaseKind, version: &str) -> PackageEntry {
         let version: semver::Version = version.parse().unwrap();

@@ -60,7 +60,6 @@ pub async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     println!("order book {version} on http://{address}/ with {count} orders");
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -71,8 +70,7 @@ pub async fn run() -> anyhow::Result<()> {
                     eprintln!("request failed: {err:#}");
                 }
             }
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = crate::platform::stop_signal() => break,
         }
     }
     println!("order book {version} stopped; every order is on disk");

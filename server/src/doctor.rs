@@ -252,7 +252,6 @@ fn examine_locally(root: &Path, name: &str) -> LocalResult {
     let (install, installed_version) = check_install(&layout);
     findings.push(install);
     findings.push(check_binary_location(&layout));
-    #[cfg(unix)]
     findings.push(check_user(&layout));
     findings.push(check_rights(root));
     findings.push(check_execute(root));
@@ -494,6 +493,21 @@ fn check_user(layout: &Layout) -> Finding {
     }
 }
 
+/// On Windows the service runs as its own account (LocalSystem unless changed), which has
+/// rights of its own.
+#[cfg(windows)]
+fn check_user(layout: &Layout) -> Finding {
+    Finding::ok(
+        CHECK_USER,
+        format!(
+            "running as {}; the checks below hold for this account; the service's account \
+             (see `sc qc changeover-{}`) needs the same rights",
+            user_name(),
+            layout.name()
+        ),
+    )
+}
+
 fn check_rights(root: &Path) -> Finding {
     match preflight::check_rights(root) {
         Ok(()) => Finding::ok(
@@ -543,7 +557,6 @@ fn user_name() -> String {
 /// Writes a tiny executable into the product folder and runs it: what a changeover does
 /// with the new release, and what `noexec` mounts and antivirus software break even when
 /// every permission is right.
-#[cfg(unix)]
 fn check_execute(root: &Path) -> Finding {
     let probe_dir = root.join(format!(".changeover-doctor-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&probe_dir);
@@ -623,16 +636,6 @@ fn check_execute(root: &Path) -> Finding {
     }
 }
 
-#[cfg(not(unix))]
-fn check_execute(_root: &Path) -> Finding {
-    Finding::warning(
-        CHECK_EXECUTE,
-        "running a new executable is not probed on this system",
-        "make sure the antivirus software has an exception for the product folder",
-    )
-}
-
-#[cfg(unix)]
 enum ProbeError {
     Setup(anyhow::Error),
     Refused(std::io::Error),
@@ -641,21 +644,8 @@ enum ProbeError {
     TimedOut,
 }
 
-#[cfg(unix)]
 fn run_probe(probe_dir: &Path) -> Result<(), ProbeError> {
-    use anyhow::Context as _;
-    use std::os::unix::fs::PermissionsExt as _;
-
-    let executable = probe_dir.join("probe");
-    (|| {
-        std::fs::create_dir_all(probe_dir)
-            .with_context(|| format!("cannot create {}", probe_dir.display()))?;
-        std::fs::write(&executable, "#!/bin/sh\nexit 0\n")
-            .with_context(|| format!("cannot write {}", executable.display()))?;
-        std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot make {} executable", executable.display()))
-    })()
-    .map_err(ProbeError::Setup)?;
+    let executable = write_probe(probe_dir).map_err(ProbeError::Setup)?;
 
     let mut child = spawn_fresh_executable(&executable).map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => ProbeError::Vanished,
@@ -677,14 +667,66 @@ fn run_probe(probe_dir: &Path) -> Result<(), ProbeError> {
     }
 }
 
+/// A shell script that exits 0.
+#[cfg(unix)]
+fn write_probe(probe_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let executable = probe_dir.join("probe");
+    std::fs::create_dir_all(probe_dir)
+        .with_context(|| format!("cannot create {}", probe_dir.display()))?;
+    std::fs::write(&executable, "#!/bin/sh\nexit 0\n")
+        .with_context(|| format!("cannot write {}", executable.display()))?;
+    std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", executable.display()))?;
+    Ok(executable)
+}
+
+/// A copy of this program (with the DLLs beside it), run as `probe.exe --version`, then
+/// renamed: what antivirus software watching for new executables reacts to, and what the
+/// service account must be allowed to do with a release's files (the seed's failure
+/// article).
+#[cfg(windows)]
+fn write_probe(probe_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+
+    let me = std::env::current_exe().context("cannot find this program")?;
+    std::fs::create_dir_all(probe_dir)
+        .with_context(|| format!("cannot create {}", probe_dir.display()))?;
+    if let Some(folder) = me.parent()
+        && let Ok(entries) = std::fs::read_dir(folder)
+    {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path
+                .extension()
+                .is_some_and(|ext| ext.eq_ignore_ascii_case("dll"))
+            {
+                let _ = std::fs::copy(&path, probe_dir.join(entry.file_name()));
+            }
+        }
+    }
+    let written = probe_dir.join("probe-new.exe");
+    std::fs::copy(&me, &written)
+        .with_context(|| format!("cannot write the executable {}", written.display()))?;
+    let executable = probe_dir.join("probe.exe");
+    crate::platform::rename_with_retries(&written, &executable)
+        .with_context(|| format!("cannot rename the executable {}", written.display()))?;
+    Ok(executable)
+}
+
 /// Spawns a file just written. Another thread forking while it was open for writing keeps
 /// a write handle alive in that child until it execs, and the kernel refuses to run a file
 /// open for writing ("text file busy"), so that is retried briefly.
-#[cfg(unix)]
 fn spawn_fresh_executable(executable: &Path) -> std::io::Result<std::process::Child> {
     let mut attempts = 0;
     loop {
-        let spawned = std::process::Command::new(executable)
+        let mut command = std::process::Command::new(executable);
+        if cfg!(windows) {
+            command.arg("--version");
+        }
+        let spawned = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -697,6 +739,11 @@ fn spawn_fresh_executable(executable: &Path) -> std::io::Result<std::process::Ch
             other => return other,
         }
     }
+}
+
+#[cfg(windows)]
+fn mounted_noexec(_path: &Path) -> bool {
+    false
 }
 
 #[cfg(unix)]
@@ -800,14 +847,31 @@ fn check_swap(layout: &Layout, carry_paths: &[String]) -> Finding {
     )
 }
 
-#[cfg(not(unix))]
-fn check_swap(layout: &Layout, _carry_paths: &[String]) -> Finding {
-    Finding::ok(
+/// On Windows a folder with a file open in it cannot be renamed: files in the install that
+/// another program holds open (an antivirus scan, a backup tool, an editor) are named.
+#[cfg(windows)]
+fn check_swap(layout: &Layout, carry_paths: &[String]) -> Finding {
+    let install = layout.install_dir();
+    let held = crate::changeover::preflight::held_files(&install, carry_paths);
+    if held.is_empty() {
+        return Finding::ok(
+            CHECK_SWAP,
+            format!(
+                "no file in {} is held open by another program",
+                install.display()
+            ),
+        );
+    }
+    let named: Vec<String> = held.iter().map(|path| path.display().to_string()).collect();
+    Finding::blocker(
         CHECK_SWAP,
         format!(
-            "only the rights probe in {} is checked on this system",
-            layout.root().display()
+            "files in the install are held open by another program, so the release folder \
+             could not be renamed: {}",
+            name_some(&named)
         ),
+        "close the program holding them (Resource Monitor, CPU tab, \"Associated Handles\", \
+         finds it), or exclude the product folder from the antivirus and backup software",
     )
 }
 

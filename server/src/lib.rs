@@ -92,8 +92,12 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
         Err(_) => Config::default(),
     };
     let address = options.listen.unwrap_or(config.server.listen);
-    let tcp = listener::bind_std(address, config.server.listen_backlog)
-        .with_context(|| format!("cannot listen on {address}"))?;
+    let tcp = listener::bind_std_with_patience(
+        address,
+        config.server.listen_backlog,
+        platform::BIND_PATIENCE,
+    )
+    .with_context(|| format!("cannot listen on {address}"))?;
     Ok(tcp)
 }
 
@@ -150,7 +154,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     let resume = changeover::recovery::recover(&layout, &journal_files, &server_version)?;
     if let Resume::Restart(binary) = &resume {
         info!(binary = %binary.display(), "handing over to the installed release");
-        let err = platform::reexec(binary, &restart_args, &std_listener);
+        let err = platform::reexec(binary, &restart_args, Some(&std_listener));
         anyhow::bail!("cannot start {}: {err}", binary.display());
     }
 
@@ -343,7 +347,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                         .context("the listening socket is gone")?
                         .into_std()
                         .context("cannot take the listening socket back")?;
-                    let err = platform::reexec(&binary, &restart_args, &tcp);
+                    let err = platform::reexec(&binary, &restart_args, Some(&tcp));
                     anyhow::bail!(
                         "cannot start the previous release {}: {err}",
                         binary.display()
@@ -490,18 +494,5 @@ async fn check_feed_periodically(
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot watch Ctrl-C")?;
-    Ok(())
+    platform::wait_for_stop_request().await
 }

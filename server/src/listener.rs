@@ -40,11 +40,32 @@ pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 /// [`bind`] without a runtime: the socket for `open_listener`, made before the runtime.
 pub fn bind_std(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    // On Unix this only lets a restart bind past connections in TIME_WAIT; on Windows it
+    // would let a second server bind the same port while the first still listens.
+    #[cfg(unix)]
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
+}
+
+/// [`bind_std`], retried while the address is in use for up to `patience`: on Windows the
+/// next release starts while the previous process is still letting the port go.
+pub fn bind_std_with_patience(
+    address: SocketAddr,
+    backlog: u32,
+    patience: Duration,
+) -> io::Result<std::net::TcpListener> {
+    let started = std::time::Instant::now();
+    loop {
+        match bind_std(address, backlog) {
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse && started.elapsed() < patience => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The WebSocket settings of every server connection: small buffers, so an idle

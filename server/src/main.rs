@@ -81,6 +81,31 @@ enum Command {
         #[arg(last = true)]
         run_args: Vec<std::ffi::OsString>,
     },
+    /// The swap on Windows, run by a changeover from a copy of the new binary in the state
+    /// folder: waits for the old server to end, exchanges the releases, starts the new one
+    /// and waits for its verdict, rolling back without one.
+    #[command(hide = true)]
+    SwapHelper {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        changeover: String,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        patience_secs: u64,
+        /// The Windows service the server runs as.
+        #[arg(long)]
+        service: Option<String>,
+        /// How the server is run (`run --root …`).
+        #[arg(last = true)]
+        run_args: Vec<std::ffi::OsString>,
+    },
+    /// Register the server as a Windows service, or remove it (Windows only).
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Run every preflight check against an installed server and its feed without changing
     /// anything; say what would fail and how to fix it. Exit 1 if a changeover would fail.
     Doctor {
@@ -111,6 +136,38 @@ enum Command {
         /// Address to listen on [default: server.listen from the config, 127.0.0.1:7600].
         #[arg(long)]
         listen: Option<SocketAddr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Register DIR/NAME's server as the service `changeover-NAME`, started with the
+    /// machine and restarted by the service manager when it crashes.
+    Install {
+        /// The product folder.
+        #[arg(long)]
+        root: PathBuf,
+        /// Which application install in the product folder.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
+    },
+    /// Stop the service `changeover-NAME` and remove it; the install stays.
+    Uninstall {
+        /// The product folder.
+        #[arg(long)]
+        root: PathBuf,
+        /// Which application install in the product folder.
+        #[arg(long, default_value = changeover_server::layout::INSTALL_DIR_NAME)]
+        name: String,
+    },
+    /// Start a service again once the process `--after-pid` has ended (used by a server
+    /// that hands over to another release while it runs as the service).
+    #[command(hide = true)]
+    Restart {
+        #[arg(long)]
+        service_name: String,
+        #[arg(long)]
+        after_pid: u32,
     },
 }
 
@@ -177,14 +234,52 @@ fn main() -> ExitCode {
             let options = changeover_server::RunOptions { root, name, listen };
             // The socket comes first, before the runtime opens its own descriptors, so it
             // is descriptor 3 and can be handed over to the next release in place.
-            changeover_server::layout::check_install_name(&options.name)
-                .and_then(|()| changeover_server::open_listener(&options))
-                .and_then(|listener| {
-                    tokio::runtime::Runtime::new()
-                        .context("cannot start the async runtime")?
-                        .block_on(changeover_server::run(options, listener))
-                })
+            changeover_server::layout::check_install_name(&options.name).and_then(|()| {
+                changeover_server::service::run_under_any_manager(
+                    &options.name.clone(),
+                    move || {
+                        let listener = changeover_server::open_listener(&options)?;
+                        tokio::runtime::Runtime::new()
+                            .context("cannot start the async runtime")?
+                            .block_on(changeover_server::run(options, listener))
+                    },
+                )
+            })
         }
+        Command::SwapHelper {
+            root,
+            name,
+            changeover,
+            pid,
+            patience_secs,
+            service,
+            run_args,
+        } => changeover_server::changeover::swap_helper::run(
+            &changeover_server::changeover::swap_helper::HelperOptions {
+                root,
+                name,
+                changeover_id: changeover,
+                pid,
+                patience: std::time::Duration::from_secs(patience_secs),
+                run_args,
+                service,
+            },
+        ),
+        Command::Service(command) => changeover_server::service::command(match command {
+            ServiceCommand::Install { root, name } => {
+                changeover_server::service::ServiceAction::Install { root, name }
+            }
+            ServiceCommand::Uninstall { root, name } => {
+                changeover_server::service::ServiceAction::Uninstall { root, name }
+            }
+            ServiceCommand::Restart {
+                service_name,
+                after_pid,
+            } => changeover_server::service::ServiceAction::Restart {
+                service_name,
+                after_pid,
+            },
+        }),
         Command::Demo {
             agents,
             grace,

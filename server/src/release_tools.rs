@@ -84,13 +84,15 @@ pub struct Packed {
 
 /// Packs a release tree, signs it and adds it to the feed's signed manifest.
 pub fn pack(options: &PackOptions) -> anyhow::Result<Packed> {
-    let binary = options.from.join(options.kind.binary_path());
+    let binary = options
+        .from
+        .join(options.kind.binary_path_for(&options.platform));
     if !binary.is_file() {
         bail!(
             "{} is not a {} release tree: {} is missing",
             options.from.display(),
             options.kind,
-            options.kind.binary_path()
+            options.kind.binary_path_for(&options.platform)
         );
     }
     let secret_key = load_secret_key(&options.secret_key, options.password.clone())?;

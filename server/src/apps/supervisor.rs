@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::manifest::{AppSpec, Manifest, resolve_program};
 use super::probe;
 use crate::log_file::LogFile;
+use crate::platform::{Stop, process_alive, process_start_time};
 
 /// The size at which an application's log is rotated.
 pub const APP_LOG_MAX_BYTES: u64 = 1024 * 1024;
@@ -405,24 +406,15 @@ async fn stop(child: &mut tokio::process::Child, timeout: Duration) -> String {
     let Some(pid) = child.id() else {
         return "had already exited".to_owned();
     };
-    signal_group(pid, rustix::process::Signal::TERM);
+    crate::platform::signal_group(pid, Stop::Terminate);
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
         Ok(Err(err)) => format!("cannot wait for it: {err}"),
         Err(_) => {
-            signal_group(pid, rustix::process::Signal::KILL);
+            crate::platform::signal_group(pid, Stop::Kill);
             let _ = child.wait().await;
             format!("killed after {} s", timeout.as_secs())
         }
-    }
-}
-
-fn signal_group(pid: u32, signal: rustix::process::Signal) {
-    if let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 
@@ -444,10 +436,10 @@ fn spawn(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        // Its own process group: a stop reaches its children too, and a Ctrl-C meant for
-        // the server does not reach it before the server stops it in order.
-        .process_group(0)
         .kill_on_drop(false);
+    // Its own process group: a stop reaches its children too, and a Ctrl-C meant for the
+    // server does not reach it before the server stops it in order.
+    crate::platform::own_process_group(&mut command);
     // The service manager speaks with the server only.
     for name in crate::service::NOTIFY_ENV {
         command.env_remove(name);
@@ -487,27 +479,6 @@ fn write_pid_file(dir: &Path, name: &str, pid: u32, stop_timeout: Duration) {
     }
 }
 
-/// The start time of process `pid` in clock ticks since boot (Linux), which tells a
-/// process apart from a later one that got the same pid.
-pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields count from the last ')'.
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Field 3 is the first after the name; the start time is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-// Alive and not a zombie.
-pub(crate) fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|end| stat[end + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
 /// Stops applications a previous server process left running (it was killed before it
 /// could stop them): SIGTERM, then SIGKILL after their stop timeout. Blocking; called
 /// first thing at start, before recovery moves any folder. Returns the names stopped.
@@ -540,13 +511,13 @@ pub fn stop_orphans(dir: &Path) -> Vec<String> {
         // Only the process that was started, not whatever has its pid now.
         if process_alive(pid) && process_start_time(pid) == Some(started) {
             warn!(app = %name, pid, "stopping an application a previous server left running");
-            signal_group(pid, rustix::process::Signal::TERM);
+            crate::platform::signal_group(pid, Stop::Terminate);
             let deadline = Instant::now() + Duration::from_secs(timeout.max(1));
             while process_alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if process_alive(pid) {
-                signal_group(pid, rustix::process::Signal::KILL);
+                crate::platform::signal_group(pid, Stop::Kill);
                 while process_alive(pid) && Instant::now() < deadline + Duration::from_secs(5) {
                     std::thread::sleep(Duration::from_millis(20));
                 }

@@ -554,6 +554,9 @@ impl Driver {
         }
         let _ = self.apply(Event::CarriedOver);
         fault_point("swapping");
+        if cfg!(windows) {
+            return self.hand_over_to_swap_helper(tcp).await;
+        }
         if let Err(err) = self.checkpoint().and_then(|()| self.swap()) {
             return self.roll_back_here(err, Some(tcp)).await;
         }
@@ -588,9 +591,35 @@ impl Driver {
         }
         info!(binary = %binary.display(), "restarting as the new release");
         // Only returns if the new release could not be started at all.
-        let err = crate::platform::reexec(&binary, &self.parts.restart_args, &tcp);
+        let err = crate::platform::reexec(&binary, &self.parts.restart_args, Some(&tcp));
         let err = anyhow::anyhow!("cannot start the new release {}: {err}", binary.display());
         self.roll_back_here(err, Some(tcp)).await;
+    }
+
+    // Windows: the swap and the restart are the helper's, from outside both releases; this
+    // process lets the port go and ends (as a service: reports itself stopped).
+    async fn hand_over_to_swap_helper(&mut self, tcp: std::net::TcpListener) {
+        let Some(journal) = &self.journal else { return };
+        let options = super::swap_helper::HelperOptions {
+            root: self.parts.layout.root().to_owned(),
+            name: self.parts.layout.name().to_owned(),
+            changeover_id: journal.changeover_id.clone(),
+            pid: std::process::id(),
+            patience: self.parts.health_timeout + WATCHDOG_MARGIN,
+            run_args: self.parts.restart_args.clone(),
+            service: crate::service::windows_service_name(),
+        };
+        let layout = self.parts.layout.clone();
+        let staging = preflight::staging_dir(&layout);
+        if let Err(err) = self
+            .checkpoint()
+            .and_then(|()| super::swap_helper::start(&layout, &staging, &options))
+        {
+            return self.roll_back_here(err, Some(tcp)).await;
+        }
+        info!("the swap helper exchanges the releases and starts the new one; this process ends");
+        drop(tcp);
+        crate::service::exit_now(0);
     }
 
     // A step failed in this (old) process: undo, record, and serve again.
@@ -762,34 +791,10 @@ impl Driver {
 
     fn swap(&mut self) -> anyhow::Result<()> {
         let layout = self.parts.layout.clone();
-        let install = layout.install_dir();
-        let staging = preflight::staging_dir(&layout);
-        let old = layout.old_install_dir();
-        if old.exists() {
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("cannot remove a stale {}", old.display()))?;
-        }
-        let ids = match (FolderId::of(&install), FolderId::of(&staging)) {
-            (Some(old), Some(new)) => ReleaseIds { old, new },
-            _ => bail!(
-                "{} or {} is not a folder",
-                install.display(),
-                staging.display()
-            ),
+        let Some(journal) = self.journal.as_mut() else {
+            bail!("no changeover under way");
         };
-        self.journal_mut()?.releases = Some(ids);
-        self.checkpoint()?;
-        // One step: the start path is never missing, even if the power fails right here.
-        crate::platform::exchange(&staging, &install).with_context(|| {
-            format!(
-                "cannot exchange {} and {}",
-                staging.display(),
-                install.display()
-            )
-        })?;
-        fault_point("swapped");
-        std::fs::rename(&staging, &old)
-            .with_context(|| format!("cannot rename the old release to {}", old.display()))
+        swap_releases(&layout, journal, &self.files)
     }
 
     fn apply(&mut self, event: Event) -> Result<(), machine::IllegalTransition> {
@@ -1024,6 +1029,7 @@ async fn prepare(
         preflight::check_space(&root, &archive)?;
         preflight::check_rights(&root)?;
         preflight::check_one_filesystem(&install, &carry_paths)?;
+        preflight::check_not_held(&install, &carry_paths)?;
         preflight::unpack(&archive, &staging_for_unpack)?;
         // Hashed now, while people still work, so the downtime does not pay for it.
         carry::record(&install, &carry_paths, &[])
@@ -1111,4 +1117,44 @@ pub fn summarize(
         sessions_warned: journal.sessions_warned,
         sessions_logged_out: journal.sessions_logged_out,
     }
+}
+
+/// Puts the staged release in place of the installed one and the old one at `<name>_old`,
+/// the folders' identities journaled first so that recovery can tell them apart whatever
+/// moment a crash comes. Taken by the old process on Unix, by the swap helper on Windows.
+pub fn swap_releases(
+    layout: &Layout,
+    journal: &mut Journal,
+    files: &JournalFiles,
+) -> anyhow::Result<()> {
+    let install = layout.install_dir();
+    let staging = preflight::staging_dir(layout);
+    let old = layout.old_install_dir();
+    if old.exists() {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove a stale {}", old.display()))?;
+    }
+    let ids = match (FolderId::of(&install), FolderId::of(&staging)) {
+        (Some(old), Some(new)) => ReleaseIds { old, new },
+        _ => bail!(
+            "{} or {} is not a folder",
+            install.display(),
+            staging.display()
+        ),
+    };
+    journal.releases = Some(ids);
+    files
+        .save(journal)
+        .context("cannot write the changeover journal, so the step is not taken")?;
+    // One step on Linux: the start path is never missing, even if the power fails here.
+    crate::platform::exchange(&staging, &install).with_context(|| {
+        format!(
+            "cannot exchange {} and {}",
+            staging.display(),
+            install.display()
+        )
+    })?;
+    fault_point("swapped");
+    crate::platform::rename_with_retries(&staging, &old)
+        .with_context(|| format!("cannot rename the old release to {}", old.display()))
 }

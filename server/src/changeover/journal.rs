@@ -97,12 +97,45 @@ pub struct FolderId {
 impl FolderId {
     /// The identity of the folder at `path`, if there is one.
     pub fn of(path: &Path) -> Option<FolderId> {
-        use std::os::unix::fs::MetadataExt as _;
         let metadata = std::fs::symlink_metadata(path).ok()?;
-        metadata.is_dir().then(|| FolderId {
-            dev: metadata.dev(),
-            ino: metadata.ino(),
-        })
+        if !metadata.is_dir() {
+            return None;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            Some(FolderId {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+            })
+        }
+        #[cfg(windows)]
+        {
+            // The volume serial number and the file index NTFS keeps across renames.
+            match file_id::get_file_id(path).ok()? {
+                file_id::FileId::Inode {
+                    device_id,
+                    inode_number,
+                } => Some(FolderId {
+                    dev: device_id,
+                    ino: inode_number,
+                }),
+                file_id::FileId::LowRes {
+                    volume_serial_number,
+                    file_index,
+                } => Some(FolderId {
+                    dev: u64::from(volume_serial_number),
+                    ino: file_index,
+                }),
+                file_id::FileId::HighRes {
+                    volume_serial_number,
+                    file_id,
+                } => Some(FolderId {
+                    dev: volume_serial_number,
+                    ino: (file_id as u64) ^ ((file_id >> 64) as u64),
+                }),
+            }
+        }
     }
 
     /// Whether the folder at `path` is this one.
@@ -208,7 +241,10 @@ fn write_durably<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 }
 
 // The rename is durable only once the folder holding it is synced.
+// On Windows a folder cannot be opened as a file; NTFS journals the rename itself.
 fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    #[cfg(not(unix))]
+    let _ = path;
     #[cfg(unix)]
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)

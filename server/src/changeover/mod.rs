@@ -6,7 +6,9 @@
 //! - `carry.rs`: carrying preferences, backups and certificates over;
 //! - `preflight.rs`: everything checked before any user is warned;
 //! - `driver.rs`: the task that performs the actions in the running server;
-//! - `recovery.rs`: what a starting server does with a journal it finds.
+//! - `recovery.rs`: what a starting server does with a journal it finds;
+//! - `watchdog.rs`: the Unix watchdog for a new release's verdict without a service manager;
+//! - `swap_helper.rs`: the swap on Windows, from a process outside both releases.
 
 pub mod carry;
 pub mod driver;
@@ -15,6 +17,7 @@ pub mod journal;
 pub mod machine;
 pub mod preflight;
 pub mod recovery;
+pub mod swap_helper;
 pub mod watchdog;
 
 /// Names of the steps at which the test-only switch `CHANGEOVER_FAULT_AT` makes the server

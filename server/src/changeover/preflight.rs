@@ -141,11 +141,85 @@ fn device_of(path: &Path) -> anyhow::Result<u64> {
             .with_context(|| format!("cannot read {}", path.display()))?
             .dev())
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     {
-        let _ = path;
-        Ok(0)
+        // The volume serial number.
+        match file_id::get_file_id(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+        {
+            file_id::FileId::Inode { device_id, .. } => Ok(device_id),
+            file_id::FileId::LowRes {
+                volume_serial_number,
+                ..
+            } => Ok(u64::from(volume_serial_number)),
+            file_id::FileId::HighRes {
+                volume_serial_number,
+                ..
+            } => Ok(volume_serial_number),
+        }
     }
+}
+
+/// At most this many files are tried by [`held_files`]; a release is far smaller.
+const MAX_FILES_TRIED: usize = 100_000;
+
+/// The files in `install` another program holds open, found by opening each without
+/// sharing (Windows refuses that with a sharing violation while any other handle is open;
+/// a folder with such a file in it cannot be renamed). The running server's own folder
+/// (`bin/`, its binary and DLLs) and, since the applications are stopped before anything
+/// moves, the carried folders are not tried. Elsewhere nothing holds a rename back: empty.
+pub fn held_files(install: &Path, carry_paths: &[String]) -> Vec<PathBuf> {
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::OpenOptionsExt as _;
+
+        let skipped: Vec<PathBuf> = std::iter::once(install.join("bin"))
+            .chain(carry_paths.iter().map(|path| install.join(path)))
+            .collect();
+        walkdir::WalkDir::new(install)
+            .into_iter()
+            .filter_entry(|entry| !skipped.iter().any(|skip| entry.path() == skip))
+            .flatten()
+            .filter(|entry| entry.file_type().is_file())
+            .take(MAX_FILES_TRIED)
+            .filter(|entry| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .share_mode(0)
+                    .open(entry.path())
+                    .is_err_and(|err| crate::platform::is_held_elsewhere(&err))
+            })
+            .map(walkdir::DirEntry::into_path)
+            .collect()
+    }
+    #[cfg(not(windows))]
+    {
+        let _ = (install, carry_paths, MAX_FILES_TRIED);
+        Vec::new()
+    }
+}
+
+/// Refuses while another program holds files open in the install (see [`held_files`]),
+/// naming them, before anyone is warned.
+pub fn check_not_held(install: &Path, carry_paths: &[String]) -> anyhow::Result<()> {
+    let held = held_files(install, carry_paths);
+    if held.is_empty() {
+        return Ok(());
+    }
+    let mut named: Vec<String> = held
+        .iter()
+        .take(5)
+        .map(|path| path.display().to_string())
+        .collect();
+    if held.len() > named.len() {
+        named.push(format!("and {} more", held.len() - named.len()));
+    }
+    bail!(
+        "another program holds files in the install open, so its folder cannot be renamed: \
+         {}; close that program (an editor, a backup tool, an antivirus scan), or exclude the \
+         product folder from it, then update again",
+        named.join(", ")
+    )
 }
 
 /// Unpacks the package into a fresh staging folder.

@@ -53,6 +53,7 @@ pub fn recover(
         phase = %journal.phase,
         "found an unfinished changeover"
     );
+    settle_exchange(layout)?;
     let installed_binary = layout.install_dir().join(ReleaseKind::Server.binary_path());
     if journal.committing {
         // The new release was healthy and the old one was being deleted: finish that.
@@ -164,6 +165,36 @@ fn end(
     files.finish(&summary)
 }
 
+/// Finishes an exchange of folders that a crash cut between its renames, where the system
+/// has no atomic exchange (`platform::exchange_by_renames`): `X.exchanging` is a release
+/// on its way to the install. With the install gone, it is the install now (the exchange
+/// went forward); with the install still there, it goes back to `X` (the exchange never
+/// happened). Either way the releases are where the journal's identities can find them.
+pub fn settle_exchange(layout: &Layout) -> anyhow::Result<()> {
+    let install = layout.install_dir();
+    for holder in [staging_dir(layout), layout.old_install_dir()] {
+        let aside = crate::platform::exchanging_path(&holder);
+        if !aside.exists() {
+            continue;
+        }
+        let to = if !install.exists() {
+            install.clone()
+        } else if !holder.exists() {
+            holder.clone()
+        } else {
+            warn!(
+                folder = %aside.display(),
+                "a release folder left by an interrupted exchange; both places are taken, so it stays"
+            );
+            continue;
+        };
+        info!(from = %aside.display(), to = %to.display(), "finishing an interrupted exchange");
+        crate::platform::rename_with_retries(&aside, &to)
+            .with_context(|| format!("cannot rename {} to {}", aside.display(), to.display()))?;
+    }
+    Ok(())
+}
+
 /// Whether the install folder holds the new release: by folder identity once the journal
 /// has it (recorded before the exchange), else by version (a same-version changeover has
 /// no identity yet only before its exchange, when the old release is installed).
@@ -181,6 +212,7 @@ pub fn new_release_installed(layout: &Layout, journal: &Journal) -> bool {
 /// Puts the old release back, whatever part of the changeover was done; safe to repeat
 /// after a crash at any point of it.
 pub fn undo(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
+    settle_exchange(layout)?;
     let install = layout.install_dir();
     let old = layout.old_install_dir();
     let staging = staging_dir(layout);
@@ -266,4 +298,61 @@ pub fn undo(layout: &Layout, journal: &Journal) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(path: &std::path::Path, version: &str) {
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::write(path.join("VERSION"), version).unwrap();
+    }
+
+    fn version_at(path: &std::path::Path) -> Option<String> {
+        std::fs::read_to_string(path.join("VERSION")).ok()
+    }
+
+    #[test]
+    fn an_exchange_cut_after_its_first_rename_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::named(dir.path(), "server");
+        release(&layout.install_dir(), "old");
+        let staging = staging_dir(&layout);
+        release(&crate::platform::exchanging_path(&staging), "new");
+        settle_exchange(&layout).unwrap();
+        assert_eq!(version_at(&layout.install_dir()).as_deref(), Some("old"));
+        assert_eq!(version_at(&staging).as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn an_exchange_cut_after_its_second_rename_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::named(dir.path(), "server");
+        let staging = staging_dir(&layout);
+        release(&staging, "old");
+        release(&crate::platform::exchanging_path(&staging), "new");
+        settle_exchange(&layout).unwrap();
+        assert_eq!(version_at(&layout.install_dir()).as_deref(), Some("new"));
+        assert_eq!(version_at(&staging).as_deref(), Some("old"));
+        // Nothing left to settle: a second pass changes nothing.
+        settle_exchange(&layout).unwrap();
+        assert_eq!(version_at(&layout.install_dir()).as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn the_exchange_by_renames_swaps_and_leaves_nothing_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        release(&a, "A");
+        release(&b, "B");
+        crate::platform::exchange_by_renames(&a, &b).unwrap();
+        assert_eq!(version_at(&a).as_deref(), Some("B"));
+        assert_eq!(version_at(&b).as_deref(), Some("A"));
+        assert!(!crate::platform::exchanging_path(&a).exists());
+        // A missing second folder fails it, and the first is where it was.
+        let err = crate::platform::exchange_by_renames(&a, &dir.path().join("missing"));
+        assert!(err.is_err());
+        assert_eq!(version_at(&a).as_deref(), Some("B"));
+    }
 }

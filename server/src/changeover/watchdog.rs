@@ -54,22 +54,13 @@ pub fn under_service_manager() -> bool {
 /// listening socket. Returns once it runs on its own.
 #[cfg(unix)]
 pub fn start(options: &WatchOptions, listener: &std::net::TcpListener) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
-
     let me = std::env::current_exe().context("cannot find this program")?;
     let mut command = std::process::Command::new(&me);
     command.args(arguments(options, false));
     // The socket goes along as fd 3 (it is fd 3 here, and the exec clears close-on-exec on
     // it anyway); without a pid check, since the watchdog's pid is not known beforehand.
-    if listener.as_raw_fd() == 3
-        && rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty()).is_ok()
-    {
-        command.env("LISTEN_FDS", "1");
-    } else {
-        command.env_remove("LISTEN_FDS");
-    }
+    crate::platform::hand_over_listener(&mut command, listener, None);
     command
-        .env_remove("LISTEN_PID")
         .env_remove(super::FAULT_ENV)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -114,29 +105,20 @@ fn arguments(options: &WatchOptions, detached: bool) -> Vec<OsString> {
 
 /// The first watchdog process: starts the detached one in its own process group and
 /// exits.
-#[cfg(unix)]
 pub fn detach(options: &WatchOptions) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-
     let me = std::env::current_exe().context("cannot find this program")?;
-    std::process::Command::new(me)
+    let mut command = std::process::Command::new(me);
+    command
         .args(arguments(options, true))
-        .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("cannot start the detached watchdog")?;
+        .stderr(std::process::Stdio::null());
+    crate::platform::spawn_detached(&mut command).context("cannot start the detached watchdog")?;
     Ok(())
 }
 
-#[cfg(not(unix))]
-pub fn detach(_options: &WatchOptions) -> anyhow::Result<()> {
-    anyhow::bail!("the watchdog is not available on this platform")
-}
-
 /// Why the watchdog stepped in.
-enum Verdict {
+pub(crate) enum Verdict {
     /// The journal is gone (or is another changeover's): the new release decided.
     Decided,
     /// The new release failed before deciding.
@@ -188,40 +170,52 @@ pub fn watch(options: &WatchOptions) -> anyhow::Result<()> {
     let _ = resume;
     let binary = layout.install_dir().join(ReleaseKind::Server.binary_path());
     info!(binary = %binary.display(), "watchdog starting the installed release");
-    let err = match &listener {
-        Some(listener) => crate::platform::reexec(&binary, &options.run_args, listener),
-        None => exec_plain(&binary, &options.run_args),
-    };
+    let err = crate::platform::reexec(&binary, &options.run_args, listener.as_ref());
     error!(cause = %err, "cannot start the installed release");
     Err(anyhow::anyhow!("cannot start {}: {err}", binary.display()))
 }
 
-#[cfg(unix)]
-fn exec_plain(binary: &std::path::Path, args: &[OsString]) -> std::io::Error {
-    use std::os::unix::process::CommandExt as _;
-    std::process::Command::new(binary)
-        .args(args)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .exec()
-}
-
-#[cfg(not(unix))]
-fn exec_plain(_binary: &std::path::Path, _args: &[OsString]) -> std::io::Error {
-    std::io::Error::other("not available on this platform")
-}
-
 fn wait_for_verdict(options: &WatchOptions, files: &JournalFiles) -> Verdict {
-    let started = Instant::now();
-    let birth = crate::apps::supervisor::process_start_time(options.pid);
-    let alive = || {
-        crate::apps::supervisor::process_alive(options.pid)
-            && crate::apps::supervisor::process_start_time(options.pid) == birth
+    let birth = crate::platform::process_start_time(options.pid);
+    let mut server = Watched {
+        alive: Box::new(move |pid: &mut u32| {
+            birth.is_some()
+                && crate::platform::process_alive(*pid)
+                && crate::platform::process_start_time(*pid) == birth
+        }),
+        pid: options.pid,
     };
+    await_verdict(&options.changeover_id, options.patience, files, &mut server)
+}
+
+/// The server process whose verdict is awaited.
+pub(crate) struct Watched {
+    /// Whether the process with this pid is still the server that was started (it may
+    /// name the process that took over from it instead).
+    pub alive: Box<dyn FnMut(&mut u32) -> bool>,
+    pub pid: u32,
+}
+
+impl Watched {
+    fn alive(&mut self) -> bool {
+        (self.alive)(&mut self.pid)
+    }
+}
+
+/// Waits until the changeover `changeover_id` has its verdict (its journal is gone or is
+/// another changeover's) or the server fails before it: ends, or has none within
+/// `patience` (then it is killed).
+pub(crate) fn await_verdict(
+    changeover_id: &str,
+    patience: Duration,
+    files: &JournalFiles,
+    server: &mut Watched,
+) -> Verdict {
+    let started = Instant::now();
     loop {
         std::thread::sleep(POLL);
         let journal = match files.load() {
-            Ok(Some(journal)) if journal.changeover_id == options.changeover_id => journal,
+            Ok(Some(journal)) if journal.changeover_id == changeover_id => journal,
             Ok(_) => return Verdict::Decided,
             // Half-written is impossible (atomic renames); keep looking.
             Err(err) => {
@@ -229,10 +223,10 @@ fn wait_for_verdict(options: &WatchOptions, files: &JournalFiles) -> Verdict {
                 continue;
             }
         };
-        if birth.is_none() || !alive() {
+        if !server.alive() {
             // Give a process that just ended the journal a moment to have removed it.
             std::thread::sleep(POLL);
-            if !matches!(files.load(), Ok(Some(ref again)) if again.changeover_id == options.changeover_id)
+            if !matches!(files.load(), Ok(Some(ref again)) if again.changeover_id == changeover_id)
             {
                 return Verdict::Decided;
             }
@@ -243,9 +237,9 @@ fn wait_for_verdict(options: &WatchOptions, files: &JournalFiles) -> Verdict {
         }
         let finishing = journal.committing || journal.phase == ChangeoverPhase::RollingBack;
         let patience = if finishing {
-            options.patience + FINISHING_PATIENCE
+            patience + FINISHING_PATIENCE
         } else {
-            options.patience
+            patience
         };
         if started.elapsed() < patience {
             continue;
@@ -254,28 +248,21 @@ fn wait_for_verdict(options: &WatchOptions, files: &JournalFiles) -> Verdict {
             // Never interfere with a commit: the next start finishes it anyway.
             continue;
         }
-        kill(options.pid);
+        kill(server.pid);
         let killed = Instant::now();
-        while alive() && killed.elapsed() < Duration::from_secs(10) {
+        while server.alive() && killed.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(POLL);
         }
         return Verdict::Failed(format!(
             "the new release had no health verdict within {} s (it hung or was stopped); the \
              watchdog killed it",
-            options.patience.as_secs()
+            patience.as_secs()
         ));
     }
 }
 
-#[cfg(unix)]
-fn kill(pid: u32) {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
-        return;
-    };
-    if let Err(err) = rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
-        warn!(cause = %std::io::Error::from(err), "cannot kill the new release");
+pub(crate) fn kill(pid: u32) {
+    if let Err(err) = crate::platform::kill(pid) {
+        warn!(cause = %err, "cannot kill the new release");
     }
 }
-
-#[cfg(not(unix))]
-fn kill(_pid: u32) {}

@@ -1,0 +1,300 @@
+//! The swap on Windows, where a running program's folder cannot be renamed: after the
+//! logout and the carry-over, the old server starts a copy of the verified new binary from
+//! the state folder (`swap-helper`) and ends. The helper waits for the old process (and the
+//! service, when the server is one) to be gone, exchanges the releases (`<name>` →
+//! `<name>_old`, staging → `<name>`), starts the new server (the service again, or a new
+//! process), and waits for its health verdict like the Unix watchdog: a new release that
+//! ends or hangs before it is stopped, everything rolled back from the journal, and the old
+//! server started again. Every step is in the journal the servers use, so a crash of the
+//! helper is finished by the next start of either release.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use changeover_protocol::ChangeoverPhase;
+use changeover_protocol::release::ReleaseKind;
+use tracing::{error, info, warn};
+
+use super::journal::JournalFiles;
+use super::watchdog::{Verdict, Watched, await_verdict};
+use super::{fault_point, recovery};
+use crate::layout::Layout;
+
+/// How long the old server may take to end after it started the helper.
+const OLD_SERVER_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How often the helper looks at a process or a service.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What the old server tells the helper.
+#[derive(Debug, Clone)]
+pub struct HelperOptions {
+    pub root: PathBuf,
+    pub name: String,
+    pub changeover_id: String,
+    /// The old server's pid, which must be gone before anything moves.
+    pub pid: u32,
+    /// How long the new release has for its health verdict.
+    pub patience: Duration,
+    /// The arguments the server runs with (`run --root … --listen …`).
+    pub run_args: Vec<OsString>,
+    /// The Windows service the server runs as, if it does.
+    pub service: Option<String>,
+}
+
+/// The helper's own folder in the state folder: outside both releases.
+pub fn helper_dir(layout: &Layout) -> PathBuf {
+    layout.state_dir().join("swap-helper")
+}
+
+/// In the old server: copies the new release's binary (and the DLLs beside it) from
+/// `staging` into the state folder and starts it as the helper, detached. Returns once it
+/// runs; the caller then ends.
+pub fn start(layout: &Layout, staging: &Path, options: &HelperOptions) -> anyhow::Result<()> {
+    let binary = staging.join(ReleaseKind::Server.binary_path());
+    let dir = helper_dir(layout);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove an old {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if let Some(folder) = binary.parent() {
+        for entry in std::fs::read_dir(folder)
+            .with_context(|| format!("cannot read {}", folder.display()))?
+            .flatten()
+        {
+            let path = entry.path();
+            if path
+                .extension()
+                .is_some_and(|ext| ext.eq_ignore_ascii_case("dll"))
+            {
+                std::fs::copy(&path, dir.join(entry.file_name()))
+                    .with_context(|| format!("cannot copy {}", path.display()))?;
+            }
+        }
+    }
+    let helper = dir.join(
+        binary
+            .file_name()
+            .context("the new release's binary has no name")?,
+    );
+    std::fs::copy(&binary, &helper)
+        .with_context(|| format!("cannot copy {} to {}", binary.display(), helper.display()))?;
+    let mut command = std::process::Command::new(&helper);
+    command
+        .args(arguments(options))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    crate::platform::spawn_detached(&mut command).context("cannot start the swap helper")?;
+    info!(helper = %helper.display(), "swap helper started");
+    Ok(())
+}
+
+fn arguments(options: &HelperOptions) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "swap-helper".into(),
+        "--root".into(),
+        options.root.clone().into_os_string(),
+        "--name".into(),
+        options.name.clone().into(),
+        "--changeover".into(),
+        options.changeover_id.clone().into(),
+        "--pid".into(),
+        options.pid.to_string().into(),
+        "--patience-secs".into(),
+        options.patience.as_secs().to_string().into(),
+    ];
+    if let Some(service) = &options.service {
+        args.push("--service".into());
+        args.push(service.into());
+    }
+    args.push("--".into());
+    args.extend(options.run_args.iter().cloned());
+    args
+}
+
+/// The helper process: swap, start, wait for the verdict, roll back if there is none.
+pub fn run(options: &HelperOptions) -> anyhow::Result<()> {
+    let layout = Layout::named(&options.root, &options.name);
+    crate::log_file::attach(&layout.state_dir());
+    let files = JournalFiles::new(&layout.state_dir());
+    info!(
+        changeover = %options.changeover_id,
+        pid = options.pid,
+        "swap helper waiting for the old server to end"
+    );
+    wait_for_old_server(options)?;
+    let Some(mut journal) = files.load()? else {
+        info!("no changeover under way any more; the swap helper has nothing to do");
+        return start_server(&layout, options).map(|_| ());
+    };
+    if journal.changeover_id != options.changeover_id {
+        bail!(
+            "the journal is changeover {}'s, not {}'s",
+            journal.changeover_id,
+            options.changeover_id
+        );
+    }
+    let swapped = match journal.phase {
+        ChangeoverPhase::Swapping => {
+            match super::driver::swap_releases(&layout, &mut journal, &files) {
+                Ok(()) => {
+                    journal.phase = ChangeoverPhase::Restarting;
+                    files.save(&journal)?;
+                    fault_point("restarting");
+                    true
+                }
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    error!(%reason, "the swap failed; putting the old release back");
+                    // As the old release: the rollback ends the changeover here.
+                    let from = journal.from_version.clone();
+                    recovery::roll_back(&layout, &files, journal, reason, &from)?;
+                    false
+                }
+            }
+        }
+        // Anything else is what a start of the server settles (recovery).
+        _ => true,
+    };
+    let pid = start_server(&layout, options)?;
+    if !swapped {
+        return Ok(());
+    }
+    let mut server = Watched {
+        alive: follow_server(&layout),
+        pid,
+    };
+    let reason = match await_verdict(
+        &options.changeover_id,
+        options.patience,
+        &files,
+        &mut server,
+    ) {
+        Verdict::Decided => {
+            info!("the new release reached its verdict; swap helper done");
+            return Ok(());
+        }
+        Verdict::Failed(reason) => reason,
+    };
+    warn!(%reason, "the new release failed before its verdict; the swap helper rolls back");
+    stop_server(options, server.pid);
+    let orphans = crate::apps::stop_orphans(&layout.apps_dir());
+    if !orphans.is_empty() {
+        warn!(?orphans, "stopped the failed release's applications");
+    }
+    if let Some(journal) = files.load()?
+        && journal.changeover_id == options.changeover_id
+    {
+        let from = journal.from_version.clone();
+        if journal.committing {
+            recovery::recover(&layout, &files, &journal.target_version)?;
+        } else {
+            let reason = match &journal.failure {
+                Some(earlier) => format!("{earlier}; then {reason}"),
+                None => reason,
+            };
+            recovery::roll_back(&layout, &files, journal, reason, &from)?;
+        }
+    }
+    start_server(&layout, options).map(|_| ())
+}
+
+fn wait_for_old_server(options: &HelperOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let birth = crate::platform::process_start_time(options.pid);
+    let running = || {
+        birth.is_some()
+            && crate::platform::process_alive(options.pid)
+            && crate::platform::process_start_time(options.pid) == birth
+    };
+    while running() {
+        if started.elapsed() > OLD_SERVER_PATIENCE {
+            warn!(pid = options.pid, "the old server did not end; stopping it");
+            stop_server(options, options.pid);
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    #[cfg(windows)]
+    if let Some(service) = &options.service {
+        crate::platform::windows_service::wait_for_state(
+            service,
+            windows_service::service::ServiceState::Stopped,
+            OLD_SERVER_PATIENCE,
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts the installed release: the service, or a new detached process. Returns its pid.
+fn start_server(layout: &Layout, options: &HelperOptions) -> anyhow::Result<u32> {
+    #[cfg(windows)]
+    if let Some(service) = &options.service {
+        let pid = crate::platform::windows_service::start(service)?;
+        info!(%service, ?pid, "service started");
+        return pid.context("the service manager gave the service no process");
+    }
+    let binary = layout.install_dir().join(ReleaseKind::Server.binary_path());
+    let mut command = std::process::Command::new(&binary);
+    command
+        .args(&options.run_args)
+        .env_remove(super::FAULT_ENV)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // The test switch goes on to the new release only when it names its own steps.
+    if let Ok(fault) = std::env::var(super::FAULT_ENV) {
+        command.env(super::FAULT_ENV, fault);
+    }
+    let child = crate::platform::spawn_detached(&mut command)?;
+    info!(binary = %binary.display(), pid = child.id(), "server started");
+    Ok(child.id())
+}
+
+fn stop_server(options: &HelperOptions, pid: u32) {
+    #[cfg(windows)]
+    if let Some(service) = &options.service {
+        if let Err(err) = crate::platform::windows_service::stop(service) {
+            warn!(cause = %format!("{err:#}"), "cannot stop the service");
+        }
+        let _ = crate::platform::windows_service::wait_for_state(
+            service,
+            windows_service::service::ServiceState::Stopped,
+            Duration::from_secs(20),
+        );
+    }
+    #[cfg(not(windows))]
+    let _ = options;
+    super::watchdog::kill(pid);
+}
+
+/// Whether the server still runs: the process started, or the one that took over from it
+/// (a rollback in the new release starts the old binary as a new process, which writes
+/// its pid to `server.pid`).
+fn follow_server(layout: &Layout) -> Box<dyn FnMut(&mut u32) -> bool> {
+    let pid_file = layout.state_dir().join("server.pid");
+    Box::new(move |pid: &mut u32| {
+        if crate::platform::process_alive(*pid) {
+            return true;
+        }
+        // A successor may take a moment to write its pid.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(next) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+                && next != *pid
+                && crate::platform::process_alive(next)
+            {
+                *pid = next;
+                return true;
+            }
+            std::thread::sleep(POLL);
+        }
+        false
+    })
+}
