@@ -7,6 +7,7 @@
 
 pub mod feeds;
 pub mod smtp;
+pub mod wine;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
