@@ -350,6 +350,10 @@ pub fn parse_when(text: &str) -> anyhow::Result<String> {
 }
 
 /// How long `admin update` waits for the server to come back after its restart.
+/// How many status requests, 2 s apart, may go unanswered while an update is followed
+/// before the connection counts as lost.
+const SILENT_ASKS: u32 = 5;
+
 const RETURN_PATIENCE: Duration = Duration::from_secs(180);
 
 /// `admin update`: starts a changeover and follows it, through the server's restart,
@@ -413,16 +417,28 @@ pub async fn update_command(
     };
 
     let bar = indicatif::ProgressBar::hidden();
+    // Status requests sent since the server last said anything.
+    let mut unanswered = 0u32;
     loop {
         let next =
             tokio::time::timeout(Duration::from_secs(2), next_message(&mut session.ws)).await;
+        let next = match next {
+            // Asked and asked again, and still silent: the connection is as good as gone
+            // (a process that ended may leave its socket open in another).
+            Err(_) if unanswered >= SILENT_ASKS => {
+                Ok(Err("the server stopped answering".to_owned()))
+            }
+            other => other,
+        };
         let message = match next {
             // Quiet for a while: ask, in case the end happened while we were away.
             Err(_) => {
+                unanswered += 1;
                 let _ = send(&mut session.ws, &ClientMessage::StatusRequest).await;
                 continue;
             }
             Ok(Err(reason)) => {
+                unanswered = 0;
                 bar.finish_and_clear();
                 if !json {
                     println!(
@@ -434,7 +450,10 @@ pub async fn update_command(
                 let _ = send(&mut session.ws, &ClientMessage::StatusRequest).await;
                 continue;
             }
-            Ok(Ok(message)) => message,
+            Ok(Ok(message)) => {
+                unanswered = 0;
+                message
+            }
         };
         let summary = match message {
             ServerMessage::ChangeoverFinished(summary) if summary.changeover_id == id => summary,

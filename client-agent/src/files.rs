@@ -2,7 +2,7 @@
 //! the new, never a torn mix: write beside it, fsync, rename over it, fsync the folder.
 //!
 //! For the agent's own records (its id, an update's trial); not for release files, which
-//! `self_update` and `trial` move as whole folders.
+//! `self_update` and `trial` move with [`replace`].
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -48,9 +48,58 @@ fn sync_folder(path: &Path) {
     let _ = path;
 }
 
+/// Where [`replace`] moves files that are in use, in the install folder `dir`.
+pub const REPLACED_DIR: &str = ".replaced";
+
+/// Moves `from` over `to`. On Windows a file in use (a loaded DLL, a running program)
+/// cannot be overwritten, but it can be renamed: then it is first moved aside into
+/// `dir/.replaced/` (emptied by [`clear_replaced`] once nothing uses it any more).
+pub fn replace(dir: &Path, from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(err) if cfg!(windows) && err.kind() == std::io::ErrorKind::PermissionDenied => {
+            let aside_dir = dir.join(REPLACED_DIR);
+            std::fs::create_dir_all(&aside_dir)?;
+            let name = to.file_name().unwrap_or_default().to_string_lossy();
+            let aside = (0u32..)
+                .map(|n| aside_dir.join(format!("{name}.{}.{n}", std::process::id())))
+                .find(|aside| !aside.exists())
+                .unwrap_or_else(|| aside_dir.join(name.as_ref()));
+            std::fs::rename(to, &aside)?;
+            std::fs::rename(from, to)
+        }
+        other => other,
+    }
+}
+
+/// Removes what [`replace`] moved aside in `dir`, as far as nothing uses it any more.
+pub fn clear_replaced(dir: &Path) {
+    let aside_dir = dir.join(REPLACED_DIR);
+    let Ok(entries) = std::fs::read_dir(&aside_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let _ = std::fs::remove_file(entry.path());
+    }
+    let _ = std::fs::remove_dir(&aside_dir);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_file_is_moved_over_the_old_one_and_nothing_is_left_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("lib.dll");
+        let new = dir.path().join("staged.dll");
+        std::fs::write(&old, b"old").unwrap();
+        std::fs::write(&new, b"new").unwrap();
+        replace(dir.path(), &new, &old).unwrap();
+        assert_eq!(std::fs::read(&old).unwrap(), b"new");
+        assert!(!new.exists());
+        clear_replaced(dir.path());
+        assert!(!dir.path().join(REPLACED_DIR).exists());
+    }
 
     #[test]
     fn a_file_is_replaced_whole_and_nothing_is_left_beside_it() {

@@ -1,7 +1,8 @@
 //! What the agent does for the user when the server announces an update: a line in the
 //! log, a desktop notification where one is available, and the site's own hooks.
 //!
-//! Hooks run through `sh -c` with the event's details in the environment
+//! Hooks run through `sh -c` (on Windows `cmd /C`, the command line passed as written)
+//! with the event's details in the environment
 //! (`CHANGEOVER_DEADLINE`, `CHANGEOVER_TARGET_VERSION`, `CHANGEOVER_MESSAGE`,
 //! `CHANGEOVER_SECONDS_LEFT`, `CHANGEOVER_EVENT`). The logout hook is how the client
 //! application is closed, so the agent waits for it (a bounded time). The ask hook
@@ -60,10 +61,8 @@ pub async fn run_for_status(
     command: &str,
     event: &HookEvent,
 ) -> Result<std::process::ExitStatus, String> {
-    let mut child = tokio::process::Command::new("sh");
+    let mut child = shell(command);
     child
-        .arg("-c")
-        .arg(command)
         .env("CHANGEOVER_EVENT", event.event)
         .env("CHANGEOVER_DEADLINE", &event.deadline)
         .env("CHANGEOVER_SECONDS_LEFT", event.seconds_left.to_string())
@@ -81,6 +80,21 @@ pub async fn run_for_status(
             HOOK_TIMEOUT.as_secs()
         )),
     }
+}
+
+#[cfg(not(windows))]
+fn shell(command: &str) -> tokio::process::Command {
+    let mut shell = tokio::process::Command::new("sh");
+    shell.arg("-c").arg(command);
+    shell
+}
+
+// cmd has its own quoting: the command goes as it is, not quoted as one argument.
+#[cfg(windows)]
+fn shell(command: &str) -> tokio::process::Command {
+    let mut shell = tokio::process::Command::new("cmd");
+    shell.arg("/C").raw_arg(command);
+    shell
 }
 
 // Best effort: `notify-send` where a desktop is there; nothing happens otherwise.

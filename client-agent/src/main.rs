@@ -197,23 +197,25 @@ fn main() -> ExitCode {
         Ok(Done::Exit) => ExitCode::SUCCESS,
         Ok(Done::Restart(exe, patience)) => {
             // The previous release watches the new one until the server has welcomed it.
-            if let Some(dir) = exe.parent().and_then(Path::parent)
-                && changeover_agent::trial::current(dir).is_some()
-            {
-                let watcher = dir
-                    .join(changeover_agent::trial::PREVIOUS_DIR)
-                    .join(changeover_protocol::release::ReleaseKind::Agent.binary_path());
-                let options = changeover_agent::trial::WatchOptions {
-                    dir: dir.to_owned(),
-                    pid: std::process::id(),
-                    patience,
-                    run_args: std::env::args_os().skip(1).collect(),
-                };
-                if let Err(err) = changeover_agent::trial::start_watcher(&watcher, &options) {
-                    eprintln!("warning: {err:#}; the update runs without a way back");
+            let watch = |pid: u32| {
+                if let Some(dir) = exe.parent().and_then(Path::parent)
+                    && changeover_agent::trial::current(dir).is_some()
+                {
+                    let watcher = dir
+                        .join(changeover_agent::trial::PREVIOUS_DIR)
+                        .join(changeover_protocol::release::ReleaseKind::Agent.binary_path());
+                    let options = changeover_agent::trial::WatchOptions {
+                        dir: dir.to_owned(),
+                        pid,
+                        patience,
+                        run_args: std::env::args_os().skip(1).collect(),
+                    };
+                    if let Err(err) = changeover_agent::trial::start_watcher(&watcher, &options) {
+                        eprintln!("warning: {err:#}; the update runs without a way back");
+                    }
                 }
-            }
-            let err = self_update::restart_in_place(&exe);
+            };
+            let err = self_update::restart(&exe, watch);
             eprintln!(
                 "error: the agent updated itself but cannot start {}: {err}",
                 exe.display()

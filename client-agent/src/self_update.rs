@@ -150,6 +150,10 @@ impl Updater {
         }
         let http = http.build().context("cannot set up the HTTP client")?;
         let installation = Installation::of_running_binary();
+        if let Some(installation) = &installation {
+            // Files the last update had to move aside while they were in use (Windows).
+            crate::files::clear_replaced(&installation.dir);
+        }
         let mut outcomes = HashMap::new();
         let pending_failure = installation
             .as_ref()
@@ -838,7 +842,7 @@ fn put_in_place(staging: &Path, installation: &Installation) -> anyhow::Result<(
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        std::fs::rename(&file, &target)
+        crate::files::replace(&installation.dir, &file, &target)
             .with_context(|| format!("cannot put {} in place", target.display()))?;
     }
     self_replace::self_replace(staging.join(binary)).context("cannot replace the agent binary")?;
@@ -868,11 +872,13 @@ fn files_under(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Starts the agent binary again in this process, with the same arguments: the agent
-/// that was just put in place. It gets this process's instance id
-/// ([`crate::identity::INSTANCE_ENV`]), so the server sees the same agent reconnecting and
-/// not a clone. Returns only when that fails.
-pub fn restart_in_place(exe: &Path) -> std::io::Error {
+/// Starts the agent binary again, with the same arguments: the agent that was just put in
+/// place. It gets this process's instance id ([`crate::identity::INSTANCE_ENV`]), so the
+/// server sees the same agent reconnecting and not a clone. `before` is told the pid the
+/// new agent runs as, before this process lets go: on Unix the new agent is this process
+/// (`exec`); on Windows, where a running program cannot become another, it is a new
+/// process, started first, and this one then exits. Returns only when that fails.
+pub fn restart(exe: &Path, before: impl FnOnce(u32)) -> std::io::Error {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let mut command = std::process::Command::new(exe);
     command.args(&args).env(
@@ -882,12 +888,16 @@ pub fn restart_in_place(exe: &Path) -> std::io::Error {
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt as _;
+        before(std::process::id());
         command.exec()
     }
     #[cfg(not(unix))]
     {
         match command.spawn() {
-            Ok(_) => std::process::exit(0),
+            Ok(child) => {
+                before(child.id());
+                std::process::exit(0)
+            }
             Err(err) => err,
         }
     }

@@ -95,7 +95,12 @@ pub fn keep_previous(dir: &Path) -> anyhow::Result<()> {
         }
         std::fs::copy(dir.join(&file), &target)
             .with_context(|| format!("cannot keep a copy of {}", file.display()))?;
-        std::fs::File::open(&target)?.sync_all()?;
+        // Opened for writing: Windows flushes only a file opened so.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .and_then(|copy| copy.sync_all())
+            .with_context(|| format!("cannot sync the copy of {}", file.display()))?;
     }
     std::fs::rename(&building, &previous)
         .with_context(|| format!("cannot rename to {}", previous.display()))
@@ -113,7 +118,7 @@ pub fn restore_previous(dir: &Path) -> anyhow::Result<()> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::rename(previous.join(&file), &target)
+        crate::files::replace(dir, &previous.join(&file), &target)
             .with_context(|| format!("cannot put {} back", file.display()))?;
     }
     std::fs::remove_dir_all(&previous)
@@ -330,13 +335,27 @@ fn alive(pid: u32) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_time(_pid: u32) -> Option<u64> {
-    Some(0)
+fn with_process<T>(pid: u32, read: impl FnOnce(&sysinfo::Process) -> T) -> Option<T> {
+    let mut system = sysinfo::System::new();
+    let pid = sysinfo::Pid::from_u32(pid);
+    system.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
+    system.process(pid).map(read)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn alive(_pid: u32) -> bool {
-    true
+fn start_time(pid: u32) -> Option<u64> {
+    with_process(pid, sysinfo::Process::start_time)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn alive(pid: u32) -> bool {
+    with_process(pid, |process| {
+        !matches!(
+            process.status(),
+            sysinfo::ProcessStatus::Zombie | sysinfo::ProcessStatus::Dead
+        )
+    })
+    .unwrap_or(false)
 }
 
 #[cfg(unix)]
@@ -347,7 +366,10 @@ fn kill(pid: u32) {
 }
 
 #[cfg(not(unix))]
-fn kill(_pid: u32) {}
+fn kill(pid: u32) {
+    // TerminateProcess: a hung agent gets no say.
+    with_process(pid, sysinfo::Process::kill);
+}
 
 #[cfg(test)]
 mod tests {

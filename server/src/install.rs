@@ -216,7 +216,10 @@ fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
             }
             std::fs::copy(item.path(), &target)
                 .with_context(|| format!("cannot copy {}", item.path().display()))?;
-            std::fs::File::open(&target)
+            // Opened for writing: Windows flushes only a file opened so.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
                 .and_then(|file| file.sync_all())
                 .with_context(|| format!("cannot sync {}", target.display()))?;
         }

@@ -131,6 +131,9 @@ impl Listener {
                     continue;
                 }
             };
+            if let Err(err) = crate::platform::keep_from_children(&stream) {
+                debug!(%peer, cause = %err, "cannot make the connection non-inheritable");
+            }
             let admission = match self.gate.enter(peer.ip()) {
                 Entry::Admitted(ticket) => Admission::Admitted(HandshakeHold {
                     _slot: permit,

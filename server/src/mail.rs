@@ -358,8 +358,14 @@ fn move_to(
     }
     std::fs::create_dir_all(&target)?;
     std::fs::rename(dir.join(&name), target.join(&name))?;
-    std::fs::File::open(&target)?.sync_all()?;
-    std::fs::File::open(&dir)?.sync_all()
+    // Both folders hold the rename; on Windows a folder cannot be opened to sync it, and
+    // NTFS journals the rename itself.
+    #[cfg(unix)]
+    {
+        std::fs::File::open(&target)?.sync_all()?;
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

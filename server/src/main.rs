@@ -64,44 +64,19 @@ enum Command {
     /// waits for the new release's verdict and puts the old release back if none comes.
     #[command(hide = true)]
     Watchdog {
-        #[arg(long)]
-        root: PathBuf,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        changeover: String,
-        #[arg(long)]
-        pid: u32,
-        #[arg(long)]
-        patience_secs: u64,
+        #[command(flatten)]
+        options: changeover_server::changeover::watchdog::WatchOptions,
         /// The process that does the waiting (the first one only starts it).
         #[arg(long)]
         detached: bool,
-        /// How the server is run (`run --root …`).
-        #[arg(last = true)]
-        run_args: Vec<std::ffi::OsString>,
     },
     /// The swap on Windows, run by a changeover from a copy of the new binary in the state
     /// folder: waits for the old server to end, exchanges the releases, starts the new one
     /// and waits for its verdict, rolling back without one.
     #[command(hide = true)]
     SwapHelper {
-        #[arg(long)]
-        root: PathBuf,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        changeover: String,
-        #[arg(long)]
-        pid: u32,
-        #[arg(long)]
-        patience_secs: u64,
-        /// The Windows service the server runs as.
-        #[arg(long)]
-        service: Option<String>,
-        /// How the server is run (`run --root …`).
-        #[arg(last = true)]
-        run_args: Vec<std::ffi::OsString>,
+        #[command(flatten)]
+        options: changeover_server::changeover::watchdog::WatchOptions,
     },
     /// Register the server as a Windows service, or remove it (Windows only).
     #[command(subcommand)]
@@ -136,6 +111,10 @@ enum Command {
         /// Address to listen on [default: server.listen from the config, 127.0.0.1:7600].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Put in the service's command line by `service install`: the Windows service
+        /// manager starts this process, so it connects to its dispatcher.
+        #[arg(long, hide = true)]
+        as_service: bool,
     },
 }
 
@@ -230,13 +209,19 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { root, name, listen } => {
+        Command::Run {
+            root,
+            name,
+            listen,
+            as_service,
+        } => {
             let options = changeover_server::RunOptions { root, name, listen };
             // The socket comes first, before the runtime opens its own descriptors, so it
             // is descriptor 3 and can be handed over to the next release in place.
             changeover_server::layout::check_install_name(&options.name).and_then(|()| {
                 changeover_server::service::run_under_any_manager(
                     &options.name.clone(),
+                    as_service,
                     move || {
                         let listener = changeover_server::open_listener(&options)?;
                         tokio::runtime::Runtime::new()
@@ -246,25 +231,9 @@ fn main() -> ExitCode {
                 )
             })
         }
-        Command::SwapHelper {
-            root,
-            name,
-            changeover,
-            pid,
-            patience_secs,
-            service,
-            run_args,
-        } => changeover_server::changeover::swap_helper::run(
-            &changeover_server::changeover::swap_helper::HelperOptions {
-                root,
-                name,
-                changeover_id: changeover,
-                pid,
-                patience: std::time::Duration::from_secs(patience_secs),
-                run_args,
-                service,
-            },
-        ),
+        Command::SwapHelper { options } => {
+            changeover_server::changeover::swap_helper::run(&options)
+        }
         Command::Service(command) => changeover_server::service::command(match command {
             ServiceCommand::Install { root, name } => {
                 changeover_server::service::ServiceAction::Install { root, name }
@@ -304,23 +273,7 @@ fn main() -> ExitCode {
                     ))
                 }
             }),
-        Command::Watchdog {
-            root,
-            name,
-            changeover,
-            pid,
-            patience_secs,
-            detached,
-            run_args,
-        } => {
-            let options = changeover_server::changeover::watchdog::WatchOptions {
-                root,
-                name,
-                changeover_id: changeover,
-                pid,
-                patience: std::time::Duration::from_secs(patience_secs),
-                run_args,
-            };
+        Command::Watchdog { options, detached } => {
             if detached {
                 changeover_server::changeover::watchdog::watch(&options)
             } else {

@@ -138,12 +138,22 @@ pub fn restart_service_with(binary: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `serve` as the Windows service for the install `name` when the service manager
-/// started this process, else as a console program.
+/// Runs `serve` as the Windows service for the install `name` when `as_service` (the
+/// hidden `run --as-service` that `service install` puts in the service's command line)
+/// says the service manager started this process, else as a console program.
+///
+/// Only a service start asks the dispatcher: for a console program its answer ("not a
+/// service") can take long (10 s under Wine, its control pipe's timeout). A service
+/// started by hand without the flag still runs, as a console program, and the service
+/// manager gives up on it after its start timeout.
 pub fn run_under_any_manager(
     name: &str,
+    as_service: bool,
     serve: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if !as_service {
+        return serve();
+    }
     #[cfg(windows)]
     {
         use std::sync::{Arc, Mutex};
@@ -172,8 +182,8 @@ pub fn run_under_any_manager(
     }
     #[cfg(not(windows))]
     {
-        let _ = name;
-        serve()
+        let _ = (name, serve);
+        anyhow::bail!("--as-service is for the Windows service manager only")
     }
 }
 

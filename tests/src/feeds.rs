@@ -42,14 +42,7 @@ impl Vendor {
 
     /// Packs `tree` into `feed`; returns the archive path the command printed last.
     pub fn pack(&self, kind: &str, version: &str, tree: &Path, feed: &Path) -> PathBuf {
-        let output = self.pack_output(kind, version, tree, feed);
-        assert!(
-            output.status.success(),
-            "pack: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).expect("utf-8");
-        PathBuf::from(stdout.lines().last().expect("pack prints the archive path"))
+        archive_packed(self.pack_output(kind, version, tree, feed))
     }
 
     pub fn pack_output(
@@ -59,7 +52,32 @@ impl Vendor {
         tree: &Path,
         feed: &Path,
     ) -> std::process::Output {
-        Command::new(binary("changeover-server"))
+        self.pack_command(kind, version, tree, feed)
+            .output()
+            .expect("pack runs")
+    }
+
+    /// Packs `tree` into `feed` as a release for `platform` (such as `windows-x86_64`);
+    /// returns the archive path.
+    pub fn pack_for(
+        &self,
+        kind: &str,
+        version: &str,
+        tree: &Path,
+        feed: &Path,
+        platform: &str,
+    ) -> PathBuf {
+        let output = self
+            .pack_command(kind, version, tree, feed)
+            .args(["--platform", platform])
+            .output()
+            .expect("pack runs");
+        archive_packed(output)
+    }
+
+    fn pack_command(&self, kind: &str, version: &str, tree: &Path, feed: &Path) -> Command {
+        let mut command = Command::new(binary("changeover-server"));
+        command
             .args([
                 "release",
                 "pack",
@@ -75,9 +93,8 @@ impl Vendor {
             .arg("--feed")
             .arg(feed)
             .args(["--notes", &format!("release {version}")])
-            .stdin(Stdio::null())
-            .output()
-            .expect("pack runs")
+            .stdin(Stdio::null());
+        command
     }
 
     /// Signs `archive` as a package described by `entry` (a JSON object), writing
@@ -99,6 +116,17 @@ impl Vendor {
         path.push(".minisig");
         std::fs::write(PathBuf::from(path), signature.into_string()).expect("signature written");
     }
+}
+
+/// The archive a successful `release pack` printed last.
+fn archive_packed(output: std::process::Output) -> PathBuf {
+    assert!(
+        output.status.success(),
+        "pack: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    PathBuf::from(stdout.lines().last().expect("pack prints the archive path"))
 }
 
 /// A server release tree: the built server binary plus `extra` files.

@@ -257,6 +257,18 @@ fn run_within(mut command: Command, patience: Duration, what: &str) -> Output {
     output
 }
 
+/// Runs `command` with piped output; `None` (and killed) if it takes longer than
+/// `patience`.
+pub fn output_within(mut command: Command, patience: Duration) -> Option<Output> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the program starts");
+    wait_output_within(child, patience)
+}
+
 /// Collects a child's output, or kills it and returns `None` after `patience`.
 fn wait_output_within(child: Child, patience: Duration) -> Option<Output> {
     let pid = child.id();
@@ -469,10 +481,8 @@ impl WindowsServer {
     /// Starts `exe run --root Z:\… --listen <listen>` (any free port when `None`) with the
     /// tests' admin password, and waits for its `listening on` line. Its log (stderr) goes
     /// to `<root>.server-wine-<n>.log`, `n` counting the starts for one root.
-    ///
-    /// Under Wine 8 a console start takes about 10 s longer than on Windows: the server
-    /// first asks whether the service manager started it (`StartServiceCtrlDispatcherW`),
-    /// and Wine answers "no" only after its 10 s control-pipe timeout.
+    /// A console start does not ask the service manager (only `run --as-service` does),
+    /// so it is not held up by Wine's 10 s control-pipe timeout.
     pub fn start(wine: &Wine, exe: &Path, root: &Path, listen: Option<SocketAddr>) -> Self {
         let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address"));
         let log = (0..)

@@ -6,9 +6,14 @@
 //! (sockets, files on `Z:`, the console, Ctrl-C); they cannot show Windows' own file
 //! locking rules.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use changeover_tests::wine::{self, Exe, WindowsServer, Wine, install_exe, windows_binaries};
+use changeover_tests::feeds::{StaticServer, Vendor};
+use changeover_tests::wine::{
+    self, Exe, WindowsServer, Wine, install_exe, windows_binaries, windows_path,
+};
 use changeover_tests::{
     ADMIN_PASSWORD, Server, eventually, session_users, start_agent, status, try_status,
 };
@@ -211,4 +216,290 @@ fn a_windows_server_serves_a_linux_agent_stops_on_ctrl_c_and_starts_again_after_
         try_status(&url).is_none(),
         "nothing answers on {url} any more"
     );
+}
+
+/// Windows releases 1.0.0 and 1.1.0 of the server and the agent in one feed, packed once
+/// with the release tools; each tree carries the shim DLL beside its `.exe`, as a Windows
+/// release carries the DLLs it needs. Agent 1.1.0 brings a file 1.0.0 lacks.
+struct WindowsFeed {
+    _dir: tempfile::TempDir,
+    vendor: Vendor,
+    feed: PathBuf,
+}
+
+const PLATFORM: &str = "windows-x86_64";
+const NEW_AGENT_FILE: &str = "share/whats-new.txt";
+
+fn windows_feed() -> &'static WindowsFeed {
+    static FEED: OnceLock<WindowsFeed> = OnceLock::new();
+    FEED.get_or_init(|| {
+        let build = windows_binaries();
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = Vendor::create(&dir.path().join("vendor"));
+        let feed = dir.path().join("feed");
+        for version in ["1.0.0", "1.1.0"] {
+            let server = dir.path().join(format!("server-{version}"));
+            install_exe(build, Exe::Server, &server.join("bin"));
+            let defaults = format!("shipped_with = \"{version}\"\n");
+            std::fs::create_dir_all(server.join("config")).unwrap();
+            std::fs::write(server.join("config/release-defaults.toml"), defaults).unwrap();
+            vendor.pack_for("server", version, &server, &feed, PLATFORM);
+
+            let agent = dir.path().join(format!("agent-{version}"));
+            install_exe(build, Exe::Agent, &agent.join("bin"));
+            if version == "1.1.0" {
+                std::fs::create_dir_all(agent.join("share")).unwrap();
+                std::fs::write(agent.join(NEW_AGENT_FILE), "agent 1.1.0\n").unwrap();
+            }
+            vendor.pack_for("agent", version, &agent, &feed, PLATFORM);
+        }
+        WindowsFeed {
+            _dir: dir,
+            vendor,
+            feed,
+        }
+    })
+}
+
+fn windows_archive(kind: &str, version: &str) -> PathBuf {
+    windows_feed()
+        .feed
+        .join(format!("{kind}-{version}-{PLATFORM}.tar.gz"))
+}
+
+/// The `version` in an install's `release.json`.
+fn release_version(install: &Path) -> String {
+    let text = std::fs::read_to_string(install.join("release.json")).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap();
+    info["version"].as_str().unwrap().to_owned()
+}
+
+/// Runs a Windows program's `install` (`--root` for the server, `--dir` for the agent) of
+/// `package` with the vendor's key, from a copy of the build outside the target folder.
+fn windows_install(wine: &Wine, which: Exe, target: &Path, package: &Path) {
+    let tools = wine.scratch().join(match which {
+        Exe::Server => "tools/server",
+        Exe::Agent => "tools/agent",
+    });
+    let exe = install_exe(windows_binaries(), which, &tools);
+    let flag = match which {
+        Exe::Server => "--root",
+        Exe::Agent => "--dir",
+    };
+    let output = wine::run(
+        wine,
+        &exe,
+        &[
+            "install".to_owned(),
+            flag.to_owned(),
+            windows_path(target),
+            "--package".to_owned(),
+            windows_path(package),
+            "--public-key".to_owned(),
+            windows_path(&windows_feed().vendor.public_key),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "install of {}: {}{}",
+        package.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_windows_server_changes_over_through_the_swap_helper_and_windows_agents_update_themselves() {
+    let wine = Wine::new();
+    let feed = windows_feed();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("office");
+    windows_install(
+        &wine,
+        Exe::Server,
+        &root,
+        &windows_archive("server", "1.0.0"),
+    );
+    assert_eq!(release_version(&root.join("server")), "1.0.0");
+
+    // What the site must never lose, in the install the swap renames.
+    let carried: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "config/site-preferences.toml",
+            b"company = \"Muster GmbH\"\n".to_vec(),
+        ),
+        (
+            "backups/2026-11-27.bak",
+            (0..(1024 * 1024u32))
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+                .collect(),
+        ),
+        (
+            "certs/server.pem",
+            b"-----BEGIN CERTIFICATE-----\n".to_vec(),
+        ),
+    ];
+    for (path, contents) in &carried {
+        let file = root.join("server").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, contents).unwrap();
+    }
+    let feed_server = StaticServer::python(&feed.feed, dir.path());
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        format!(
+            "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 60\n",
+            feed_server.url()
+        ),
+    )
+    .unwrap();
+
+    let mut server = WindowsServer::start(
+        &wine,
+        &root.join("server/bin/changeover-server.exe"),
+        &root,
+        None,
+    );
+    let url = server.url();
+
+    // Two Windows workstations with agent 1.0.0 installed, hooks through cmd, and a Linux
+    // one with the built agent.
+    let mut hook_logs = Vec::new();
+    let mut agent_dirs = Vec::new();
+    let mut agents = Vec::new();
+    for user in ["wanda", "walter"] {
+        let agent_dir = dir.path().join(user).join("agent");
+        windows_install(
+            &wine,
+            Exe::Agent,
+            &agent_dir,
+            &windows_archive("agent", "1.0.0"),
+        );
+        let hook_log = dir.path().join(format!("{user}-hooks.log"));
+        let log = windows_path(&hook_log);
+        let warn =
+            format!("echo warning %CHANGEOVER_SECONDS_LEFT% %CHANGEOVER_TARGET_VERSION%>> {log}");
+        let logout = format!("echo logout %CHANGEOVER_TARGET_VERSION%>> {log}");
+        agents.push(wine::start_agent(
+            &wine,
+            &agent_dir.join("bin/changeover-agent.exe"),
+            &url,
+            user,
+            &dir.path().join(user).join("state"),
+            &["--warn-hook", &warn, "--logout-hook", &logout],
+        ));
+        hook_logs.push(hook_log);
+        agent_dirs.push(agent_dir);
+    }
+    let linux_hooks = dir.path().join("linus-hooks.log");
+    let linux_warn = format!(
+        "echo \"warning $CHANGEOVER_TARGET_VERSION\" >> {}",
+        linux_hooks.display()
+    );
+    let linus = start_agent(
+        &url,
+        "linus",
+        &dir.path().join("linus"),
+        &["--warn-hook", &linux_warn],
+    );
+    eventually(Duration::from_secs(60), "three agents on 1.0.0", || {
+        for agent in &mut agents {
+            assert!(agent.try_status().is_none(), "{}", agent.log_text());
+        }
+        let report = try_status(&url)?;
+        (report["sessions"].as_array()?.len() == 3).then_some(())
+    });
+
+    let mut update = std::process::Command::new(changeover_tests::binary("changeover-agent"));
+    update
+        .args([
+            "admin", "update", "--server", &url, "--grace", "3", "--json",
+        ])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD);
+    let output = wine::output_within(update, Duration::from_secs(240))
+        .expect("admin update ends once the changeover has");
+    let events = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{events}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(events.contains("\"counting_down\""), "{events}");
+
+    // The old server handed the swap to the helper and ended.
+    let exit = wine::exit_within(&mut server.process, Duration::from_secs(60));
+    assert!(
+        exit.is_some_and(|status| status.success()),
+        "the old server did not end after handing over ({exit:?}): {}",
+        server.process.log_text()
+    );
+    let state_log = || std::fs::read_to_string(root.join("state/server.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let report = loop {
+        let report = try_status(&url);
+        if let Some(report) = &report {
+            let on = |user: &str, version: &str| {
+                session_of(report, user).is_some_and(|s| s["agent_version"] == version)
+            };
+            if report["server_version"] == "1.1.0"
+                && report["last_changeover"]["outcome"] == "committed"
+                && on("wanda", "1.1.0")
+                && on("walter", "1.1.0")
+                && session_of(report, "linus").is_some()
+            {
+                break report.clone();
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            let agent_logs: Vec<String> = ["wanda", "walter"]
+                .iter()
+                .map(|user| {
+                    std::fs::read_to_string(dir.path().join(user).join("state/agent.log"))
+                        .unwrap_or_default()
+                })
+                .collect();
+            panic!(
+                "the server on 1.1.0 and the Windows agents updated: not within 180 s\n\
+                 status: {report:#?}\nagents:\n{}\nserver log:\n{}",
+                agent_logs.join("\n---\n"),
+                state_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // Only the Linux agent: this feed has no Linux agent release to offer it.
+    assert_eq!(report["agents_behind"], 1, "{report:#}");
+    let log = state_log();
+    assert!(
+        log.contains("swap helper waiting for the old server to end"),
+        "the Windows path ran: {log}"
+    );
+    assert_eq!(release_version(&root.join("server")), "1.1.0");
+    for (path, contents) in &carried {
+        let now = std::fs::read(root.join("server").join(path))
+            .unwrap_or_else(|err| panic!("{path} is gone: {err}\n{log}"));
+        assert!(now == *contents, "{path} changed");
+    }
+    assert!(
+        root.join("server/config.release-default/release-defaults.toml")
+            .exists()
+    );
+    eventually(
+        Duration::from_secs(60),
+        "server_old deleted after the commit",
+        || (!root.join("server_old").exists()).then_some(()),
+    );
+
+    for (agent_dir, hook_log) in agent_dirs.iter().zip(&hook_logs) {
+        assert_eq!(release_version(agent_dir), "1.1.0");
+        assert!(agent_dir.join(NEW_AGENT_FILE).is_file());
+        let hooks = std::fs::read_to_string(hook_log).unwrap_or_default();
+        let lines: Vec<&str> = hooks.lines().map(str::trim).collect();
+        assert_eq!(lines.first(), Some(&"warning 3 1.1.0"), "{hooks}");
+        assert_eq!(lines.last(), Some(&"logout 1.1.0"), "{hooks}");
+    }
+    let hooks = std::fs::read_to_string(&linux_hooks).unwrap();
+    assert!(hooks.contains("warning 1.1.0"), "{hooks}");
+    drop(linus);
+    drop(feed_server);
 }

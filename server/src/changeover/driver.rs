@@ -575,14 +575,7 @@ impl Driver {
         } else if super::watchdog::under_service_manager() {
             info!("a service manager supervises the server: no watchdog needed");
         } else if let Some(journal) = &self.journal {
-            let watch = super::watchdog::WatchOptions {
-                root: self.parts.layout.root().to_owned(),
-                name: self.parts.layout.name().to_owned(),
-                changeover_id: journal.changeover_id.clone(),
-                pid: std::process::id(),
-                patience: self.parts.health_timeout + WATCHDOG_MARGIN,
-                run_args: self.parts.restart_args.clone(),
-            };
+            let watch = self.watch_options(&journal.changeover_id);
             // Without it a new release that dies or hangs before its verdict would stay
             // down: the old release must not go on without one.
             if let Err(err) = super::watchdog::start(&watch, &tcp) {
@@ -596,19 +589,25 @@ impl Driver {
         self.roll_back_here(err, Some(tcp)).await;
     }
 
+    /// What the watchdog or the swap helper is told: this process, the new release's
+    /// patience, how the server runs.
+    fn watch_options(&self, changeover_id: &str) -> super::watchdog::WatchOptions {
+        super::watchdog::WatchOptions {
+            root: self.parts.layout.root().to_owned(),
+            name: self.parts.layout.name().to_owned(),
+            changeover_id: changeover_id.to_owned(),
+            pid: std::process::id(),
+            patience: self.parts.health_timeout + WATCHDOG_MARGIN,
+            service: crate::service::windows_service_name(),
+            run_args: self.parts.restart_args.clone(),
+        }
+    }
+
     // Windows: the swap and the restart are the helper's, from outside both releases; this
     // process lets the port go and ends (as a service: reports itself stopped).
     async fn hand_over_to_swap_helper(&mut self, tcp: std::net::TcpListener) {
         let Some(journal) = &self.journal else { return };
-        let options = super::swap_helper::HelperOptions {
-            root: self.parts.layout.root().to_owned(),
-            name: self.parts.layout.name().to_owned(),
-            changeover_id: journal.changeover_id.clone(),
-            pid: std::process::id(),
-            patience: self.parts.health_timeout + WATCHDOG_MARGIN,
-            run_args: self.parts.restart_args.clone(),
-            service: crate::service::windows_service_name(),
-        };
+        let options = self.watch_options(&journal.changeover_id);
         let layout = self.parts.layout.clone();
         let staging = preflight::staging_dir(&layout);
         if let Err(err) = self

@@ -8,7 +8,6 @@
 //! server started again. Every step is in the journal the servers use, so a crash of the
 //! helper is finished by the next start of either release.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use changeover_protocol::release::ReleaseKind;
 use tracing::{error, info, warn};
 
 use super::journal::JournalFiles;
-use super::watchdog::{Verdict, Watched, await_verdict};
+use super::watchdog::{Verdict, WatchOptions, Watched, await_verdict};
 use super::{fault_point, recovery};
 use crate::layout::Layout;
 
@@ -28,22 +27,6 @@ const OLD_SERVER_PATIENCE: Duration = Duration::from_secs(60);
 /// How often the helper looks at a process or a service.
 const POLL: Duration = Duration::from_millis(50);
 
-/// What the old server tells the helper.
-#[derive(Debug, Clone)]
-pub struct HelperOptions {
-    pub root: PathBuf,
-    pub name: String,
-    pub changeover_id: String,
-    /// The old server's pid, which must be gone before anything moves.
-    pub pid: u32,
-    /// How long the new release has for its health verdict.
-    pub patience: Duration,
-    /// The arguments the server runs with (`run --root … --listen …`).
-    pub run_args: Vec<OsString>,
-    /// The Windows service the server runs as, if it does.
-    pub service: Option<String>,
-}
-
 /// The helper's own folder in the state folder: outside both releases.
 pub fn helper_dir(layout: &Layout) -> PathBuf {
     layout.state_dir().join("swap-helper")
@@ -52,7 +35,7 @@ pub fn helper_dir(layout: &Layout) -> PathBuf {
 /// In the old server: copies the new release's binary (and the DLLs beside it) from
 /// `staging` into the state folder and starts it as the helper, detached. Returns once it
 /// runs; the caller then ends.
-pub fn start(layout: &Layout, staging: &Path, options: &HelperOptions) -> anyhow::Result<()> {
+pub fn start(layout: &Layout, staging: &Path, options: &WatchOptions) -> anyhow::Result<()> {
     let binary = staging.join(ReleaseKind::Server.binary_path());
     let dir = helper_dir(layout);
     if dir.exists() {
@@ -84,7 +67,7 @@ pub fn start(layout: &Layout, staging: &Path, options: &HelperOptions) -> anyhow
         .with_context(|| format!("cannot copy {} to {}", binary.display(), helper.display()))?;
     let mut command = std::process::Command::new(&helper);
     command
-        .args(arguments(options))
+        .args(options.arguments("swap-helper", &[]))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -93,31 +76,8 @@ pub fn start(layout: &Layout, staging: &Path, options: &HelperOptions) -> anyhow
     Ok(())
 }
 
-fn arguments(options: &HelperOptions) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![
-        "swap-helper".into(),
-        "--root".into(),
-        options.root.clone().into_os_string(),
-        "--name".into(),
-        options.name.clone().into(),
-        "--changeover".into(),
-        options.changeover_id.clone().into(),
-        "--pid".into(),
-        options.pid.to_string().into(),
-        "--patience-secs".into(),
-        options.patience.as_secs().to_string().into(),
-    ];
-    if let Some(service) = &options.service {
-        args.push("--service".into());
-        args.push(service.into());
-    }
-    args.push("--".into());
-    args.extend(options.run_args.iter().cloned());
-    args
-}
-
 /// The helper process: swap, start, wait for the verdict, roll back if there is none.
-pub fn run(options: &HelperOptions) -> anyhow::Result<()> {
+pub fn run(options: &WatchOptions) -> anyhow::Result<()> {
     let layout = Layout::named(&options.root, &options.name);
     crate::log_file::attach(&layout.state_dir());
     let files = JournalFiles::new(&layout.state_dir());
@@ -203,7 +163,7 @@ pub fn run(options: &HelperOptions) -> anyhow::Result<()> {
     start_server(&layout, options).map(|_| ())
 }
 
-fn wait_for_old_server(options: &HelperOptions) -> anyhow::Result<()> {
+fn wait_for_old_server(options: &WatchOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let birth = crate::platform::process_start_time(options.pid);
     let running = || {
@@ -231,7 +191,7 @@ fn wait_for_old_server(options: &HelperOptions) -> anyhow::Result<()> {
 }
 
 /// Starts the installed release: the service, or a new detached process. Returns its pid.
-fn start_server(layout: &Layout, options: &HelperOptions) -> anyhow::Result<u32> {
+fn start_server(layout: &Layout, options: &WatchOptions) -> anyhow::Result<u32> {
     #[cfg(windows)]
     if let Some(service) = &options.service {
         let pid = crate::platform::windows_service::start(service)?;
@@ -255,7 +215,7 @@ fn start_server(layout: &Layout, options: &HelperOptions) -> anyhow::Result<u32>
     Ok(child.id())
 }
 
-fn stop_server(options: &HelperOptions, pid: u32) {
+fn stop_server(options: &WatchOptions, pid: u32) {
     #[cfg(windows)]
     if let Some(service) = &options.service {
         if let Err(err) = crate::platform::windows_service::stop(service) {

@@ -29,18 +29,61 @@ const POLL: Duration = Duration::from_millis(100);
 /// Extra patience for a rollback or a commit under way in the new process.
 const FINISHING_PATIENCE: Duration = Duration::from_secs(30);
 
-/// What the watchdog is told by the old process.
-#[derive(Debug, Clone)]
+/// What the old process tells the process that waits for the new release's verdict: the
+/// Unix watchdog and the Windows swap helper (hidden commands, so these are their
+/// command-line arguments too).
+#[derive(Debug, Clone, clap::Args)]
 pub struct WatchOptions {
+    #[arg(long)]
     pub root: PathBuf,
+    #[arg(long)]
     pub name: String,
+    #[arg(long = "changeover")]
     pub changeover_id: String,
-    /// The server's pid, which the new release keeps.
+    /// The server's pid: kept by the new release on Unix, gone before the swap on Windows.
+    #[arg(long)]
     pub pid: u32,
     /// How long the new release has for its verdict.
+    #[arg(long = "patience-secs", value_parser = parse_seconds)]
     pub patience: Duration,
+    /// The Windows service the server runs as, if it does.
+    #[arg(long)]
+    pub service: Option<String>,
     /// The arguments the server runs with (`run --root … --listen …`).
+    #[arg(last = true)]
     pub run_args: Vec<OsString>,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, std::num::ParseIntError> {
+    text.parse().map(Duration::from_secs)
+}
+
+impl WatchOptions {
+    /// The command line of `command` (`watchdog`, `swap-helper`) with these options, and
+    /// `flags` before the server's own arguments.
+    pub fn arguments(&self, command: &str, flags: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            command.into(),
+            "--root".into(),
+            self.root.clone().into_os_string(),
+            "--name".into(),
+            self.name.clone().into(),
+            "--changeover".into(),
+            self.changeover_id.clone().into(),
+            "--pid".into(),
+            self.pid.to_string().into(),
+            "--patience-secs".into(),
+            self.patience.as_secs().to_string().into(),
+        ];
+        if let Some(service) = &self.service {
+            args.push("--service".into());
+            args.push(service.into());
+        }
+        args.extend(flags.iter().map(OsString::from));
+        args.push("--".into());
+        args.extend(self.run_args.iter().cloned());
+        args
+    }
 }
 
 /// Whether a service manager supervises this process (and so restarts it).
@@ -56,7 +99,7 @@ pub fn under_service_manager() -> bool {
 pub fn start(options: &WatchOptions, listener: &std::net::TcpListener) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("cannot find this program")?;
     let mut command = std::process::Command::new(&me);
-    command.args(arguments(options, false));
+    command.args(options.arguments("watchdog", &[]));
     // The socket goes along as fd 3 (it is fd 3 here, and the exec clears close-on-exec on
     // it anyway); without a pid check, since the watchdog's pid is not known beforehand.
     crate::platform::hand_over_listener(&mut command, listener, None);
@@ -81,35 +124,13 @@ pub fn start(_options: &WatchOptions, _listener: &std::net::TcpListener) -> anyh
     anyhow::bail!("the watchdog is not available on this platform")
 }
 
-fn arguments(options: &WatchOptions, detached: bool) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![
-        "watchdog".into(),
-        "--root".into(),
-        options.root.clone().into_os_string(),
-        "--name".into(),
-        options.name.clone().into(),
-        "--changeover".into(),
-        options.changeover_id.clone().into(),
-        "--pid".into(),
-        options.pid.to_string().into(),
-        "--patience-secs".into(),
-        options.patience.as_secs().to_string().into(),
-    ];
-    if detached {
-        args.push("--detached".into());
-    }
-    args.push("--".into());
-    args.extend(options.run_args.iter().cloned());
-    args
-}
-
 /// The first watchdog process: starts the detached one in its own process group and
 /// exits.
 pub fn detach(options: &WatchOptions) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("cannot find this program")?;
     let mut command = std::process::Command::new(me);
     command
-        .args(arguments(options, true))
+        .args(options.arguments("watchdog", &["--detached"]))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

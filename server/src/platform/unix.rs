@@ -95,6 +95,11 @@ pub fn reexec(
     command.exec()
 }
 
+/// Accepted connections are close-on-exec already: nothing to do.
+pub fn keep_from_children(_stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Starts `command` in a process group of its own, so that it outlives this process and a
 /// Ctrl-C meant for this one does not reach it. Its streams are the caller's to set.
 pub fn spawn_detached(command: &mut std::process::Command) -> anyhow::Result<std::process::Child> {

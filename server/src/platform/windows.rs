@@ -75,6 +75,15 @@ pub fn reexec(
     }
 }
 
+/// Keeps an accepted connection out of the processes this one starts (the swap helper, a
+/// new release, applications): a connection inherited by one stays open after this
+/// process ends, and its peer waits on a silent socket. Sockets are made non-inheritable
+/// by the standard library, but an accepted one does not always take that over from its
+/// listener (Wine 8 does not).
+pub fn keep_from_children(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_no_inherit(true)
+}
+
 /// Starts `command` detached from this console and in a process group of its own, so that
 /// it outlives this process and this console's Ctrl-C does not reach it. Its streams are
 /// the caller's to set.

@@ -3,9 +3,10 @@
 //! service manager expects (start pending → running → stop pending → stopped, with the exit
 //! code), and starting and stopping the service from a helper process during a changeover.
 //!
-//! `run` finds out that the service manager started it by asking to connect to it: a
-//! program started from a console gets `ERROR_FAILED_SERVICE_CONTROLLER_CONNECT` at once
-//! and runs as a console program.
+//! `service install` puts the hidden `--as-service` in the service's command line; only
+//! then does `run` connect to the dispatcher. A console start never asks (Wine answers
+//! "not a service" only after a 10 s timeout), and if the dispatcher still answers
+//! `ERROR_FAILED_SERVICE_CONTROLLER_CONNECT` the server runs as a console program.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -189,6 +190,7 @@ pub fn install(root: &Path, name: &str) -> anyhow::Result<String> {
             root.as_os_str().to_owned(),
             "--name".into(),
             name.into(),
+            "--as-service".into(),
         ],
         dependencies: Vec::new(),
         account_name: None,
