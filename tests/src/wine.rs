@@ -388,6 +388,28 @@ impl Wine {
         }
     }
 
+    /// A program that runs until dropped (`cmd` waiting on its input). Wine ends its
+    /// services once no other program of the prefix runs; a Windows machine keeps them
+    /// running, and so does this.
+    pub fn keep_services_running(&self) -> Process {
+        let log = self.scratch().join("keeper.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = self.command(Path::new("cmd"));
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        Process::from_child(command.spawn().expect("wine64 starts"), log)
+    }
+
+    /// Runs one of Wine's own programs (`sc`, say) with `args`; its output.
+    pub fn tool(&self, program: &str, args: &[&str]) -> Output {
+        let mut command = self.command(Path::new(program));
+        command.args(args);
+        output_within(command, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("{program} {args:?} did not end within 60 s"))
+    }
+
     /// The Linux processes still alive in this prefix (the wineserver, Wine's own services,
     /// the programs): those whose environment names it. Exited processes not yet reaped
     /// show no environment and are not counted.

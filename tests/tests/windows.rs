@@ -503,3 +503,159 @@ fn a_windows_server_changes_over_through_the_swap_helper_and_windows_agents_upda
     drop(linus);
     drop(feed_server);
 }
+
+/// The `STATE` line of `sc query SERVICE` (`RUNNING`, `STOPPED`…).
+fn service_state(wine: &Wine, service: &str) -> String {
+    let output = wine.tool("sc", &["query", service]);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.trim_start().starts_with("STATE"))
+        .and_then(|line| line.split_whitespace().last())
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn the_windows_service_changes_over_stops_and_starts_again_through_the_service_manager() {
+    let wine = Wine::new();
+    let feed = windows_feed();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("office");
+    windows_install(
+        &wine,
+        Exe::Server,
+        &root,
+        &windows_archive("server", "1.0.0"),
+    );
+    let preferences = b"company = \"Muster GmbH\"\n";
+    std::fs::write(
+        root.join("server/config/site-preferences.toml"),
+        preferences,
+    )
+    .unwrap();
+    let feed_server = StaticServer::python(&feed.feed, dir.path());
+    let port = changeover_tests::feeds::free_port();
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n\
+             [changeover]\nhealth_timeout_secs = 60\n",
+            feed_server.url()
+        ),
+    )
+    .unwrap();
+    let exe = root.join("server/bin/changeover-server.exe");
+
+    // README's way: once from a console with the admin password, then as a service.
+    let mut first = WindowsServer::start(&wine, &exe, &root, None);
+    first.process.signal("INT");
+    let exit = wine::exit_within(&mut first.process, Duration::from_secs(20));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+
+    let _keeper = wine.keep_services_running();
+    let installed = wine::run(
+        &wine,
+        &exe,
+        &[
+            "service".to_owned(),
+            "install".to_owned(),
+            "--root".to_owned(),
+            windows_path(&root),
+        ],
+    );
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let service = "changeover-server";
+    let started = wine.tool("sc", &["start", service]);
+    assert!(started.status.success(), "{started:?}");
+    let url = format!("ws://127.0.0.1:{port}");
+    eventually(Duration::from_secs(60), "the service serving", || {
+        try_status(&url)
+    });
+    assert_eq!(service_state(&wine, service), "RUNNING");
+    let service_pid = |wine: &Wine| {
+        wine.live_processes()
+            .into_iter()
+            .find(|(_, cmdline)| cmdline.contains("changeover-server.exe run"))
+    };
+    let (old_pid, cmdline) = service_pid(&wine).expect("the service's process");
+    assert!(cmdline.contains("--as-service"), "{cmdline}");
+
+    let agent = start_agent(&url, "linus", &dir.path().join("linus"), &[]);
+    eventually(Duration::from_secs(30), "the agent connected", || {
+        session_of(&try_status(&url)?, "linus")
+    });
+
+    let mut update = std::process::Command::new(changeover_tests::binary("changeover-agent"));
+    update
+        .args([
+            "admin", "update", "--server", &url, "--grace", "2", "--json",
+        ])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD);
+    let output = wine::output_within(update, Duration::from_secs(240))
+        .expect("admin update ends once the changeover has");
+    let events = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{events}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state_log = || std::fs::read_to_string(root.join("state/server.log")).unwrap_or_default();
+    let report = eventually(
+        Duration::from_secs(120),
+        "the service back on 1.1.0 with its agent",
+        || {
+            let report = try_status(&url)?;
+            (report["server_version"] == "1.1.0"
+                && report["last_changeover"]["outcome"] == "committed"
+                && session_of(&report, "linus").is_some())
+            .then_some(report)
+        },
+    );
+    assert!(report["changeover"].is_null(), "{report:#}");
+    let log = state_log();
+    assert!(
+        log.contains("swap helper waiting for the old server to end"),
+        "{log}"
+    );
+    // The service manager started the new release: a new process, as the service.
+    assert_eq!(service_state(&wine, service), "RUNNING", "{log}");
+    let (new_pid, cmdline) = service_pid(&wine).expect("the service's process");
+    assert_ne!(new_pid, old_pid);
+    assert!(cmdline.contains("--as-service"), "{cmdline}");
+    assert_eq!(release_version(&root.join("server")), "1.1.0");
+    assert_eq!(
+        std::fs::read(root.join("server/config/site-preferences.toml")).unwrap(),
+        preferences
+    );
+
+    // Stopped by the service manager: sessions closed with a reason, exit code 0.
+    let stopped = wine.tool("sc", &["stop", service]);
+    assert!(stopped.status.success(), "{stopped:?}");
+    eventually(Duration::from_secs(30), "the service stopped", || {
+        (service_state(&wine, service) == "STOPPED").then_some(())
+    });
+    assert!(state_log().contains("stopping: closing every session"));
+    eventually(Duration::from_secs(20), "the agent told", || {
+        agent.log_text().contains("disconnected").then_some(())
+    });
+    let removed = wine::run(
+        &wine,
+        &exe,
+        &[
+            "service".to_owned(),
+            "uninstall".to_owned(),
+            "--root".to_owned(),
+            windows_path(&root),
+        ],
+    );
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    drop(feed_server);
+}
