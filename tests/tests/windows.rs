@@ -659,3 +659,102 @@ fn the_windows_service_changes_over_stops_and_starts_again_through_the_service_m
     );
     drop(feed_server);
 }
+
+#[test]
+fn a_file_another_program_holds_open_in_the_install_is_named_before_anyone_is_warned() {
+    let wine = Wine::new();
+    let feed = windows_feed();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("office");
+    windows_install(
+        &wine,
+        Exe::Server,
+        &root,
+        &windows_archive("server", "1.0.0"),
+    );
+    let manual = root.join("server/docs/manual.txt");
+    std::fs::create_dir_all(manual.parent().unwrap()).unwrap();
+    std::fs::write(&manual, "the manual\n").unwrap();
+    let feed_server = StaticServer::python(&feed.feed, dir.path());
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        format!(
+            "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 60\n",
+            feed_server.url()
+        ),
+    )
+    .unwrap();
+    let server = WindowsServer::start(
+        &wine,
+        &root.join("server/bin/changeover-server.exe"),
+        &root,
+        None,
+    );
+    let url = server.url();
+    let hook_log = dir.path().join("hooks.log");
+    let warn = format!("echo warned >> {}", hook_log.display());
+    let _agent = start_agent(
+        &url,
+        "linus",
+        &dir.path().join("linus"),
+        &["--warn-hook", &warn],
+    );
+    eventually(Duration::from_secs(30), "the agent connected", || {
+        session_of(&try_status(&url)?, "linus")
+    });
+
+    // A Windows program with the manual open (cmd appending to it, waiting for a key).
+    let mut holder = wine.command(Path::new("cmd"));
+    holder
+        .args(["/C", &format!("pause >> {}", windows_path(&manual))])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut holder = holder.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let update = || {
+        let mut update = std::process::Command::new(changeover_tests::binary("changeover-agent"));
+        update
+            .args(["admin", "update", "--server", &url, "--grace", "2"])
+            .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD);
+        wine::output_within(update, Duration::from_secs(240)).expect("admin update ends")
+    };
+    let refused = update();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another program holds files in the install open")
+            && stderr.contains("manual.txt"),
+        "{stderr}"
+    );
+    let report = status(&url);
+    assert_eq!(report["server_version"], "1.0.0", "{report:#}");
+    assert_eq!(report["phase"], "idle", "{report:#}");
+    assert!(session_of(&report, "linus").is_some(), "{report:#}");
+    assert!(
+        !hook_log.exists(),
+        "nobody is warned for an update that cannot work"
+    );
+
+    // Closed, the update goes through.
+    drop(holder.stdin.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let done = update();
+    assert!(
+        done.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    eventually(Duration::from_secs(120), "the server on 1.1.0", || {
+        (try_status(&url)?["server_version"] == "1.1.0").then_some(())
+    });
+    assert!(
+        std::fs::read_to_string(&hook_log)
+            .unwrap()
+            .contains("warned")
+    );
+    drop(feed_server);
+}
