@@ -185,7 +185,8 @@ mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let before = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
         assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
-        let beyond = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_FORMATTABLE_SECS * 4);
+        let beyond =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_FORMATTABLE_SECS + 366 * 86_400);
         assert_eq!(rfc3339(beyond), "9999-12-31T23:59:59Z");
         assert_eq!(
             rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),

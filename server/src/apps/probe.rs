@@ -142,14 +142,18 @@ mod tests {
             .unwrap_err();
         assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
 
-        let ok = Probe::Command(vec!["/bin/sh".into(), "-c".into(), "exit 0".into()]);
-        run(&ok, release.path(), &http).await.unwrap();
-        let failing = Probe::Command(vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "echo not ready >&2; exit 3".into(),
-        ]);
-        let err = run(&failing, release.path(), &http).await.unwrap_err();
-        assert!(err.to_string().contains("not ready"), "{err}");
+        // A command probe through the shell.
+        #[cfg(unix)]
+        {
+            let ok = Probe::Command(vec!["/bin/sh".into(), "-c".into(), "exit 0".into()]);
+            run(&ok, release.path(), &http).await.unwrap();
+            let failing = Probe::Command(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo not ready >&2; exit 3".into(),
+            ]);
+            let err = run(&failing, release.path(), &http).await.unwrap_err();
+            assert!(err.to_string().contains("not ready"), "{err}");
+        }
     }
 }

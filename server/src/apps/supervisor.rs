@@ -529,7 +529,8 @@ pub fn stop_orphans(dir: &Path) -> Vec<String> {
     stopped
 }
 
-#[cfg(test)]
+// Its applications are shell scripts.
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
