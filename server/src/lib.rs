@@ -101,6 +101,29 @@ pub fn open_listener(options: &RunOptions) -> anyhow::Result<std::net::TcpListen
     Ok(tcp)
 }
 
+/// Windows: a helper outside both releases finishes the rollback the journal records once
+/// this process (the new release, running from the install) has ended; this process ends
+/// now (as a service, reporting itself stopped, so the helper can start it again).
+fn hand_over_roll_back(
+    layout: &Layout,
+    changeover_id: &str,
+    restart_args: &[std::ffi::OsString],
+) -> anyhow::Result<()> {
+    let options = changeover::watchdog::WatchOptions {
+        root: layout.root().to_owned(),
+        name: layout.name().to_owned(),
+        changeover_id: changeover_id.to_owned(),
+        pid: std::process::id(),
+        patience: Duration::ZERO,
+        service: service::windows_service_name(),
+        run_args: restart_args.to_vec(),
+    };
+    changeover::swap_helper::hand_over_roll_back(layout, &options)
+        .context("cannot hand the rollback over to a swap helper")?;
+    info!("the rollback is finished outside this release; this process ends");
+    service::exit_now(0)
+}
+
 /// Runs the server until SIGINT or SIGTERM, then closes every session with a reason.
 pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> anyhow::Result<()> {
     // The socket has its descriptor: the log file may have the next one.
@@ -156,6 +179,9 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         info!(binary = %binary.display(), "handing over to the installed release");
         let err = platform::reexec(binary, &restart_args, Some(&std_listener));
         anyhow::bail!("cannot start {}: {err}", binary.display());
+    }
+    if let Resume::HandOver(changeover_id) = &resume {
+        return hand_over_roll_back(&layout, changeover_id, &restart_args);
     }
 
     layout.create_dirs()?;
@@ -340,6 +366,9 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                     reason,
                     &server_version,
                 )?;
+                if let Resume::HandOver(changeover_id) = &resume {
+                    return hand_over_roll_back(&layout, changeover_id, &restart_args);
+                }
                 if let Resume::Restart(binary) = resume {
                     let tcp = listener_control
                         .pause()

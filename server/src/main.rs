@@ -77,6 +77,9 @@ enum Command {
     SwapHelper {
         #[command(flatten)]
         options: changeover_server::changeover::watchdog::WatchOptions,
+        /// Only finish the rollback of a new release that has ended.
+        #[arg(long)]
+        roll_back: bool,
     },
     /// Register the server as a Windows service, or remove it (Windows only).
     #[command(subcommand)]
@@ -231,8 +234,8 @@ fn main() -> ExitCode {
                 )
             })
         }
-        Command::SwapHelper { options } => {
-            changeover_server::changeover::swap_helper::run(&options)
+        Command::SwapHelper { options, roll_back } => {
+            changeover_server::changeover::swap_helper::run(&options, roll_back)
         }
         Command::Service(command) => changeover_server::service::command(match command {
             ServiceCommand::Install { root, name } => {

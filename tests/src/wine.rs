@@ -506,6 +506,17 @@ impl WindowsServer {
     /// A console start does not ask the service manager (only `run --as-service` does),
     /// so it is not held up by Wine's 10 s control-pipe timeout.
     pub fn start(wine: &Wine, exe: &Path, root: &Path, listen: Option<SocketAddr>) -> Self {
+        WindowsServer::start_with_env(wine, exe, root, listen, &[])
+    }
+
+    /// [`WindowsServer::start`] with extra environment (the fault switch, say).
+    pub fn start_with_env(
+        wine: &Wine,
+        exe: &Path,
+        root: &Path,
+        listen: Option<SocketAddr>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address"));
         let log = (0..)
             .map(|n| root.with_extension(format!("server-wine-{n}.log")))
@@ -521,6 +532,7 @@ impl WindowsServer {
             .env_remove("CHANGEOVER_FAULT_AT")
             .env_remove("INVOCATION_ID")
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file);

@@ -758,3 +758,72 @@ fn a_file_another_program_holds_open_in_the_install_is_named_before_anyone_is_wa
     );
     drop(feed_server);
 }
+
+#[test]
+fn a_new_windows_release_that_fails_its_health_check_is_rolled_back_by_the_swap_helper() {
+    let wine = Wine::new();
+    let feed = windows_feed();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("office");
+    windows_install(
+        &wine,
+        Exe::Server,
+        &root,
+        &windows_archive("server", "1.0.0"),
+    );
+    let preferences = b"company = \"Muster GmbH\"\n";
+    std::fs::write(
+        root.join("server/config/site-preferences.toml"),
+        preferences,
+    )
+    .unwrap();
+    let feed_server = StaticServer::python(&feed.feed, dir.path());
+    std::fs::write(
+        root.join("server/config/changeover.toml"),
+        format!(
+            "[server]\nheartbeat_secs = 1\n[feed]\nurl = \"{}\"\n[changeover]\nhealth_timeout_secs = 60\n",
+            feed_server.url()
+        ),
+    )
+    .unwrap();
+    // The switch reaches the new release through the helper; only its health check
+    // consults it.
+    let server = WindowsServer::start_with_env(
+        &wine,
+        &root.join("server/bin/changeover-server.exe"),
+        &root,
+        None,
+        &[("CHANGEOVER_FAULT_AT", "unhealthy")],
+    );
+    let url = server.url();
+    let mut update = std::process::Command::new(changeover_tests::binary("changeover-agent"));
+    update
+        .args(["admin", "update", "--server", &url, "--grace", "0"])
+        .env("CHANGEOVER_ADMIN_PASSWORD", ADMIN_PASSWORD);
+    let output = wine::output_within(update, Duration::from_secs(240))
+        .expect("admin update ends once the changeover has");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let state_log = || std::fs::read_to_string(root.join("state/server.log")).unwrap_or_default();
+    let report = eventually(Duration::from_secs(120), "the old release serving", || {
+        let report = try_status(&url)?;
+        (report["server_version"] == "1.0.0"
+            && report["last_changeover"]["outcome"] == "rolled_back")
+            .then_some(report)
+    });
+    let reason = report["last_changeover"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("health check"), "{report:#}");
+    let log = state_log();
+    // The new release did not rename the folder it ran from: the helper did, after it ended.
+    assert!(
+        log.contains("the swap helper that started this release rolls it back"),
+        "{log}"
+    );
+    assert_eq!(release_version(&root.join("server")), "1.0.0");
+    assert_eq!(
+        std::fs::read(root.join("server/config/site-preferences.toml")).unwrap(),
+        preferences
+    );
+    assert!(!root.join("server_old").exists());
+    drop(feed_server);
+}

@@ -37,6 +37,10 @@ pub enum Resume {
     /// Another binary must take over: the one now installed (the new release after a swap
     /// that an old binary found, or the old release after a rollback).
     Restart(PathBuf),
+    /// Windows: the rollback must rename the folder this process runs from; the journal
+    /// says rolling back, and a helper outside both releases finishes it
+    /// (`swap_helper::hand_over_roll_back`) once this process has ended.
+    HandOver(String),
 }
 
 /// Reads the journal and settles what can be settled before the server serves.
@@ -144,6 +148,10 @@ pub fn roll_back(
     journal.phase = P::RollingBack;
     journal.failure = Some(reason.clone());
     files.save(&journal)?;
+    if cfg!(windows) && new_release_installed(layout, &journal) && runs_from(&layout.install_dir())
+    {
+        return Ok(Resume::HandOver(journal.changeover_id));
+    }
     undo(layout, &journal)?;
     if running_version == journal.target_version {
         return Ok(Resume::Restart(
@@ -152,6 +160,12 @@ pub fn roll_back(
     }
     end(files, &journal, ChangeoverOutcome::RolledBack, reason)?;
     Ok(Resume::Nothing)
+}
+
+/// Whether this program is inside `folder`.
+fn runs_from(folder: &std::path::Path) -> bool {
+    let canonical = |path: &std::path::Path| std::fs::canonicalize(path).unwrap_or(path.to_owned());
+    std::env::current_exe().is_ok_and(|exe| canonical(&exe).starts_with(canonical(folder)))
 }
 
 fn end(

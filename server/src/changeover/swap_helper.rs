@@ -37,12 +37,47 @@ pub fn helper_dir(layout: &Layout) -> PathBuf {
 /// runs; the caller then ends.
 pub fn start(layout: &Layout, staging: &Path, options: &WatchOptions) -> anyhow::Result<()> {
     let binary = staging.join(ReleaseKind::Server.binary_path());
-    let dir = helper_dir(layout);
+    launch(
+        &helper_dir(layout),
+        &binary,
+        options.arguments("swap-helper", &[]),
+    )?;
+    Ok(())
+}
+
+/// The folder of a helper started only to roll back (beside a watching helper's, whose
+/// program may still run).
+fn roll_back_dir(layout: &Layout) -> PathBuf {
+    layout.state_dir().join("swap-helper-rollback")
+}
+
+/// In a new release that must be rolled back while it runs from the install, which
+/// Windows cannot rename under it: the journal already says rolling back. If the helper
+/// that started this release still watches, it rolls back once this process has ended;
+/// else a copy of this program in the state folder is started to do it (`swap-helper
+/// --roll-back`: waits for this process, settles the journal, starts the old release).
+/// The caller then ends.
+pub fn hand_over_roll_back(layout: &Layout, options: &WatchOptions) -> anyhow::Result<()> {
+    if watching(layout) {
+        info!("the swap helper that started this release rolls it back once it has ended");
+        return Ok(());
+    }
+    let me = std::env::current_exe().context("cannot find this program")?;
+    launch(
+        &roll_back_dir(layout),
+        &me,
+        options.arguments("swap-helper", &["--roll-back"]),
+    )
+}
+
+/// Copies `binary` and the DLLs beside it into `dir` (emptied first) and starts the copy
+/// with `args`, detached.
+fn launch(dir: &Path, binary: &Path, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)
+        std::fs::remove_dir_all(dir)
             .with_context(|| format!("cannot remove an old {}", dir.display()))?;
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if let Some(folder) = binary.parent() {
         for entry in std::fs::read_dir(folder)
             .with_context(|| format!("cannot read {}", folder.display()))?
@@ -58,16 +93,12 @@ pub fn start(layout: &Layout, staging: &Path, options: &WatchOptions) -> anyhow:
             }
         }
     }
-    let helper = dir.join(
-        binary
-            .file_name()
-            .context("the new release's binary has no name")?,
-    );
-    std::fs::copy(&binary, &helper)
+    let helper = dir.join(binary.file_name().context("the binary has no name")?);
+    std::fs::copy(binary, &helper)
         .with_context(|| format!("cannot copy {} to {}", binary.display(), helper.display()))?;
     let mut command = std::process::Command::new(&helper);
     command
-        .args(options.arguments("swap-helper", &[]))
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -76,10 +107,64 @@ pub fn start(layout: &Layout, staging: &Path, options: &WatchOptions) -> anyhow:
     Ok(())
 }
 
-/// The helper process: swap, start, wait for the verdict, roll back if there is none.
-pub fn run(options: &WatchOptions) -> anyhow::Result<()> {
+/// The watching helper's pid and start time, so a new release can tell it still runs.
+fn pid_file(layout: &Layout) -> PathBuf {
+    helper_dir(layout).join("helper.pid")
+}
+
+fn record_own_pid(layout: &Layout) {
+    let pid = std::process::id();
+    let birth = crate::platform::process_start_time(pid).unwrap_or(0);
+    if let Err(err) = std::fs::write(pid_file(layout), format!("{pid} {birth}\n")) {
+        warn!(cause = %err, "cannot write the swap helper's pid");
+    }
+}
+
+/// Whether the helper that recorded its pid still runs.
+fn watching(layout: &Layout) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file(layout)) else {
+        return false;
+    };
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(birth))) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let Ok(pid) = u32::try_from(pid) else {
+        return false;
+    };
+    crate::platform::process_alive(pid)
+        && crate::platform::process_start_time(pid).unwrap_or(0) == birth
+}
+
+/// The helper started by [`hand_over_roll_back`]: once the new release has ended, the
+/// journal's rollback is finished from here, outside both releases, and the old release
+/// started. The server is started whatever happened: a site must not be locked out.
+fn roll_back(options: &WatchOptions) -> anyhow::Result<()> {
+    let layout = Layout::named(&options.root, &options.name);
+    let files = JournalFiles::new(&layout.state_dir());
+    info!(
+        pid = options.pid,
+        "swap helper waiting for the new release to end, to roll it back"
+    );
+    let waited = wait_for_old_server(options);
+    // As neither release: a journal that says rolling back is finished here.
+    let settled = waited.and_then(|()| recovery::recover(&layout, &files, "").map(|_| ()));
+    if let Err(err) = &settled {
+        error!(cause = %format!("{err:#}"), "the rollback could not be finished; starting the server anyway");
+    }
+    start_server(&layout, options)?;
+    settled
+}
+
+/// The helper process: swap, start, wait for the verdict, roll back if there is none; or,
+/// with `roll_back`, only finish a rollback (see [`hand_over_roll_back`]).
+pub fn run(options: &WatchOptions, roll_back: bool) -> anyhow::Result<()> {
     let layout = Layout::named(&options.root, &options.name);
     crate::log_file::attach(&layout.state_dir());
+    if roll_back {
+        return self::roll_back(options);
+    }
+    record_own_pid(&layout);
     let files = JournalFiles::new(&layout.state_dir());
     info!(
         changeover = %options.changeover_id,

@@ -92,14 +92,17 @@ fn service_main(_arguments: Vec<OsString>) {
         Some(running) => running.name.clone(),
         None => return,
     };
-    let handler = move |control| match control {
-        ServiceControl::Stop | ServiceControl::Shutdown | ServiceControl::Preshutdown => {
+    let handler = move |control| {
+        let answer = answer(control);
+        if answer.stop {
             report(ServiceState::StopPending, ServiceExitCode::Win32(0));
             super::request_stop();
-            ServiceControlHandlerResult::NoError
         }
-        ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
-        _ => ServiceControlHandlerResult::NotImplemented,
+        if answer.implemented {
+            ServiceControlHandlerResult::NoError
+        } else {
+            ServiceControlHandlerResult::NotImplemented
+        }
     };
     let handle = match service_control_handler::register(&name, handler) {
         Ok(handle) => handle,
@@ -127,8 +130,57 @@ fn service_main(_arguments: Vec<OsString>) {
     report(ServiceState::Stopped, code);
 }
 
-/// Tells the service manager the service's state (nothing when not a service). Pending
-/// states count their checkpoint up, so a long start or stop is not taken for a hang.
+/// What the control handler does with a control from the service manager.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    /// Stop as on SIGTERM, reporting stop pending first.
+    stop: bool,
+    /// Whether the control is one this service takes (else "not implemented").
+    implemented: bool,
+}
+
+fn answer(control: ServiceControl) -> Answer {
+    match control {
+        ServiceControl::Stop | ServiceControl::Shutdown | ServiceControl::Preshutdown => Answer {
+            stop: true,
+            implemented: true,
+        },
+        // "Are you there?": the last status reported stands.
+        ServiceControl::Interrogate => Answer {
+            stop: false,
+            implemented: true,
+        },
+        _ => Answer {
+            stop: false,
+            implemented: false,
+        },
+    }
+}
+
+/// The status to report for `state`, after `checkpoint` (the last one reported): pending
+/// states count their checkpoint up and give a wait hint, so a long start or stop is not
+/// taken for a hang; only a running service takes stop and shutdown.
+fn status_for(state: ServiceState, exit_code: ServiceExitCode, checkpoint: u32) -> ServiceStatus {
+    let pending = matches!(
+        state,
+        ServiceState::StartPending | ServiceState::StopPending
+    );
+    let controls_accepted = match state {
+        ServiceState::Running => ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
+        _ => ServiceControlAccept::empty(),
+    };
+    ServiceStatus {
+        service_type: ServiceType::OWN_PROCESS,
+        current_state: state,
+        controls_accepted,
+        exit_code,
+        checkpoint: if pending { checkpoint + 1 } else { 0 },
+        wait_hint: if pending { WAIT_HINT } else { Duration::ZERO },
+        process_id: None,
+    }
+}
+
+/// Tells the service manager the service's state (nothing when not a service).
 pub fn report(state: ServiceState, exit_code: ServiceExitCode) {
     let Some(mut running) = SERVICE.get().and_then(|running| running.lock().ok()) else {
         return;
@@ -136,24 +188,8 @@ pub fn report(state: ServiceState, exit_code: ServiceExitCode) {
     let Some(handle) = running.handle else {
         return;
     };
-    let pending = matches!(
-        state,
-        ServiceState::StartPending | ServiceState::StopPending
-    );
-    running.checkpoint = if pending { running.checkpoint + 1 } else { 0 };
-    let controls_accepted = match state {
-        ServiceState::Running => ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
-        _ => ServiceControlAccept::empty(),
-    };
-    let status = ServiceStatus {
-        service_type: ServiceType::OWN_PROCESS,
-        current_state: state,
-        controls_accepted,
-        exit_code,
-        checkpoint: running.checkpoint,
-        wait_hint: if pending { WAIT_HINT } else { Duration::ZERO },
-        process_id: None,
-    };
+    let status = status_for(state, exit_code, running.checkpoint);
+    running.checkpoint = status.checkpoint;
     if let Err(err) = handle.set_service_status(status) {
         warn!(cause = %err, "cannot report the service status");
     }
@@ -303,5 +339,74 @@ pub fn wait_for_state(
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_and_shutdown_stop_the_server_interrogate_answers_and_the_rest_is_refused() {
+        for control in [
+            ServiceControl::Stop,
+            ServiceControl::Shutdown,
+            ServiceControl::Preshutdown,
+        ] {
+            let answer = answer(control);
+            assert!(answer.stop && answer.implemented, "{control:?}");
+        }
+        assert_eq!(
+            answer(ServiceControl::Interrogate),
+            Answer {
+                stop: false,
+                implemented: true
+            }
+        );
+        for control in [
+            ServiceControl::Pause,
+            ServiceControl::Continue,
+            ServiceControl::ParamChange,
+        ] {
+            assert_eq!(
+                answer(control),
+                Answer {
+                    stop: false,
+                    implemented: false
+                },
+                "{control:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pending_states_count_up_and_only_a_running_service_takes_a_stop() {
+        let ok = ServiceExitCode::Win32(0);
+        let first = status_for(ServiceState::StartPending, ok, 0);
+        assert_eq!(first.checkpoint, 1);
+        assert_eq!(first.wait_hint, WAIT_HINT);
+        assert!(first.controls_accepted.is_empty());
+        let second = status_for(ServiceState::StartPending, ok, first.checkpoint);
+        assert_eq!(second.checkpoint, 2);
+
+        let running = status_for(ServiceState::Running, ok, second.checkpoint);
+        assert_eq!(running.checkpoint, 0);
+        assert_eq!(running.wait_hint, Duration::ZERO);
+        assert_eq!(
+            running.controls_accepted,
+            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
+        );
+
+        let stopping = status_for(ServiceState::StopPending, ok, running.checkpoint);
+        assert_eq!(stopping.checkpoint, 1);
+        assert!(stopping.controls_accepted.is_empty());
+        let failed = status_for(
+            ServiceState::Stopped,
+            ServiceExitCode::ServiceSpecific(1),
+            stopping.checkpoint,
+        );
+        assert_eq!(failed.checkpoint, 0);
+        assert_eq!(failed.exit_code, ServiceExitCode::ServiceSpecific(1));
+        assert!(failed.controls_accepted.is_empty());
     }
 }
