@@ -1,5 +1,6 @@
 //! What the agent does for the user when the server announces an update: a line in the
-//! log, a desktop notification where one is available, and the site's own hooks.
+//! log, a desktop notification where one is available (`notify-send`; a toast on Windows),
+//! and the site's own hooks.
 //!
 //! Hooks run through `sh -c` (on Windows `cmd /C`, the command line passed as written)
 //! with the event's details in the environment
@@ -98,6 +99,7 @@ fn shell(command: &str) -> tokio::process::Command {
 }
 
 // Best effort: `notify-send` where a desktop is there; nothing happens otherwise.
+#[cfg(not(windows))]
 fn notify_desktop(event: &HookEvent) {
     let spawned = std::process::Command::new("notify-send")
         .arg(format!("Server update in {} s", event.seconds_left))
@@ -110,4 +112,24 @@ fn notify_desktop(event: &HookEvent) {
     if let Ok(mut child) = spawned {
         std::thread::spawn(move || child.wait());
     }
+}
+
+// Best effort: a Windows notification (toast) where the session has a desktop; without
+// one (a service, Wine) the error is only logged.
+#[cfg(windows)]
+fn notify_desktop(event: &HookEvent) {
+    use tauri_winrt_notification::{Duration, Toast};
+
+    let title = format!("Server update in {} s", event.seconds_left);
+    let message = event.message.clone();
+    std::thread::spawn(move || {
+        let shown = Toast::new(Toast::POWERSHELL_APP_ID)
+            .title(&title)
+            .text1(&message)
+            .duration(Duration::Long)
+            .show();
+        if let Err(err) = shown {
+            tracing::debug!(cause = %err, "no desktop notification");
+        }
+    });
 }
