@@ -252,7 +252,7 @@ pub fn command(action: ServiceAction) -> anyhow::Result<()> {
         let _ = action;
         anyhow::bail!(
             "`service install|uninstall` registers a Windows service; on Linux use the systemd \
-             unit in packaging/ (see README), on macOS the launchd plist"
+             unit in packaging/ (see README), on macOS the launchd job in packaging/macos/"
         )
     }
 }
