@@ -65,7 +65,10 @@ pub fn replace(dir: &Path, from: &Path, to: &Path) -> std::io::Result<()> {
                 .find(|aside| !aside.exists())
                 .unwrap_or_else(|| aside_dir.join(name.as_ref()));
             std::fs::rename(to, &aside)?;
-            std::fs::rename(from, to)
+            std::fs::rename(from, to).inspect_err(|_| {
+                // The old file goes back rather than leave nothing in its place.
+                let _ = std::fs::rename(&aside, to);
+            })
         }
         other => other,
     }

@@ -2,7 +2,7 @@
 //! log, a desktop notification where one is available (`notify-send`; a toast on Windows),
 //! and the site's own hooks.
 //!
-//! Hooks run through `sh -c` (on Windows `cmd /C`, the command line passed as written)
+//! Hooks run through `sh -c` (on Windows `cmd /V:ON /S /C`, the command line as written)
 //! with the event's details in the environment
 //! (`CHANGEOVER_DEADLINE`, `CHANGEOVER_TARGET_VERSION`, `CHANGEOVER_MESSAGE`,
 //! `CHANGEOVER_SECONDS_LEFT`, `CHANGEOVER_EVENT`). The logout hook is how the client
@@ -90,11 +90,15 @@ fn shell(command: &str) -> tokio::process::Command {
     shell
 }
 
-// cmd has its own quoting: the command goes as it is, not quoted as one argument.
+// cmd has its own quoting: the command goes as written inside one pair of quotes, which
+// `/S` strips and nothing else, so quoted paths and arguments in it stay as they are.
+// `/V:ON` lets a hook read text from the server as `!CHANGEOVER_MESSAGE!`, expanded after
+// the line is parsed, so `&` or `|` in it are never taken as commands (`%VAR%` is expanded
+// before).
 #[cfg(windows)]
 fn shell(command: &str) -> tokio::process::Command {
     let mut shell = tokio::process::Command::new("cmd");
-    shell.arg("/C").raw_arg(command);
+    shell.raw_arg(format!("/V:ON /S /C \"{command}\""));
     shell
 }
 

@@ -264,6 +264,12 @@ pub fn watch(options: &WatchOptions) -> anyhow::Result<()> {
             while alive() && killed.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(POLL);
             }
+            // Putting the previous agent back beside a running new one would make two.
+            anyhow::ensure!(
+                !alive(),
+                "the updated agent (pid {}) hangs and cannot be stopped; it stays",
+                options.pid
+            );
             break format!(
                 "the updated agent was not welcomed by the server within {} s; it was stopped",
                 options.patience.as_secs()

@@ -377,8 +377,9 @@ fn a_windows_server_changes_over_through_the_swap_helper_and_windows_agents_upda
         );
         let hook_log = dir.path().join(format!("{user}-hooks.log"));
         let log = windows_path(&hook_log);
-        let warn =
-            format!("echo warning %CHANGEOVER_SECONDS_LEFT% %CHANGEOVER_TARGET_VERSION%>> {log}");
+        let warn = format!(
+            "echo warning %CHANGEOVER_SECONDS_LEFT% !CHANGEOVER_TARGET_VERSION!>> \"{log}\""
+        );
         let logout = format!("echo logout %CHANGEOVER_TARGET_VERSION%>> {log}");
         agents.push(wine::start_agent(
             &wine,

@@ -45,10 +45,21 @@ pub fn start(layout: &Layout, staging: &Path, options: &WatchOptions) -> anyhow:
     Ok(())
 }
 
-/// The folder of a helper started only to roll back (beside a watching helper's, whose
-/// program may still run).
+/// The folder of a helper started only to roll back, one per handing process: beside a
+/// watching helper's, and beside an earlier roll-back helper's, whose programs may still
+/// run. Folders of earlier ones are removed where nothing runs from them any more.
 fn roll_back_dir(layout: &Layout) -> PathBuf {
-    layout.state_dir().join("swap-helper-rollback")
+    const PREFIX: &str = "swap-helper-rollback-";
+    if let Ok(entries) = std::fs::read_dir(layout.state_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    layout
+        .state_dir()
+        .join(format!("{PREFIX}{}", std::process::id()))
 }
 
 /// In a new release that must be rolled back while it runs from the install, which
@@ -146,15 +157,35 @@ fn roll_back(options: &WatchOptions) -> anyhow::Result<()> {
         pid = options.pid,
         "swap helper waiting for the new release to end, to roll it back"
     );
-    let waited = wait_for_old_server(options);
-    // As neither release: a journal that says rolling back is finished here.
-    let settled = waited.and_then(|()| recovery::recover(&layout, &files, "").map(|_| ()));
+    let mut settled = wait_for_old_server(options);
+    if settled.is_ok() {
+        // As neither release: a journal that says rolling back is finished here. A rename
+        // another program holds up gets a few more tries.
+        for attempt in 1..=ROLL_BACK_ATTEMPTS {
+            settled = recovery::recover(&layout, &files, "").map(|_| ());
+            match &settled {
+                Ok(()) => break,
+                Err(err) => warn!(
+                    attempt,
+                    cause = %format!("{err:#}"),
+                    "the rollback could not be finished yet"
+                ),
+            }
+            std::thread::sleep(ROLL_BACK_PAUSE);
+        }
+    }
     if let Err(err) = &settled {
+        // The installed release starts and, if it is still the new one, hands the rollback
+        // over again: retried every start rather than a site left without a server.
         error!(cause = %format!("{err:#}"), "the rollback could not be finished; starting the server anyway");
     }
     start_server(&layout, options)?;
     settled
 }
+
+/// How often, and how far apart, a roll-back helper tries to finish the rollback.
+const ROLL_BACK_ATTEMPTS: u32 = 3;
+const ROLL_BACK_PAUSE: Duration = Duration::from_secs(10);
 
 /// The helper process: swap, start, wait for the verdict, roll back if there is none; or,
 /// with `roll_back`, only finish a rollback (see [`hand_over_roll_back`]).
@@ -205,28 +236,33 @@ pub fn run(options: &WatchOptions, roll_back: bool) -> anyhow::Result<()> {
         // Anything else is what a start of the server settles (recovery).
         _ => true,
     };
-    let pid = start_server(&layout, options)?;
+    let started = start_server(&layout, options);
     if !swapped {
-        return Ok(());
+        return started.map(|_| ());
     }
-    let mut server = Watched {
-        alive: follow_server(&layout),
-        pid,
-    };
-    let reason = match await_verdict(
-        &options.changeover_id,
-        options.patience,
-        &files,
-        &mut server,
-    ) {
-        Verdict::Decided => {
-            info!("the new release reached its verdict; swap helper done");
-            return Ok(());
+    let (reason, pid) = match started {
+        Err(err) => (format!("the new release did not start: {err:#}"), None),
+        Ok(pid) => {
+            let mut server = Watched {
+                alive: follow_server(&layout),
+                pid,
+            };
+            match await_verdict(
+                &options.changeover_id,
+                options.patience,
+                &files,
+                &mut server,
+            ) {
+                Verdict::Decided => {
+                    info!("the new release reached its verdict; swap helper done");
+                    return Ok(());
+                }
+                Verdict::Failed(reason) => (reason, Some(server.pid)),
+            }
         }
-        Verdict::Failed(reason) => reason,
     };
     warn!(%reason, "the new release failed before its verdict; the swap helper rolls back");
-    stop_server(options, server.pid);
+    stop_server(options, pid);
     let orphans = crate::apps::stop_orphans(&layout.apps_dir());
     if !orphans.is_empty() {
         warn!(?orphans, "stopped the failed release's applications");
@@ -259,7 +295,7 @@ fn wait_for_old_server(options: &WatchOptions) -> anyhow::Result<()> {
     while running() {
         if started.elapsed() > OLD_SERVER_PATIENCE {
             warn!(pid = options.pid, "the old server did not end; stopping it");
-            stop_server(options, options.pid);
+            stop_server(options, Some(options.pid));
             break;
         }
         std::thread::sleep(POLL);
@@ -275,13 +311,41 @@ fn wait_for_old_server(options: &WatchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a started service may take to write its pid.
+#[cfg(windows)]
+const START_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The pid in `state/server.pid`, if it names a running process.
+#[cfg(windows)]
+fn server_pid(layout: &Layout) -> Option<u32> {
+    std::fs::read_to_string(layout.state_dir().join("server.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .filter(|pid| crate::platform::process_alive(*pid))
+}
+
 /// Starts the installed release: the service, or a new detached process. Returns its pid.
 fn start_server(layout: &Layout, options: &WatchOptions) -> anyhow::Result<u32> {
     #[cfg(windows)]
     if let Some(service) = &options.service {
-        let pid = crate::platform::windows_service::start(service)?;
-        info!(%service, ?pid, "service started");
-        return pid.context("the service manager gave the service no process");
+        let before = server_pid(layout);
+        crate::platform::windows_service::start(service)?;
+        let started = Instant::now();
+        loop {
+            if let Some(pid) = server_pid(layout)
+                && Some(pid) != before
+            {
+                info!(%service, pid, "service started");
+                return Ok(pid);
+            }
+            if started.elapsed() > START_PATIENCE {
+                bail!(
+                    "the service {service} wrote no pid within {} s",
+                    START_PATIENCE.as_secs()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
     }
     let binary = layout.install_dir().join(ReleaseKind::Server.binary_path());
     let mut command = std::process::Command::new(&binary);
@@ -300,7 +364,8 @@ fn start_server(layout: &Layout, options: &WatchOptions) -> anyhow::Result<u32> 
     Ok(child.id())
 }
 
-fn stop_server(options: &WatchOptions, pid: u32) {
+/// Stops the service (when the server is one) and kills `pid` if it still runs.
+fn stop_server(options: &WatchOptions, pid: Option<u32>) {
     #[cfg(windows)]
     if let Some(service) = &options.service {
         if let Err(err) = crate::platform::windows_service::stop(service) {
@@ -314,7 +379,9 @@ fn stop_server(options: &WatchOptions, pid: u32) {
     }
     #[cfg(not(windows))]
     let _ = options;
-    super::watchdog::kill(pid);
+    if let Some(pid) = pid.filter(|pid| crate::platform::process_alive(*pid)) {
+        super::watchdog::kill(pid);
+    }
 }
 
 /// Whether the server still runs: the process started, or the one that took over from it

@@ -302,22 +302,15 @@ pub fn stop(service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the service and returns the process id the service manager gives it.
-pub fn start(service: &str) -> anyhow::Result<Option<u32>> {
+/// Asks the service manager to start the service. The service reports itself running only
+/// once it is healthy, and the manager names its process only then: the caller finds the
+/// process through the pid file the server writes as it starts.
+pub fn start(service: &str) -> anyhow::Result<()> {
     let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
-    let opened =
-        manager.open_service(service, ServiceAccess::QUERY_STATUS | ServiceAccess::START)?;
+    let opened = manager.open_service(service, ServiceAccess::START)?;
     opened
         .start::<&str>(&[])
-        .with_context(|| format!("cannot start the service {service}"))?;
-    let started = Instant::now();
-    loop {
-        let status = opened.query_status()?;
-        if status.current_state != ServiceState::StartPending || started.elapsed() > WAIT_HINT {
-            return Ok(status.process_id);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        .with_context(|| format!("cannot start the service {service}"))
 }
 
 /// Waits until the service is in `state`.
