@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 /// The largest request head accepted; a WebSocket upgrade needs a few hundred bytes.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 
-const MAX_HEADERS: usize = 32;
+/// The most header fields read from a request head (a WebSocket upgrade sends about eight).
+pub const MAX_HEADERS: usize = 32;
 
 /// Why a connection did not become a WebSocket.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,15 @@ where
                     answer(&mut stream, 431, "Request Header Fields Too Large", reason).await,
                 );
             }
-            Err(reason) => return Err(answer(&mut stream, 400, "Bad Request", reason).await),
+            Err(HeadError::TooManyHeaders) => {
+                let reason = format!("more than {MAX_HEADERS} header fields");
+                return Err(
+                    answer(&mut stream, 431, "Request Header Fields Too Large", reason).await,
+                );
+            }
+            Err(HeadError::Malformed(reason)) => {
+                return Err(answer(&mut stream, 400, "Bad Request", reason).await);
+            }
         }
     };
     let response = match create_response(&request) {
@@ -74,7 +83,9 @@ where
             let reason = format!(
                 "this is a changeover server: connect with the changeover agent over WebSocket ({err})"
             );
-            return Err(answer(&mut stream, 426, "Upgrade Required", reason).await);
+            // RFC 9110 (15.5.22): a 426 names the protocol to upgrade to.
+            let upgrade = [("Upgrade", "websocket".to_owned())];
+            return Err(answer_with(&mut stream, 426, "Upgrade Required", &upgrade, reason).await);
         }
     };
     let mut head = Vec::with_capacity(256);
@@ -91,17 +102,38 @@ where
 
 type ParsedHead = (http::Request<()>, usize);
 
+/// Why a request head was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// More header fields than the server reads (431).
+    TooManyHeaders,
+    /// Not an HTTP request at all, or not a valid one (400).
+    Malformed(String),
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::TooManyHeaders => {
+                write!(formatter, "more than {MAX_HEADERS} header fields")
+            }
+            HeadError::Malformed(reason) => formatter.write_str(reason),
+        }
+    }
+}
+
 /// Parses the request head at the start of `buffer`: the request and the head's length in
 /// bytes (what follows it is the peer's first frame), `None` while the head is incomplete,
 /// or why the bytes are not an HTTP request. Public for the property tests and the fuzzer;
 /// it never panics, whatever the bytes.
-pub fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, String> {
+pub fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(buffer) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(format!("not an HTTP request ({err})")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(err) => return Err(HeadError::Malformed(format!("not an HTTP request ({err})"))),
     };
     let version = match parsed.version {
         Some(1) => http::Version::HTTP_11,
@@ -116,7 +148,7 @@ pub fn parse_head(buffer: &[u8]) -> Result<Option<ParsedHead>, String> {
     }
     let request = request
         .body(())
-        .map_err(|err| format!("invalid HTTP request ({err})"))?;
+        .map_err(|err| HeadError::Malformed(format!("invalid HTTP request ({err})")))?;
     Ok(Some((request, head_len)))
 }
 
@@ -124,8 +156,21 @@ async fn answer<S>(stream: &mut S, status: u16, phrase: &str, reason: String) ->
 where
     S: AsyncWrite + Unpin,
 {
+    answer_with(stream, status, phrase, &[], reason).await
+}
+
+async fn answer_with<S>(
+    stream: &mut S,
+    status: u16,
+    phrase: &str,
+    extra_headers: &[(&str, String)],
+    reason: String,
+) -> UpgradeError
+where
+    S: AsyncWrite + Unpin,
+{
     // The peer may already be gone; the refusal is logged either way.
-    if plain_answer(stream, status, phrase, &[], &reason)
+    if plain_answer(stream, status, phrase, extra_headers, &reason)
         .await
         .is_ok()
     {
@@ -135,7 +180,8 @@ where
 }
 
 /// Writes a short `text/plain` HTTP answer with `extra_headers` (name, value); the
-/// connection closes after it.
+/// connection closes after it. With an `Upgrade` header, `Connection` names it too
+/// (RFC 9110, 7.8).
 pub async fn plain_answer<S>(
     stream: &mut S,
     status: u16,
@@ -147,9 +193,17 @@ where
     S: AsyncWrite + Unpin,
 {
     let body = format!("{reason}\n");
+    let connection = if extra_headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("upgrade"))
+    {
+        "Upgrade, close"
+    } else {
+        "close"
+    };
     let mut response = format!(
         "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n",
+         Content-Length: {}\r\nConnection: {connection}\r\n",
         body.len()
     );
     for (name, value) in extra_headers {
@@ -201,6 +255,26 @@ mod tests {
             "{answer}"
         );
         assert!(answer.contains("changeover agent"), "{answer}");
+        assert!(answer.contains("\r\nUpgrade: websocket\r\n"), "{answer}");
+        assert!(
+            answer.contains("\r\nConnection: Upgrade, close\r\n"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_header_fields_are_too_large() {
+        let mut request = b"GET / HTTP/1.1\r\n".to_vec();
+        for n in 0..=MAX_HEADERS {
+            request.extend_from_slice(format!("X-Field-{n}: a\r\n").as_bytes());
+        }
+        request.extend_from_slice(b"\r\n");
+        let (outcome, answer) = exchange(&request).await;
+        assert!(outcome.unwrap_err().contains("431"));
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large"),
+            "{answer}"
+        );
     }
 
     #[tokio::test]
