@@ -631,6 +631,9 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             candidate.source
         ));
     }
+    if let Some(problem) = &report.mail_problem {
+        out.push_str(&format!("mail               {}\n", escape(problem)));
+    }
     for mail in &report.outbox {
         let why = mail.last_error.as_deref().unwrap_or("not tried yet");
         out.push_str(&format!(
@@ -892,6 +895,7 @@ mod tests {
             changeover: None,
             last_changeover: None,
             outbox: Vec::new(),
+            mail_problem: None,
             agent_release: Some("1.2.0".to_owned()),
             agents_behind: 0,
             apps: vec![changeover_protocol::AppStatus {

@@ -460,6 +460,10 @@ pub struct StatusReport {
     /// Mail to the admin still waiting to be sent, oldest first; absent when none waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<OutboxEntry>,
+    /// Why mail to the admin cannot be sent at all (no `mail.smtp_url` configured); absent
+    /// when mail is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_problem: Option<String>,
     /// The agent release the server offers to older agents (its own version, from the
     /// feed or the inbox), or null when it has none.
     #[serde(default)]

@@ -51,6 +51,8 @@ pub struct ConnectionContext {
     pub changeover: ChangeoverHandle,
     /// `<root>/state`: the outbox the status report lists.
     pub state_dir: std::path::PathBuf,
+    /// Why mail to the admin cannot be sent, if it cannot.
+    pub mail_problem: Option<&'static str>,
     pub server_version: String,
     /// How often to ping; two silent intervals end the connection.
     pub heartbeat: Duration,
@@ -507,6 +509,7 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
                 last_error: mail.last_error,
             })
             .collect(),
+        mail_problem: context.mail_problem.map(str::to_owned),
         agent_release: context
             .agent_updates
             .release_version()

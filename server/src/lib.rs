@@ -267,6 +267,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         hex::encode(rand::random::<[u8; 16]>())
     );
     let changeover_handle = changeover.clone();
+    let mail_settings = mail::MailSettings {
+        smtp_url: config.mail.smtp_url.clone(),
+        from: config.mail.from.clone(),
+        to: config.mail.to.clone(),
+    };
     let context = Arc::new(ConnectionContext {
         hub: hub.clone(),
         auth,
@@ -274,6 +279,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         agent_updates,
         changeover,
         state_dir: layout.state_dir(),
+        mail_problem: mail_settings.problem(),
         server_version: server_version.clone(),
         heartbeat: config.server.heartbeat_interval(),
         hello_timeout: config.server.handshake_timeout(),
@@ -424,11 +430,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     }
     tracker.spawn(mail::run_sender(
         layout.state_dir(),
-        mail::MailSettings {
-            smtp_url: config.mail.smtp_url.clone(),
-            from: config.mail.from.clone(),
-            to: config.mail.to.clone(),
-        },
+        mail_settings,
         shutdown.clone(),
     ));
     if config.unattended.enabled {

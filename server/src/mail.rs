@@ -226,9 +226,27 @@ pub struct MailSettings {
     pub to: Option<String>,
 }
 
+/// What is said when no SMTP server is configured.
+pub const NOT_CONFIGURED: &str = "mail is not configured (no [mail] smtp_url in changeover.toml): \
+     mail to the admin waits in the outbox until it is set and the server restarted";
+
+impl MailSettings {
+    /// Why no mail can be sent with these settings, if none can.
+    pub fn problem(&self) -> Option<&'static str> {
+        self.smtp_url.is_none().then_some(NOT_CONFIGURED)
+    }
+}
+
 /// Sends what waits in the outbox until `shutdown`: every mail at least once a minute
-/// while it waits.
+/// while it waits. Without an SMTP server nothing is tried (and nothing logged each
+/// minute): that is said once at the start, and in status and doctor.
 pub async fn run_sender(state_dir: PathBuf, settings: MailSettings, shutdown: CancellationToken) {
+    if let Some(problem) = settings.problem() {
+        let waiting = waiting(&state_dir).len();
+        warn!(waiting, "{problem}");
+        shutdown.cancelled().await;
+        return;
+    }
     let mut delay = Duration::from_secs(1);
     // Delivered in this process: never sent twice, even if neither the move to `sent/` nor
     // the mark in the outbox could be written (a full disk, a read-only folder).
@@ -386,6 +404,42 @@ mod tests {
             sessions_warned: 12,
             sessions_logged_out: 3,
         }
+    }
+
+    #[tokio::test]
+    async fn without_an_smtp_server_mail_waits_untried_and_nothing_spins() {
+        let dir = tempfile::tempdir().unwrap();
+        let details = MailDetails {
+            notify: Some("it@example.com".to_owned()),
+            ..MailDetails::default()
+        };
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Committed), &details)
+            .unwrap();
+        let settings = MailSettings {
+            smtp_url: None,
+            from: "changeover@example.com".to_owned(),
+            to: None,
+        };
+        assert_eq!(settings.problem(), Some(NOT_CONFIGURED));
+        let shutdown = CancellationToken::new();
+        let sender = tokio::spawn(run_sender(
+            dir.path().to_owned(),
+            settings,
+            shutdown.clone(),
+        ));
+        // A retrying sender tries at once and again after a second.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        shutdown.cancel();
+        sender.await.unwrap();
+        let queued = waiting(dir.path());
+        assert_eq!(queued.len(), 1, "the mail still waits");
+        assert_eq!(queued[0].attempts, 0, "and was never tried");
+        let configured = MailSettings {
+            smtp_url: Some("smtp://127.0.0.1:1".to_owned()),
+            from: "changeover@example.com".to_owned(),
+            to: None,
+        };
+        assert_eq!(configured.problem(), None);
     }
 
     #[test]
