@@ -419,6 +419,9 @@ pub async fn update_command(
     let bar = indicatif::ProgressBar::hidden();
     // Status requests sent since the server last said anything.
     let mut unanswered = 0u32;
+    // The last phase the server reported: from the stop on, a lost connection is the
+    // restart the admin asked for, not a failure.
+    let mut last_phase = None;
     loop {
         let next =
             tokio::time::timeout(Duration::from_secs(2), next_message(&mut session.ws)).await;
@@ -441,10 +444,14 @@ pub async fn update_command(
                 unanswered = 0;
                 bar.finish_and_clear();
                 if !json {
-                    println!(
-                        "connection to the server lost ({}); waiting for it to come back",
-                        escape(&reason)
-                    );
+                    if last_phase.is_some_and(restarts_from) {
+                        println!("the server is restarting…");
+                    } else {
+                        println!(
+                            "connection to the server lost ({}); waiting for it to come back",
+                            escape(&reason)
+                        );
+                    }
                 }
                 session = reconnect(dialer, &password).await?;
                 let _ = send(&mut session.ws, &ClientMessage::StatusRequest).await;
@@ -452,6 +459,9 @@ pub async fn update_command(
             }
             Ok(Ok(message)) => {
                 unanswered = 0;
+                if let ServerMessage::ChangeoverProgress { phase, .. } = &message {
+                    last_phase = Some(*phase);
+                }
                 message
             }
         };
@@ -502,6 +512,34 @@ async fn reconnect(dialer: &Dialer, password: &str) -> anyhow::Result<AdminSessi
     }
 }
 
+/// Phases after which the server's process ends (the old release stops, the new one
+/// starts).
+fn restarts_from(phase: changeover_protocol::ChangeoverPhase) -> bool {
+    use changeover_protocol::ChangeoverPhase as P;
+    matches!(
+        phase,
+        P::LoggingOut | P::Stopping | P::CarryingOver | P::Swapping | P::Restarting
+    )
+}
+
+/// A downtime as people read it: milliseconds below a second.
+fn downtime_text(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// `1 session`, `3 sessions`.
+fn sessions(count: u64) -> String {
+    if count == 1 {
+        "1 session".to_owned()
+    } else {
+        format!("{count} sessions")
+    }
+}
+
 fn finish_line(summary: &changeover_protocol::ChangeoverSummary, json: bool) -> anyhow::Result<()> {
     use changeover_protocol::ChangeoverOutcome;
     let took = summary
@@ -513,14 +551,13 @@ fn finish_line(summary: &changeover_protocol::ChangeoverSummary, json: bool) -> 
             if !json {
                 let downtime = summary
                     .downtime_ms
-                    .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
-                    .unwrap_or_else(|| "unknown".to_owned());
+                    .map_or_else(|| "unknown".to_owned(), downtime_text);
                 println!(
-                    "server updated {} -> {} in {} (downtime {downtime}; {} sessions warned, {} logged out)",
+                    "server updated {} -> {} in {} (downtime {downtime}; {} warned, {} logged out)",
                     escape(&summary.from_version),
                     escape(&summary.target_version),
                     humantime::format_duration(Duration::from_secs(took.as_secs())),
-                    summary.sessions_warned,
+                    sessions(summary.sessions_warned),
                     summary.sessions_logged_out
                 );
             }
@@ -862,6 +899,19 @@ fn update_cell(session: &changeover_protocol::SessionView, release: Option<&str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_finish_line_reads_as_people_write() {
+        assert_eq!(downtime_text(25), "25 ms");
+        assert_eq!(downtime_text(999), "999 ms");
+        assert_eq!(downtime_text(1250), "1.2 s");
+        assert_eq!(sessions(1), "1 session");
+        assert_eq!(sessions(0), "0 sessions");
+        assert_eq!(sessions(3), "3 sessions");
+        use changeover_protocol::ChangeoverPhase as P;
+        assert!(restarts_from(P::Restarting) && restarts_from(P::LoggingOut));
+        assert!(!restarts_from(P::CountingDown) && !restarts_from(P::Preparing));
+    }
     use changeover_protocol::{ChangeoverPhase, SessionView};
 
     fn since() -> SystemTime {

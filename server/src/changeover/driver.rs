@@ -478,8 +478,9 @@ impl Driver {
         }
         self.save();
         self.view.send_replace(Some(self.view_now()));
+        let sessions = if warned == 1 { "session" } else { "sessions" };
         self.publish_progress(format!(
-            "{warned} sessions warned; logout in {} s",
+            "{warned} {sessions} warned; logout in {} s",
             grace.as_secs()
         ));
         let mut marks: Vec<u64> = WARNING_MARKS
