@@ -228,15 +228,26 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         .env("CHANGEOVER_ADMIN_PASSWORD", &password)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .context("cannot run admin update")?;
+    // Its download line and any error sit in the same indented block as its progress.
+    let stderr = update.stderr.take().map(|stderr| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("           | {line}");
+            }
+        })
+    });
     if let Some(stdout) = update.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             println!("           | {line}");
         }
     }
     let updated = update.wait()?.success();
+    if let Some(stderr) = stderr {
+        let _ = stderr.join();
+    }
 
     let report = wait_for_back(&agent_binary, &url, &password, users.len()).await;
     let mut ok = updated;
