@@ -50,9 +50,15 @@ pub fn keygen(options: &KeygenOptions) -> anyhow::Result<()> {
         .to_box()
         .map_err(|err| anyhow::anyhow!("cannot encode the public key: {err}"))?
         .into_string();
+    // The crate's own label says "encrypted" whether it is or not.
+    let label = if options.password.is_some() {
+        "changeover release signing key (password-protected)"
+    } else {
+        "changeover release signing key (no password)"
+    };
     let secret_text = pair
         .sk
-        .to_box(None)
+        .to_box(Some(label))
         .map_err(|err| anyhow::anyhow!("cannot encode the secret key: {err}"))?
         .into_string();
     write_atomically(&options.secret_key, secret_text.as_bytes(), true)?;
@@ -215,12 +221,34 @@ fn load_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<mini
             anyhow::anyhow!("{} is not a minisign secret key: {err}", path.display())
         })
     };
-    // Decoding without a password never prompts; it fails when a password is needed.
-    let unencrypted = parse()?.into_unencrypted_secret_key();
-    if let Ok(key) = unencrypted
-        && !key.is_encrypted()
-    {
+    if let Some(key) = unencrypted_by_minisign_tool(&text) {
+        if password.is_some() {
+            tracing::warn!(
+                key = %path.display(),
+                "the secret key has no password; the password given is not needed"
+            );
+        }
         return Ok(key);
+    }
+    // Decoding without a password never prompts; it fails when a password is needed.
+    match parse()?.into_unencrypted_secret_key() {
+        Ok(key) if !key.is_encrypted() => {
+            if password.is_some() {
+                tracing::warn!(
+                    key = %path.display(),
+                    "the secret key has no password; the password given is not needed"
+                );
+            }
+            return Ok(key);
+        }
+        // No password to blame: the key itself is wrong.
+        Err(err) if key_bytes(&text).is_some_and(|bytes| bytes.get(2..4) == Some(&[0, 0])) => {
+            bail!(
+                "the secret key {} has no password but is damaged: {err}",
+                path.display()
+            );
+        }
+        _ => {}
     }
     let Some(password) = password else {
         bail!(
@@ -231,6 +259,45 @@ fn load_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<mini
     parse()?
         .into_secret_key(Some(password))
         .map_err(|err| anyhow::anyhow!("cannot unlock the secret key {}: {err}", path.display()))
+}
+
+/// A key the standard `minisign -G -W` wrote: no password (no key derivation) and an
+/// all-zero checksum, which the minisign crate takes for a corrupted key. Anything else
+/// (a key with a password, or with a checksum) is left to the crate's own checks.
+fn unencrypted_by_minisign_tool(text: &str) -> Option<minisign::SecretKey> {
+    use base64::Engine as _;
+
+    const NO_KDF: [u8; 2] = [0, 0];
+    const CHECKSUM_BYTES: usize = 32;
+    let encoded = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with("untrusted comment:"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let unencrypted = bytes.get(2..4) == Some(&NO_KDF[..]);
+    let zero_checksum = bytes.len() > CHECKSUM_BYTES
+        && bytes[bytes.len() - CHECKSUM_BYTES..]
+            .iter()
+            .all(|byte| *byte == 0);
+    if !(unencrypted && zero_checksum) {
+        return None;
+    }
+    minisign::SecretKey::from_bytes(&bytes).ok()
+}
+
+/// The decoded key line of a minisign secret key file.
+fn key_bytes(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+
+    let encoded = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with("untrusted comment:"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
 }
 
 fn vendor_key_of(secret_key: &minisign::SecretKey) -> anyhow::Result<VendorKey> {
@@ -432,6 +499,65 @@ pub fn write_atomically(path: &Path, contents: &[u8], private: bool) -> anyhow::
 mod tests {
     use super::*;
     use changeover_protocol::package::verify_archive;
+
+    #[test]
+    fn a_key_the_minisign_tool_wrote_without_a_password_signs_with_or_without_one() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pair = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        // What `minisign -G -W` writes: no key derivation, and a checksum of zeros.
+        let text = pair.sk.to_box(None).unwrap().into_string();
+        let encoded = text.lines().nth(1).unwrap();
+        let mut bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        let len = bytes.len();
+        bytes[len - 32..].fill(0);
+        let key_file = dir.path().join("minisign.key");
+        std::fs::write(
+            &key_file,
+            format!(
+                "untrusted comment: minisign encrypted secret key\n{}\n",
+                base64::engine::general_purpose::STANDARD.encode(&bytes)
+            ),
+        )
+        .unwrap();
+        assert!(
+            minisign::SecretKeyBox::from_string(&std::fs::read_to_string(&key_file).unwrap())
+                .unwrap()
+                .into_unencrypted_secret_key()
+                .is_err(),
+            "the crate alone refuses it"
+        );
+        let file = dir.path().join("data");
+        std::fs::write(&file, b"release").unwrap();
+        for password in [None, Some("not needed".to_owned())] {
+            let key = load_secret_key(&key_file, password).unwrap();
+            let signature = sign(&key, &file, "trusted").unwrap();
+            let signature = minisign::SignatureBox::from_string(&signature).unwrap();
+            minisign::verify(
+                &pair.pk,
+                &signature,
+                std::io::Cursor::new(b"release"),
+                true,
+                false,
+                false,
+            )
+            .unwrap();
+        }
+        // A key with a checksum that does not match is still refused, not repaired.
+        bytes[len - 1] = 1;
+        std::fs::write(
+            &key_file,
+            format!(
+                "untrusted comment: x\n{}\n",
+                base64::engine::general_purpose::STANDARD.encode(&bytes)
+            ),
+        )
+        .unwrap();
+        let err = format!("{:#}", load_secret_key(&key_file, None).unwrap_err());
+        assert!(err.contains("has no password but is damaged"), "{err}");
+    }
 
     fn release_tree(dir: &Path, binary_contents: &str) -> PathBuf {
         let tree = dir.join("tree");
