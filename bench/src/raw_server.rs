@@ -72,6 +72,7 @@ pub fn warning_frame(count: u64) -> anyhow::Result<String> {
         message: "The server will be updated to version 2.0.0. Please save your work and \
                   close the application."
             .to_owned(),
+        admin_message: None,
     })
     .context("cannot encode the warning")
 }

@@ -634,6 +634,9 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
         escape(&report.server_version)
     ));
     out.push_str(&format!("available release  {}\n", escape(available)));
+    if let Some(url) = &report.console_url {
+        out.push_str(&format!("web console        {}\n", escape(url)));
+    }
     let feed = match (&report.feed.url, &report.feed.error) {
         (None, _) => "not configured (packages come from the inbox)".to_owned(),
         (Some(url), Some(error)) => format!("{}: {}", escape(url), escape(error)),
@@ -667,6 +670,9 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             escape(&candidate.version),
             candidate.source
         ));
+    }
+    for problem in &report.disk_problems {
+        out.push_str(&format!("disk problem       {}\n", escape(problem)));
     }
     if let Some(problem) = &report.mail_problem {
         out.push_str(&format!("mail               {}\n", escape(problem)));
@@ -710,6 +716,22 @@ pub fn render_status(report: &StatusReport, now: SystemTime) -> String {
             escape(&last.target_version),
             last.outcome,
             rfc3339(last.ended_at)
+        ));
+    }
+    // The latest few admin actions; `--json` has more, state/audit.jsonl all.
+    for entry in report.audit.iter().take(3) {
+        let reason = entry
+            .reason
+            .as_deref()
+            .map(|r| format!(": {}", escape(r)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "admin action       {} {} from {} via {}, {}{reason}\n",
+            rfc3339(entry.at),
+            escape(&entry.action),
+            escape(&entry.address),
+            escape(&entry.via),
+            escape(&entry.outcome)
         ));
     }
     match &report.agent_release {
@@ -946,6 +968,10 @@ mod tests {
             last_changeover: None,
             outbox: Vec::new(),
             mail_problem: None,
+            disk_problems: Vec::new(),
+            history: Vec::new(),
+            audit: Vec::new(),
+            console_url: None,
             agent_release: Some("1.2.0".to_owned()),
             agents_behind: 0,
             apps: vec![changeover_protocol::AppStatus {

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use changeover_protocol::agent_events::{AgentEventKind, CountdownWarning};
 use changeover_protocol::{ClientMessage, CloseCode, ErrorCode, ServerMessage};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::Instant;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::dial::{AgentStream, Dialer};
+use crate::events::{Events, EventsServer};
 use crate::hooks::{HookEvent, Hooks};
 use crate::identity::Identity;
 use crate::self_update::{UpdateEvent, UpdateSettings, Updater};
@@ -55,10 +57,17 @@ pub enum AgentExit {
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<AgentExit> {
     let mut identity = Identity::load_or_create(&options.state_dir, options.user.clone())?;
     let dialer = Dialer::new(&options.server_url, options.ca_file.as_deref())?;
+    // What the client application on this workstation hears of all this.
+    let events_server = EventsServer::start(
+        &options.state_dir,
+        Events::new(dialer.url(), &identity.agent_version),
+    );
+    let local_events = events_server.events().clone();
     let updater = Updater::new(
         options.updates.clone(),
         &identity.agent_version,
         dialer.tls_config(),
+        local_events.clone(),
     )?;
     let (update_events, mut update_progress) = tokio::sync::mpsc::channel(16);
     let mut link = UpdateLink {
@@ -75,10 +84,10 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         "agent starting"
     );
     let mut backoff = Backoff::new(BASE_DELAY, MAX_DELAY);
-    loop {
+    let exit = loop {
         info!(server = %dialer.url(), "connecting");
         let ending = tokio::select! {
-            ending = session(&dialer, &mut identity, &options.hooks, &shutdown, &mut link) => ending,
+            ending = session(&dialer, &mut identity, &options.hooks, &local_events, &shutdown, &mut link) => ending,
             () = shutdown.cancelled() => SessionEnd::Stopped,
         };
         // A pause the server asked for on refusing the hello (already clamped).
@@ -86,9 +95,9 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         match ending {
             SessionEnd::Stopped => {
                 info!("agent stopped");
-                return Ok(AgentExit::Stopped);
+                break AgentExit::Stopped;
             }
-            SessionEnd::Restart => return Ok(restart(&link.updater)),
+            SessionEnd::Restart => break restart(&link.updater),
             SessionEnd::ConnectFailed(err) => {
                 warn!(cause = %format!("{err:#}"), "cannot reach the server");
             }
@@ -96,6 +105,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 // It worked until now: the next retry may be quick again.
                 backoff.reset();
                 info!(%reason, "disconnected");
+                local_events.emit(AgentEventKind::Disconnected { reason });
             }
             SessionEnd::LoggedOut { reconnect_within } => {
                 backoff.reset();
@@ -109,7 +119,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                     "logged out for the update; returning after a pause"
                 );
                 if let Some(exit) = pause_for(pause, &shutdown, &mut link).await {
-                    return Ok(exit);
+                    break exit;
                 }
                 continue;
             }
@@ -139,9 +149,12 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             "reconnecting after a pause"
         );
         if let Some(exit) = pause_for(delay, &shutdown, &mut link).await {
-            return Ok(exit);
+            break exit;
         }
-    }
+    };
+    // The clients take the last lines first: `update_installed` before a restart.
+    events_server.close().await;
+    Ok(exit)
 }
 
 /// The agent's own update as the session loop sees it: the updater, and the channel its
@@ -221,6 +234,7 @@ async fn session(
     dialer: &Dialer,
     identity: &mut Identity,
     hooks: &Hooks,
+    local_events: &Events,
     shutdown: &CancellationToken,
     link: &mut UpdateLink<'_>,
 ) -> SessionEnd {
@@ -248,6 +262,10 @@ async fn session(
             assigned_agent_id,
         })) => {
             info!(session_id, %server_version, protocol_version, "connected");
+            local_events.emit(AgentEventKind::Connected {
+                server: dialer.url().to_owned(),
+                server_version: server_version.clone(),
+            });
             if let Some(assigned) = assigned_agent_id {
                 identity.adopt_assigned_id(&assigned);
             }
@@ -337,32 +355,60 @@ async fn session(
                         Ok(ServerMessage::Error { code, message, .. }) => {
                             warn!(?code, %message, "the server reported an error");
                         }
-                        Ok(ServerMessage::Warning { deadline, seconds_left, target_version, message, .. }) => {
+                        Ok(ServerMessage::Warning { changeover_id, deadline, seconds_left, target_version, message, admin_message, .. }) => {
                             let countdown = server_values::countdown(deadline, seconds_left, std::time::SystemTime::now());
                             let seconds_left = countdown.seconds_left;
+                            let admin_message = crate::i18n::admin_words(admin_message, &message, &target_version);
+                            let text = hooks.texts.warning(&target_version, seconds_left, countdown.deadline, admin_message.as_deref());
                             let deadline = server_values::rfc3339(countdown.deadline);
                             announced_version.clone_from(&target_version);
                             warn!(%deadline, seconds_left, %target_version, %message, "the server will be updated: save your work");
-                            let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message };
+                            let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message: text };
                             hooks.on_warning(&event).await;
+                            local_events.emit(AgentEventKind::Warning(CountdownWarning {
+                                changeover_id,
+                                deadline: countdown.deadline,
+                                // Counted from the message: the hook may have taken a while.
+                                seconds_left: seconds_left.saturating_sub(silent_since.elapsed().as_secs()),
+                                target_version: event.target_version,
+                                message: event.message,
+                            }));
                         }
                         Ok(ServerMessage::AgentUpdateOffer(offer)) => {
                             link.updater.consider(*offer, link.events.clone());
                         }
-                        Ok(ServerMessage::UpdateCancelled { message, .. }) => {
+                        Ok(ServerMessage::UpdateCancelled { changeover_id, message, target_version, .. }) => {
                             info!(%message, "the announced update was called off");
+                            let target_version = target_version.unwrap_or_else(|| announced_version.clone());
+                            let event = HookEvent {
+                                event: "cancelled",
+                                deadline: String::new(),
+                                seconds_left: 0,
+                                message: hooks.texts.cancelled(Some(&target_version)),
+                                target_version,
+                            };
+                            hooks.on_cancelled(&event);
+                            local_events.emit(AgentEventKind::Cancelled { changeover_id, message: event.message });
                         }
-                        Ok(ServerMessage::Logout { reason, reconnect_within_ms, .. }) => {
+                        Ok(ServerMessage::Logout { changeover_id, reason, reconnect_within_ms, target_version, admin_message, .. }) => {
                             warn!(%reason, "logged out by the server");
                             let reconnect_within = server_values::reconnect_window(reconnect_within_ms);
+                            // An older server names no version: the one its warnings named.
+                            let target_version = target_version.unwrap_or_else(|| announced_version.clone());
                             let event = HookEvent {
                                 event: "logout",
                                 deadline: server_values::rfc3339(std::time::SystemTime::now()),
                                 seconds_left: 0,
-                                target_version: announced_version.clone(),
-                                message: reason,
+                                message: hooks.texts.logout(Some(&target_version), admin_message.as_deref()),
+                                target_version,
                             };
                             hooks.on_logout(&event).await;
+                            local_events.emit(AgentEventKind::Logout {
+                                changeover_id,
+                                reason,
+                                reconnect_within_ms: u64::try_from(reconnect_within.as_millis()).unwrap_or(u64::MAX),
+                                message: event.message,
+                            });
                             return SessionEnd::LoggedOut { reconnect_within };
                         }
                         Ok(other) => debug!(message = ?other, "message not handled in this state"),

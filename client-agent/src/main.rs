@@ -40,6 +40,9 @@ enum Command {
     /// Admin commands (need the admin password).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print what the running agent tells the client application (the countdown, the
+    /// logout, its own update) as it happens, following it across its restarts.
+    Events(EventsArgs),
     /// Watches an updated agent on trial and puts the previous one back if it fails;
     /// started by the agent itself.
     #[command(hide = true)]
@@ -93,6 +96,24 @@ struct RunArgs {
     /// exit 0 to install it (CHANGEOVER_EVENT=ask, CHANGEOVER_TARGET_VERSION).
     #[arg(long)]
     ask_hook: Option<String>,
+    /// The language of the user's messages: en, de, fr, or a locale such as de_DE.UTF-8
+    /// [default: from LC_ALL, LC_MESSAGES or LANG; English without a catalogue for it].
+    #[arg(long)]
+    lang: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// The state folder of the agent to follow, as given to its `run` [default: the
+    /// user's state folder].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// One JSON object per line (each flushed) instead of lines for people.
+    #[arg(long)]
+    json: bool,
+    /// Print the agent's current state (one line) and exit; exit 1 when it is not running.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,7 +203,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    init_logging(cli.log_format, matches!(cli.command, Command::Admin(_)));
+    init_logging(
+        cli.log_format,
+        matches!(cli.command, Command::Admin(_) | Command::Events(_)),
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -283,10 +307,11 @@ async fn dispatch(command: Command) -> anyhow::Result<Done> {
                 user: args.user,
                 state_dir: state_dir.clone(),
                 ca_file: args.ca_file.clone(),
-                hooks: changeover_agent::hooks::Hooks {
-                    warn: args.warn_hook,
-                    logout: args.logout_hook,
-                },
+                hooks: changeover_agent::hooks::Hooks::new(
+                    args.warn_hook,
+                    args.logout_hook,
+                    changeover_agent::i18n::Language::choose(args.lang.as_deref()),
+                ),
                 updates: UpdateSettings {
                     policy: args.client_update,
                     ask_hook: args.ask_hook,
@@ -302,6 +327,21 @@ async fn dispatch(command: Command) -> anyhow::Result<Done> {
                 agent::AgentExit::Stopped => Ok(Done::Exit),
                 agent::AgentExit::Restart(exe) => Ok(Done::Restart(exe, trial_patience)),
             }
+        }
+        Command::Events(args) => {
+            let options = changeover_agent::events::FollowOptions {
+                state_dir: match args.state_dir {
+                    Some(dir) => dir,
+                    None => default_state_dir()?,
+                },
+                json: args.json,
+                once: args.once,
+            };
+            let stop = CancellationToken::new();
+            tokio::spawn(stop_on_signal(stop.clone()));
+            changeover_agent::events::follow(&options, &mut tokio::io::stdout(), &stop)
+                .await
+                .map(|()| Done::Exit)
         }
         Command::Install {
             dir,

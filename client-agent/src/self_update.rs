@@ -19,7 +19,8 @@
 //!    simply offered again;
 //! 5. restarts in place and reconnects, reporting the new version.
 //!
-//! Every step is reported to the server (`agent_update_report`). Whatever fails leaves
+//! Every step is reported to the server (`agent_update_report`) and told the client
+//! application (`update_*` on the local events stream, `events.rs`). Whatever fails leaves
 //! the running agent as it was; the failure is reported, and the same release is tried
 //! again only after [`RETRY_FAILED_AFTER`].
 
@@ -29,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use changeover_protocol::agent_events::{AgentEventKind, UpdateStep};
 use changeover_protocol::package::{
     self, PackageError, PackageSignature, PackageVerifier, VendorKey,
 };
@@ -38,6 +40,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::events::Events;
 pub use crate::offer::MAX_DOWNLOAD_BYTES;
 use crate::offer::SignedComment;
 
@@ -131,6 +134,8 @@ pub struct Updater {
     busy: Mutex<Option<String>>,
     /// A failed trial of an update, to report once connected.
     pending_failure: Mutex<Option<crate::trial::Failure>>,
+    /// The local events stream: the client application hears of every step too.
+    agent_events: Events,
 }
 
 impl Updater {
@@ -138,6 +143,7 @@ impl Updater {
         settings: UpdateSettings,
         running_version: &str,
         tls: Option<rustls::ClientConfig>,
+        agent_events: Events,
     ) -> anyhow::Result<Arc<Updater>> {
         let base_url = http_base(&settings.server_url)?;
         let mut http = reqwest::Client::builder()
@@ -181,6 +187,7 @@ impl Updater {
             outcomes: Mutex::new(outcomes),
             busy: Mutex::new(None),
             pending_failure: Mutex::new(pending_failure),
+            agent_events,
         }))
     }
 
@@ -192,12 +199,20 @@ impl Updater {
             .clone()
     }
 
-    /// The failed trial was reported.
+    /// The failed trial was reported; the client application hears of it now too (the
+    /// new agent's stream ended with `update_installed`).
     pub fn failure_reported(&self) {
-        *self
+        let failure = self
             .pending_failure
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = None;
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(failure) = failure {
+            self.agent_events.emit(AgentEventKind::UpdateFailed {
+                version: failure.version,
+                reason: failure.reason,
+            });
+        }
     }
 
     /// Where the running agent was installed when it started.
@@ -243,8 +258,15 @@ impl Updater {
                 }
                 outcomes.remove(&offer.version);
             }
+            self.agent_events.emit(AgentEventKind::UpdateOffered {
+                version: offer.version.clone(),
+            });
             if let Err(reason) = crate::offer::screen(&offer) {
                 warn!(version = %offer.version, %reason, "refusing the agent update offer");
+                self.agent_events.emit(AgentEventKind::UpdateFailed {
+                    version: offer.version.clone(),
+                    reason: reason.clone(),
+                });
                 outcomes.insert(
                     offer.version.clone(),
                     (Instant::now(), AgentUpdateState::Failed, reason.clone()),
@@ -269,6 +291,11 @@ impl Updater {
             match updater.update(&offer, &events).await {
                 Ok(Done::Installed) => {
                     info!(%version, "agent update installed; restarting");
+                    // Sent before the restart, to the clients of this agent, which see the
+                    // stream end next: the new agent cannot know who missed it.
+                    updater.agent_events.emit(AgentEventKind::UpdateInstalled {
+                        version: version.clone(),
+                    });
                     let _ = events
                         .send(report(
                             AgentUpdateState::Restarting,
@@ -281,6 +308,10 @@ impl Updater {
                 }
                 Ok(Done::Declined(reason)) => {
                     info!(%version, %reason, "agent update declined");
+                    updater.agent_events.emit(AgentEventKind::UpdateDeclined {
+                        version: version.clone(),
+                        reason: reason.clone(),
+                    });
                     updater.remember(&version, AgentUpdateState::Declined, &reason);
                     let _ = events
                         .send(report(AgentUpdateState::Declined, Some(reason)))
@@ -289,6 +320,10 @@ impl Updater {
                 Err(err) => {
                     let reason = format!("{err:#}");
                     warn!(%version, %reason, "agent update failed; the running agent stays");
+                    updater.agent_events.emit(AgentEventKind::UpdateFailed {
+                        version: version.clone(),
+                        reason: reason.clone(),
+                    });
                     // A transfer that gave up on the network is tried again with the next
                     // offer (the server is back then); anything else waits a while.
                     if err.downcast_ref::<TransferGaveUp>().is_none() {
@@ -364,6 +399,10 @@ impl Updater {
             state,
             detail: Some(detail.to_owned()),
         };
+        self.agent_events.emit(AgentEventKind::UpdateInstalling {
+            version: offer.version.clone(),
+            step: UpdateStep::Downloading,
+        });
         let _ = events
             .send(report(
                 AgentUpdateState::Downloading,
@@ -371,6 +410,10 @@ impl Updater {
             ))
             .await;
         let archive = self.download(offer, &signature, &key).await?;
+        self.agent_events.emit(AgentEventKind::UpdateInstalling {
+            version: offer.version.clone(),
+            step: UpdateStep::Installing,
+        });
         let _ = events
             .send(report(AgentUpdateState::Installing, "verified"))
             .await;
@@ -981,6 +1024,10 @@ pub fn install(options: &InstallOptions) -> anyhow::Result<semver::Version> {
 mod tests {
     use super::*;
 
+    fn test_events() -> Events {
+        Events::new("ws://127.0.0.1:1", "1.0.0")
+    }
+
     #[test]
     fn an_offer_cannot_point_elsewhere() {
         let base = http_base("ws://10.0.0.5:7600").unwrap();
@@ -1081,7 +1128,7 @@ mod tests {
             server_url: format!("ws://{address}"),
             ca_file: None,
         };
-        let updater = Updater::new(settings, "1.0.0", None).unwrap();
+        let updater = Updater::new(settings, "1.0.0", None, test_events()).unwrap();
         let signed = signed_offer("/agent-updates/agent.tar.gz");
         let result = updater
             .download(&signed.offer, &signed.signature, &signed.key)
@@ -1134,7 +1181,7 @@ mod tests {
             server_url: "ws://127.0.0.1:1".to_owned(),
             ca_file: None,
         };
-        let updater = Updater::new(settings, "1.0.0", None).unwrap();
+        let updater = Updater::new(settings, "1.0.0", None, test_events()).unwrap();
         let vendor = SignedComment::from_key_text(&signed.public_key).unwrap();
         assert!(updater.check_offer(&signed.offer, &vendor).is_ok());
 

@@ -7,6 +7,7 @@
 //! server and the agent depend on it; it depends on neither. It does no network I/O; only
 //! [`package`] reads and writes files, to verify and unpack a release.
 
+pub mod agent_events;
 pub mod backoff;
 pub mod close;
 pub mod messages;

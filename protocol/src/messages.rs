@@ -265,25 +265,45 @@ pub enum ServerMessage {
     ChangeoverFinished(ChangeoverSummary),
     /// To every agent: the server will update; leave before the deadline. Repeated as the
     /// deadline nears, and sent at once to agents that connect during the countdown.
+    ///
+    /// An agent builds the user's text in the user's language from the structured fields
+    /// (`deadline`, `target_version`, `admin_message`); `message` is the same in English
+    /// for agents built before they could.
     Warning {
         changeover_id: String,
         #[serde(with = "rfc3339")]
         deadline: SystemTime,
         seconds_left: u64,
         target_version: String,
+        /// The admin's words, or the server's default sentence, in English.
         message: String,
+        /// The admin's own words (`update_request.message`) as typed, for the agent to add
+        /// to its text; absent when the admin gave none (or the server predates it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin_message: Option<String>,
     },
     /// To every agent: the announced update was called off.
     UpdateCancelled {
         changeover_id: String,
+        /// For the user, in English.
         message: String,
+        /// The release the warnings announced; absent from servers that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_version: Option<String>,
     },
     /// To every agent at the deadline: the session ends now (close the application); the
     /// connection closes with 4009. Reconnect at a random moment within the window.
     Logout {
         changeover_id: String,
+        /// For the user and the log, in English.
         reason: String,
         reconnect_within_ms: u64,
+        /// The release being installed; absent from servers that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_version: Option<String>,
+        /// As in the warning: the admin's own words, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin_message: Option<String>,
     },
     /// The answer to a download request: the feed has this release and it is being
     /// fetched (or is already verified: a `package_ready` follows either way).
@@ -475,6 +495,21 @@ pub struct StatusReport {
     /// in start order; empty when the release has none.
     #[serde(default)]
     pub apps: Vec<AppStatus>,
+    /// What the server cannot write to disk now (a full disk): each a sentence naming the
+    /// file and the error; absent when every write works. The server serves on meanwhile
+    /// and writes each as soon as there is room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_problems: Vec<String>,
+    /// Past changeovers, newest first (at most [`MAX_LISTED_HISTORY`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<ChangeoverSummary>,
+    /// The latest admin actions, newest first (at most [`MAX_LISTED_AUDIT`]); the whole
+    /// log is `state/audit.jsonl`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<AuditEntry>,
+    /// Where the web console is served (`http://…/console/`), or absent when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_url: Option<String>,
     /// The connected agent sessions, oldest first: all of them, or the oldest
     /// [`MAX_LISTED_SESSIONS`](crate::MAX_LISTED_SESSIONS) when there are more.
     pub sessions: Vec<SessionView>,
@@ -560,6 +595,33 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
 }
 
+/// Past changeovers a status report lists.
+pub const MAX_LISTED_HISTORY: usize = 20;
+/// Audit log entries a status report lists.
+pub const MAX_LISTED_AUDIT: usize = 50;
+
+/// One admin action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+    /// Who acted: `admin` (the one admin account).
+    pub actor: String,
+    /// The client's address as the server saw it.
+    pub address: String,
+    /// `cli` (an admin command over the WebSocket) or `console` (the web console).
+    pub via: String,
+    /// `login`, `logout`, `update`, `cancel` or `download`.
+    pub action: String,
+    /// What was asked: the version, grace, time, recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// `ok`, `refused` (with the reason) or `throttled`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// The feed as the server last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedStatus {
@@ -570,6 +632,9 @@ pub struct FeedStatus {
     pub checked_at: Option<SystemTime>,
     /// The newest server release the feed offers for this platform.
     pub newest_version: Option<String>,
+    /// What changed in it, as the vendor wrote it; absent when the feed says nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_notes: Option<String>,
     /// Why the last check failed, if it did.
     pub error: Option<String>,
 }
@@ -851,6 +916,15 @@ pub const DEFAULT_GRACE_SECS: u64 = 120;
 /// The longest grace period accepted.
 pub const MAX_GRACE_SECS: u64 = 3600;
 
+/// A warning's English `message` when the admin wrote none: what an agent that builds its
+/// own text compares `message` with, to tell an older server's default from the admin's
+/// words (an older server sends no `admin_message`).
+pub fn default_warning_message(target_version: &str) -> String {
+    format!(
+        "The server will be updated to version {target_version}. Please save your work and close the application."
+    )
+}
+
 fn default_grace_secs() -> u64 {
     DEFAULT_GRACE_SECS
 }
@@ -957,5 +1031,53 @@ mod tests {
         assert_eq!(message, ServerMessage::error(ErrorCode::Unknown, "m"));
         let phase: ChangeoverPhase = serde_json::from_str(r#""warp_drive""#).unwrap();
         assert_eq!(phase, ChangeoverPhase::Unknown);
+    }
+
+    // The admin's words and the version came later than the English texts: a server that
+    // sends only those still reads, and messages without the new fields leave them out.
+    #[test]
+    fn changeover_messages_from_an_older_server_read_without_the_structured_fields() {
+        let warning: ServerMessage = serde_json::from_str(
+            r#"{"type":"warning","changeover_id":"co-1","deadline":"2026-11-28T12:32:08Z",
+                "seconds_left":5,"target_version":"2.4.0","message":"m"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            &warning,
+            ServerMessage::Warning {
+                admin_message: None,
+                ..
+            }
+        ));
+        assert!(
+            !serde_json::to_string(&warning)
+                .unwrap()
+                .contains("admin_message")
+        );
+        let logout: ServerMessage = serde_json::from_str(
+            r#"{"type":"logout","changeover_id":"co-1","reason":"r","reconnect_within_ms":2004}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            logout,
+            ServerMessage::Logout {
+                changeover_id: "co-1".to_owned(),
+                reason: "r".to_owned(),
+                reconnect_within_ms: 2004,
+                target_version: None,
+                admin_message: None,
+            }
+        );
+        let cancelled: ServerMessage = serde_json::from_str(
+            r#"{"type":"update_cancelled","changeover_id":"co-1","message":"m"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            cancelled,
+            ServerMessage::UpdateCancelled {
+                target_version: None,
+                ..
+            }
+        ));
     }
 }

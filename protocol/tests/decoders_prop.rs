@@ -356,15 +356,26 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 }
             },
         );
-    let warning = (text(), wire_time(), any::<u64>(), text(), text()).prop_map(
-        |(changeover_id, deadline, seconds_left, target_version, message)| ServerMessage::Warning {
-            changeover_id,
-            deadline,
-            seconds_left,
-            target_version,
-            message,
-        },
-    );
+    let warning = (
+        text(),
+        wire_time(),
+        any::<u64>(),
+        text(),
+        text(),
+        optional_text(),
+    )
+        .prop_map(
+            |(changeover_id, deadline, seconds_left, target_version, message, admin_message)| {
+                ServerMessage::Warning {
+                    changeover_id,
+                    deadline,
+                    seconds_left,
+                    target_version,
+                    message,
+                    admin_message,
+                }
+            },
+        );
     let offer = (
         (text(), text(), text()),
         any::<u64>(),
@@ -422,13 +433,24 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 detail,
             }
         ),
-        (text(), text(), any::<u64>()).prop_map(|(changeover_id, reason, reconnect_within_ms)| {
-            ServerMessage::Logout {
-                changeover_id,
-                reason,
-                reconnect_within_ms,
-            }
-        }),
+        (
+            text(),
+            text(),
+            any::<u64>(),
+            optional_text(),
+            optional_text()
+        )
+            .prop_map(
+                |(changeover_id, reason, reconnect_within_ms, target_version, admin_message)| {
+                    ServerMessage::Logout {
+                        changeover_id,
+                        reason,
+                        reconnect_within_ms,
+                        target_version,
+                        admin_message,
+                    }
+                }
+            ),
         (text(), any::<u32>(), any::<u64>(), text()).prop_map(
             |(version, attempt, retry_in_ms, reason)| ServerMessage::DownloadRetrying {
                 version,

@@ -87,6 +87,7 @@ fn status() -> ServerMessage {
             // 2026-11-28T09:14:37Z
             checked_at: Some(at(1_795_857_277)),
             newest_version: Some("2.4.0".to_owned()),
+            newest_notes: None,
             error: None,
         },
         candidate: Some(CandidateStatus {
@@ -115,6 +116,10 @@ fn status() -> ServerMessage {
             ),
         }],
         mail_problem: None,
+        disk_problems: Vec::new(),
+        history: Vec::new(),
+        audit: Vec::new(),
+        console_url: None,
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
         apps: vec![
@@ -192,6 +197,10 @@ fn status_inbox_only() -> ServerMessage {
         last_changeover: None,
         outbox: Vec::new(),
         mail_problem: None,
+        disk_problems: Vec::new(),
+        history: Vec::new(),
+        audit: Vec::new(),
+        console_url: None,
         agent_release: None,
         agents_behind: 0,
         apps: Vec::new(),
@@ -240,6 +249,7 @@ fn status_counting_down() -> ServerMessage {
             // 2026-11-28T12:30:01Z
             checked_at: Some(at(1_795_869_001)),
             newest_version: Some("2.4.0".to_owned()),
+            newest_notes: None,
             error: None,
         },
         candidate: Some(CandidateStatus {
@@ -259,6 +269,10 @@ fn status_counting_down() -> ServerMessage {
         last_changeover: Some(last_committed()),
         outbox: Vec::new(),
         mail_problem: None,
+        disk_problems: Vec::new(),
+        history: Vec::new(),
+        audit: Vec::new(),
+        console_url: None,
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
         apps: Vec::new(),
@@ -278,6 +292,7 @@ fn status_scheduled() -> ServerMessage {
             // 2026-11-28T16:05:12Z
             checked_at: Some(at(1_795_881_912)),
             newest_version: Some("2.4.0".to_owned()),
+            newest_notes: None,
             error: None,
         },
         candidate: Some(CandidateStatus {
@@ -298,6 +313,10 @@ fn status_scheduled() -> ServerMessage {
         last_changeover: Some(last_committed()),
         outbox: Vec::new(),
         mail_problem: None,
+        disk_problems: Vec::new(),
+        history: Vec::new(),
+        audit: Vec::new(),
+        console_url: None,
         agent_release: Some("2.3.0".to_owned()),
         agents_behind: 0,
         apps: Vec::new(),
@@ -320,6 +339,7 @@ fn status_after_changeover() -> ServerMessage {
             // 2026-11-28T12:41:54Z
             checked_at: Some(at(1_795_869_714)),
             newest_version: Some("2.4.0".to_owned()),
+            newest_notes: None,
             error: None,
         },
         candidate: None,
@@ -328,6 +348,10 @@ fn status_after_changeover() -> ServerMessage {
         last_changeover: Some(committed()),
         outbox: Vec::new(),
         mail_problem: None,
+        disk_problems: Vec::new(),
+        history: Vec::new(),
+        audit: Vec::new(),
+        console_url: None,
         agent_release: Some("2.4.0".to_owned()),
         agents_behind: 3,
         apps: Vec::new(),
@@ -561,16 +585,15 @@ fn changeover_finished_failed() -> ServerMessage {
     })
 }
 
-// The first warning, as the countdown begins.
+// The first warning, as the countdown begins, with the admin's own words.
 fn warning() -> ServerMessage {
     ServerMessage::Warning {
         changeover_id: CHANGEOVER_ID.to_owned(),
         deadline: at(DEADLINE),
         seconds_left: 120,
         target_version: "2.4.0".to_owned(),
-        message: "The server will be updated to version 2.4.0. Please save your work and close \
-                  the application."
-            .to_owned(),
+        message: "Accounting is back at 12:45.".to_owned(),
+        admin_message: Some("Accounting is back at 12:45.".to_owned()),
     }
 }
 
@@ -584,6 +607,7 @@ fn warning_last() -> ServerMessage {
         message: "The server will be updated to version 2.4.0. Please save your work and close \
                   the application."
             .to_owned(),
+        admin_message: None,
     }
 }
 
@@ -591,6 +615,7 @@ fn update_cancelled() -> ServerMessage {
     ServerMessage::UpdateCancelled {
         changeover_id: "co-1795877415260".to_owned(),
         message: "The announced update was called off; carry on working.".to_owned(),
+        target_version: Some("2.4.0".to_owned()),
     }
 }
 
@@ -600,6 +625,8 @@ fn logout() -> ServerMessage {
         changeover_id: CHANGEOVER_ID.to_owned(),
         reason: "the server is being updated to version 2.4.0".to_owned(),
         reconnect_within_ms: 2_004,
+        target_version: Some("2.4.0".to_owned()),
+        admin_message: Some("Accounting is back at 12:45.".to_owned()),
     }
 }
 

@@ -44,6 +44,12 @@ max_sessions_per_address = 1000
 # Seconds a write to one agent may take before it is dropped as a slow consumer.
 write_timeout_secs = 10
 
+[console]
+# The admin's web console (open http://<address>/console/ in a browser; https under [tls]).
+# "auto": server.listen's address on the next port (any free port when --listen names
+# port 0); "off": no console; or an address of its own, such as "0.0.0.0:7601".
+listen = "auto"
+
 [tls]
 # Serve wss:// with this certificate chain and private key (PEM). Relative paths are
 # relative to the install folder, so certificates in certs/ move with each changeover.
@@ -96,6 +102,8 @@ enabled = true
 from = "changeover@localhost"
 # Who gets the mail when `admin update` names nobody with --notify.
 # to = "admin@example.com"
+# The language the mail is written in: "en", "de" or "fr".
+language = "en"
 
 [unattended]
 # For single-seat installs: update from the feed without an admin, inside the window.
@@ -118,6 +126,31 @@ pub struct Config {
     pub unattended: UnattendedSection,
     pub mail: MailSection,
     pub agent_updates: AgentUpdatesSection,
+    pub console: ConsoleSection,
+}
+
+/// `[console]`: the web console.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConsoleSection {
+    /// `auto`, `off` or an address; see [`crate::console::ConsoleListen`].
+    pub listen: String,
+}
+
+impl Default for ConsoleSection {
+    fn default() -> Self {
+        ConsoleSection {
+            listen: "auto".to_owned(),
+        }
+    }
+}
+
+impl ConsoleSection {
+    pub fn listen(&self) -> anyhow::Result<crate::console::ConsoleListen> {
+        self.listen
+            .parse()
+            .map_err(|err: String| anyhow::anyhow!("console.listen: {err}"))
+    }
 }
 
 /// `[agent_updates]`: the agents' own updates, served by this server.
@@ -144,6 +177,8 @@ pub struct MailSection {
     pub smtp_url: Option<String>,
     pub from: String,
     pub to: Option<String>,
+    /// The language of the mail about a changeover; English unless set.
+    pub language: crate::mail::MailLanguage,
 }
 
 impl Default for MailSection {
@@ -152,6 +187,7 @@ impl Default for MailSection {
             smtp_url: None,
             from: "changeover@localhost".to_owned(),
             to: None,
+            language: crate::mail::MailLanguage::En,
         }
     }
 }
@@ -382,6 +418,7 @@ impl Config {
             self.agent_updates.max_transfers >= 1,
             "agent_updates.max_transfers must be at least 1"
         );
+        self.console.listen()?;
         crate::unattended::Window::parse(&self.unattended.window_utc)
             .map_err(|reason| anyhow::anyhow!("unattended.window_utc: {reason}"))?;
         anyhow::ensure!(
@@ -430,6 +467,11 @@ mod tests {
     fn default_file_matches_defaults() {
         let (parsed, unknown) = Config::parse(DEFAULT_CONFIG).unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(parsed.console.listen, ConsoleSection::default().listen);
+        assert_eq!(
+            parsed.console.listen().unwrap(),
+            crate::console::ConsoleListen::Auto
+        );
         let defaults = ServerSection::default();
         assert_eq!(parsed.server.listen, defaults.listen);
         assert_eq!(parsed.server.heartbeat_secs, defaults.heartbeat_secs);
@@ -492,6 +534,15 @@ mod tests {
         assert_eq!(config.feed.check_interval_secs, 3600);
         assert_eq!(unknown, Vec::<String>::new());
         assert_eq!(config.mail.smtp_url.as_deref(), Some("smtp://x"));
+        assert_eq!(config.mail.language, crate::mail::MailLanguage::En);
+    }
+
+    #[test]
+    fn the_mail_language_is_one_with_a_catalogue() {
+        let (config, _) = Config::parse("[mail]\nlanguage = \"de\"\n").unwrap();
+        assert_eq!(config.mail.language, crate::mail::MailLanguage::De);
+        let err = Config::parse("[mail]\nlanguage = \"german\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("`de`"), "{err:#}");
     }
 
     #[test]

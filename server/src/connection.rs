@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::agent_updates::AgentUpdates;
+use crate::audit::{Actor, Refused, Via};
 use crate::auth::{AdminAuth, LoginOutcome};
 use crate::changeover::driver::{ChangeoverHandle, UpdateParams};
 use crate::hub::{HubHandle, Kick, RegisterError, encode};
@@ -67,6 +68,10 @@ pub struct ConnectionContext {
     /// The agent id the server's own health check says hello with: a secret of this
     /// process, answered with a welcome without taking a session (see `changeover::health`).
     pub self_check_id: String,
+    /// The audit log of admin actions.
+    pub audit: crate::audit::AuditLog,
+    /// Where the web console is served, if it is.
+    pub console_url: Option<String>,
 }
 
 /// How a connection ended, for the log.
@@ -366,7 +371,11 @@ where
         )
         .await;
     };
-    match context.auth.login(peer.ip(), password).await {
+    let actor = Actor {
+        address: peer.ip(),
+        via: Via::Cli,
+    };
+    match log_in(context, actor, password).await {
         LoginOutcome::Accepted => info!(%peer, "admin logged in"),
         LoginOutcome::WrongPassword => {
             return refuse(ws, Refusal::unauthorized("wrong admin password"), context).await;
@@ -441,25 +450,14 @@ where
                     Incoming::Alive => continue,
                     Incoming::Gone(reason) => return Ending::PeerGone(reason),
                     Incoming::Refused(refusal) => return refuse(ws, refusal, context).await,
-                    Incoming::Message(ClientMessage::StatusRequest) => status_report(context).await,
-                    Incoming::Message(ClientMessage::DownloadRequest { version, allow_downgrade }) => {
-                        download_request(context, version, allow_downgrade).await
-                    }
-                    Incoming::Message(ClientMessage::UpdateRequest {
-                        version, grace_secs, notify, message, at, allow_downgrade,
-                    }) => {
-                        update_request(context, UpdateParams {
-                            version, grace_secs, notify, message, at: None, allow_downgrade,
-                        }, at).await
-                    }
-                    Incoming::Message(ClientMessage::CancelRequest) => {
-                        match context.changeover.cancel().await {
-                            Ok(changeover_id) => ServerMessage::CancelAccepted { changeover_id },
-                            Err(refusal) => ServerMessage::error(refusal.code, refusal.message),
+                    Incoming::Message(request) => {
+                        let type_name = request.type_name();
+                        match answer_admin(context, actor, request).await {
+                            Some(answer) => answer,
+                            None => {
+                                return refuse(ws, Refusal::unexpected(type_name, "after admin_login"), context).await;
+                            }
                         }
-                    }
-                    Incoming::Message(other) => {
-                        return refuse(ws, Refusal::unexpected(other.type_name(), "after admin_login"), context).await;
                     }
                 };
                 if let Err(ending) = send(ws, &answer, context).await {
@@ -468,6 +466,90 @@ where
             }
         }
     }
+}
+
+/// Checks an admin's password (throttled per address, as [`AdminAuth::login`] does) and
+/// records the attempt in the audit log: the one login of the command line and the console.
+pub async fn log_in(context: &ConnectionContext, actor: Actor, password: String) -> LoginOutcome {
+    let outcome = context.auth.login(actor.address, password).await;
+    let audited = match &outcome {
+        LoginOutcome::Accepted => Ok(()),
+        LoginOutcome::WrongPassword => Err(Refused::Because("wrong admin password".to_owned())),
+        LoginOutcome::Throttled { .. } => Err(Refused::Throttled(
+            "too many failed logins from this address".to_owned(),
+        )),
+        LoginOutcome::Busy { .. } => Err(Refused::Throttled(
+            "too many logins waiting to be checked".to_owned(),
+        )),
+    };
+    context.audit.record(actor, "login", None, audited).await;
+    outcome
+}
+
+/// The answer to a logged-in admin's request: the same call for the command line and the
+/// web console. Actions (not status requests) go into the audit log with their outcome.
+/// `None` when `request` is not an admin request.
+pub async fn answer_admin(
+    context: &ConnectionContext,
+    actor: Actor,
+    request: ClientMessage,
+) -> Option<ServerMessage> {
+    let (action, detail, answer) = match request {
+        ClientMessage::StatusRequest => return Some(status_report(context).await),
+        ClientMessage::DownloadRequest {
+            version,
+            allow_downgrade,
+        } => {
+            let detail = version.clone().unwrap_or_else(|| "newest".to_owned());
+            let answer = download_request(context, version, allow_downgrade).await;
+            ("download", detail, answer)
+        }
+        ClientMessage::UpdateRequest {
+            version,
+            grace_secs,
+            notify,
+            message,
+            at,
+            allow_downgrade,
+        } => {
+            let mut detail = format!(
+                "{}, grace {grace_secs} s",
+                version.as_deref().unwrap_or("newest")
+            );
+            if let Some(at) = &at {
+                detail.push_str(&format!(", at {at}"));
+            }
+            if let Some(notify) = &notify {
+                detail.push_str(&format!(", mail to {notify}"));
+            }
+            let params = UpdateParams {
+                version,
+                grace_secs,
+                notify,
+                message,
+                at: None,
+                allow_downgrade,
+            };
+            ("update", detail, update_request(context, params, at).await)
+        }
+        ClientMessage::CancelRequest => {
+            let answer = match context.changeover.cancel().await {
+                Ok(changeover_id) => ServerMessage::CancelAccepted { changeover_id },
+                Err(refusal) => ServerMessage::error(refusal.code, refusal.message),
+            };
+            ("cancel", String::new(), answer)
+        }
+        ClientMessage::Hello(_)
+        | ClientMessage::AdminLogin { .. }
+        | ClientMessage::AgentUpdateReport { .. } => return None,
+    };
+    let outcome = match &answer {
+        ServerMessage::Error { message, .. } => Err(Refused::Because(message.clone())),
+        _ => Ok(()),
+    };
+    let detail = (!detail.is_empty()).then_some(detail);
+    context.audit.record(actor, action, detail, outcome).await;
+    Some(answer)
 }
 
 async fn status_report(context: &ConnectionContext) -> ServerMessage {
@@ -516,6 +598,14 @@ async fn status_report(context: &ConnectionContext) -> ServerMessage {
             .map(|version| version.to_string()),
         agents_behind,
         apps: context.apps.statuses(),
+        disk_problems: crate::unwritten::list(),
+        history: context
+            .changeover
+            .history(changeover_protocol::messages::MAX_LISTED_HISTORY),
+        audit: context
+            .audit
+            .latest(changeover_protocol::messages::MAX_LISTED_AUDIT),
+        console_url: context.console_url.clone(),
         sessions,
         sessions_total: listed.total as u64,
     }))

@@ -27,6 +27,8 @@ pub struct DemoOptions {
     pub grace_secs: u64,
     /// Keep the temporary folder for a look afterwards.
     pub keep: bool,
+    /// Let the admin start the changeover in the web console instead of `admin update`.
+    pub console: bool,
 }
 
 /// Children that die with the demo.
@@ -140,9 +142,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         .stderr(std::fs::File::create(dir.join("server.log"))?)
         .spawn()
         .context("cannot start the installed server")?;
-    let url = listening_url(&mut server)?;
+    let (url, console) = listening_url(&mut server)?;
     children.0.push(server);
     step(&format!("server 1.0.0 listening on {url}"));
+    if let Some(console) = &console {
+        step(&format!(
+            "web console at {console} (admin password: {password})"
+        ));
+    }
     let business = format!("http://127.0.0.1:{app_port}");
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -210,44 +217,21 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         users.join(", ")
     ));
 
-    step(&format!(
-        "admin: changeover-agent admin update --grace {}",
-        options.grace_secs
-    ));
-    let mut update = Command::new(&agent_binary)
-        .args([
-            "admin",
-            "update",
-            "--server",
-            &url,
-            "--notify",
-            "admin@demo.invalid",
-            "--grace",
-        ])
-        .arg(options.grace_secs.to_string())
-        .env("CHANGEOVER_ADMIN_PASSWORD", &password)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run admin update")?;
-    // Its download line and any error sit in the same indented block as its progress.
-    let stderr = update.stderr.take().map(|stderr| {
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("           | {line}");
-            }
-        })
-    });
-    if let Some(stdout) = update.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("           | {line}");
-        }
-    }
-    let updated = update.wait()?.success();
-    if let Some(stderr) = stderr {
-        let _ = stderr.join();
-    }
+    let updated = if options.console {
+        let Some(console) = &console else {
+            bail!("the server serves no web console (see server.log)");
+        };
+        step(&format!(
+            "waiting for you: open {console}, log in with {password} and start the changeover"
+        ));
+        wait_for_console_changeover(&agent_binary, &url, &password).await?
+    } else {
+        step(&format!(
+            "admin: changeover-agent admin update --grace {}",
+            options.grace_secs
+        ));
+        admin_update(&agent_binary, &url, &password, options.grace_secs)?
+    };
 
     let report = wait_for_back(&agent_binary, &url, &password, users.len()).await;
     let mut ok = updated;
@@ -443,18 +427,110 @@ fn site_files(root: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
-fn listening_url(server: &mut Child) -> anyhow::Result<String> {
+/// The scripted admin: `changeover-agent admin update`, its output indented.
+fn admin_update(
+    agent_binary: &Path,
+    url: &str,
+    password: &str,
+    grace_secs: u64,
+) -> anyhow::Result<bool> {
+    let mut update = Command::new(agent_binary)
+        .args([
+            "admin",
+            "update",
+            "--server",
+            url,
+            "--notify",
+            "admin@demo.invalid",
+            "--grace",
+        ])
+        .arg(grace_secs.to_string())
+        .env("CHANGEOVER_ADMIN_PASSWORD", password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run admin update")?;
+    // Its download line and any error sit in the same indented block as its progress.
+    let stderr = update.stderr.take().map(|stderr| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("           | {line}");
+            }
+        })
+    });
+    if let Some(stdout) = update.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("           | {line}");
+        }
+    }
+    let updated = update.wait()?.success();
+    if let Some(stderr) = stderr {
+        let _ = stderr.join();
+    }
+    Ok(updated)
+}
+
+/// The server's URL for agents and its console's URL (if it serves one), from the lines
+/// it prints on start.
+fn listening_url(server: &mut Child) -> anyhow::Result<(String, Option<String>)> {
     let stdout = server.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .context("the server ended before listening (see server.log)")??;
-    // Keep draining so the server never writes to a closed pipe.
-    std::thread::spawn(move || for _ in lines {});
-    first
-        .strip_prefix("listening on ")
-        .map(str::to_owned)
-        .with_context(|| format!("unexpected first line from the server: {first}"))
+    let mut console = None;
+    loop {
+        let line = lines
+            .next()
+            .context("the server ended before listening (see server.log)")??;
+        if let Some(url) = line.strip_prefix("console on ") {
+            console = Some(url.to_owned());
+        } else if let Some(url) = line.strip_prefix("listening on ") {
+            // Keep draining so the server never writes to a closed pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((url.to_owned(), console));
+        } else {
+            bail!("unexpected line from the server: {line}");
+        }
+    }
+}
+
+/// `--console`: the admin starts the changeover in the browser; the demo follows the
+/// server's phases until one has ended.
+async fn wait_for_console_changeover(
+    agent: &Path,
+    url: &str,
+    password: &str,
+) -> anyhow::Result<bool> {
+    let before = status(agent, url, password).await?["last_changeover"]["changeover_id"].clone();
+    let mut phase = String::new();
+    let mut waiting_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(report) = status(agent, url, password).await else {
+            if phase != "restarting" {
+                phase = "restarting".to_owned();
+                println!("           | the server is restarting…");
+            }
+            continue;
+        };
+        let now = report["phase"].as_str().unwrap_or("?").to_owned();
+        if now != phase && now != "idle" {
+            println!("           | {now}");
+        }
+        phase = now;
+        let last = &report["last_changeover"];
+        if !last.is_null() && last["changeover_id"] != before {
+            println!(
+                "           | {} (downtime {} ms)",
+                last["outcome"].as_str().unwrap_or("?"),
+                last["downtime_ms"]
+            );
+            return Ok(last["outcome"] == "committed");
+        }
+        if phase == "idle" && waiting_since.elapsed() > Duration::from_secs(600) {
+            println!("           | still waiting for a changeover started in the console…");
+            waiting_since = Instant::now();
+        }
+    }
 }
 
 async fn status(agent: &Path, url: &str, password: &str) -> anyhow::Result<serde_json::Value> {

@@ -34,9 +34,6 @@ const FEED_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long connecting to the SMTP server may take (name lookup included).
 const SMTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A changeover holds the download, the unpacked release and the old install at once.
-const SPACE_FACTOR: u64 = 3;
-
 /// Room kept free beyond the estimate, as the preflight does.
 const SPACE_MARGIN: u64 = 64 * 1024 * 1024;
 
@@ -54,6 +51,7 @@ const CHECK_SWAP: &str = "swap";
 const CHECK_FILESYSTEMS: &str = "filesystems";
 const CHECK_LEFTOVERS: &str = "leftovers";
 const CHECK_SPACE: &str = "disk space";
+const CHECK_STATE: &str = "state folder";
 const CHECK_CONFIG: &str = "config";
 const CHECK_VENDOR_KEY: &str = "vendor key";
 const CHECK_FEED: &str = "feed";
@@ -259,7 +257,8 @@ fn examine_locally(root: &Path, name: &str) -> LocalResult {
     findings.push(check_swap(&layout, &loaded.config.carry_over.paths));
     findings.push(check_filesystems(&layout, &loaded.config.carry_over.paths));
     findings.push(check_leftovers(&layout));
-    findings.push(check_space(&layout));
+    findings.push(check_space(&layout, &loaded.config.carry_over.paths));
+    findings.push(check_state_writable(&layout));
     findings.push(loaded.finding);
     findings.extend(check_apps(&layout));
     let (vendor_key, key) = check_vendor_key(&layout, &loaded.config);
@@ -968,63 +967,174 @@ fn check_leftovers(layout: &Layout) -> Finding {
 
 // ---- 4. disk space ------------------------------------------------------------------------
 
-fn check_space(layout: &Layout) -> Finding {
-    let install_bytes: u64 = walkdir::WalkDir::new(layout.install_dir())
+/// One thing a changeover writes, and where.
+#[derive(Debug, Clone)]
+struct Need {
+    what: &'static str,
+    bytes: u64,
+}
+
+/// A filesystem a changeover writes on: its free space and what goes there.
+#[derive(Debug, Clone)]
+struct Room {
+    /// The folder it is named by (the first place that needs it).
+    shown: PathBuf,
+    free: Result<u64, String>,
+    needs: Vec<Need>,
+}
+
+impl Room {
+    fn needed(&self) -> u64 {
+        self.needs
+            .iter()
+            .map(|need| need.bytes)
+            .fold(SPACE_MARGIN, u64::saturating_add)
+    }
+}
+
+/// What a changeover writes, on each filesystem it writes on: the download (into
+/// `state/downloads`) and the new release unpacked beside the install (in the product
+/// folder). The old release is kept until the commit by renaming it, and the carried
+/// folders move by rename too: neither takes room. A state folder on the install's
+/// filesystem adds up the two.
+fn check_space(layout: &Layout, carry_paths: &[String]) -> Finding {
+    let carried: Vec<PathBuf> = carry_paths
+        .iter()
+        .map(|path| layout.install_dir().join(path))
+        .collect();
+    // The release's own files: the install without the site's carried folders.
+    let release_bytes: u64 = walkdir::WalkDir::new(layout.install_dir())
         .follow_links(false)
         .into_iter()
+        .filter_entry(|item| !carried.iter().any(|path| item.path() == path))
         .filter_map(Result::ok)
         .filter(|item| item.file_type().is_file())
         .filter_map(|item| item.metadata().ok())
         .map(|metadata| metadata.len())
         .sum();
-    match crate::platform::free_space(layout.root()) {
-        Ok(free) => space_finding(layout.root(), free, install_bytes),
+    let downloads = existing_ancestor(&layout.downloads_dir());
+    let places = [
+        (downloads, "the download", release_bytes),
+        (
+            layout.root().to_owned(),
+            "the new release unpacked beside the install",
+            release_bytes,
+        ),
+    ];
+    let mut rooms: Vec<(Option<u64>, Room)> = Vec::new();
+    for (place, what, bytes) in places {
+        let filesystem = crate::platform::filesystem_id(&place);
+        let need = Need { what, bytes };
+        match rooms
+            .iter_mut()
+            .find(|(id, _)| id.is_some() && *id == filesystem)
+        {
+            Some((_, room)) => room.needs.push(need),
+            None => {
+                let free = crate::platform::free_space(&place).map_err(|err| err.to_string());
+                rooms.push((
+                    filesystem,
+                    Room {
+                        shown: place,
+                        free,
+                        needs: vec![need],
+                    },
+                ));
+            }
+        }
+    }
+    let rooms: Vec<Room> = rooms.into_iter().map(|(_, room)| room).collect();
+    space_finding(&rooms)
+}
+
+/// Whether the server can write what it keeps in `state/` (its records, log, outbox and
+/// audit log). A server that cannot still starts and serves; it names what waits in `admin
+/// status` and writes it once there is room.
+fn check_state_writable(layout: &Layout) -> Finding {
+    let state = layout.state_dir();
+    if !state.exists() {
+        return Finding::ok(CHECK_STATE, "no state folder yet; the server creates it");
+    }
+    let probe = state.join(".changeover-doctor-probe");
+    let written =
+        std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::File::open(&probe)?.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    match written {
+        Ok(()) => Finding::ok(CHECK_STATE, format!("{} can be written", state.display())),
         Err(err) => Finding::warning(
-            CHECK_SPACE,
+            CHECK_STATE,
             format!(
-                "cannot read the free space of {}: {err}",
-                layout.root().display()
+                "cannot write {}: {err}; the server starts and serves all the same, but the \
+                 record of a changeover, its log, the outbox and the audit log wait (listed \
+                 under disk_problems in `admin status`) until there is room",
+                state.display()
             ),
-            format!(
-                "make sure {} has at least {} MiB free",
-                layout.root().display(),
-                mib(space_needed(install_bytes))
-            ),
+            format!("free space on the filesystem holding {}", state.display()),
         ),
     }
 }
 
-fn space_needed(install_bytes: u64) -> u64 {
-    install_bytes
-        .saturating_mul(SPACE_FACTOR)
-        .saturating_add(SPACE_MARGIN)
+/// The nearest folder of `path` that exists (the downloads folder may not yet).
+fn existing_ancestor(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|folder| folder.exists())
+        .unwrap_or(path)
+        .to_owned()
 }
 
-fn space_finding(root: &Path, free: u64, install_bytes: u64) -> Finding {
-    let needed = space_needed(install_bytes);
+fn space_finding(rooms: &[Room]) -> Finding {
+    let describe = |room: &Room| {
+        let needs = room
+            .needs
+            .iter()
+            .map(|need| format!("{} MiB for {}", mib(need.bytes), need.what))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let free = match &room.free {
+            Ok(free) => format!("{} MiB free", mib(*free)),
+            Err(err) => format!("free space unknown ({err})"),
+        };
+        format!(
+            "{free} on the filesystem of {}, where a changeover needs about {} MiB ({needs}, \
+             {} MiB margin)",
+            room.shown.display(),
+            mib(room.needed()),
+            mib(SPACE_MARGIN)
+        )
+    };
     let detail = format!(
-        "{} MiB free in {}; a changeover needs about {} MiB ({SPACE_FACTOR} × the {} MiB \
-         install + {} MiB)",
-        mib(free),
-        root.display(),
-        mib(needed),
-        mib(install_bytes),
-        mib(SPACE_MARGIN)
+        "{}; the old release is kept until the commit by renaming it, which takes no room",
+        rooms.iter().map(describe).collect::<Vec<_>>().join("; ")
     );
-    if free >= needed {
-        Finding::ok(CHECK_SPACE, detail)
-    } else {
-        Finding::blocker(
+    let short: Vec<&Room> = rooms
+        .iter()
+        .filter(|room| room.free.as_ref().is_ok_and(|free| *free < room.needed()))
+        .collect();
+    if let Some(room) = short.first() {
+        let free = room.free.as_ref().map_or(0, |free| *free);
+        return Finding::blocker(
             CHECK_SPACE,
             detail,
             format!(
-                "free at least {} MiB on the file system holding {} (old backups in \
+                "free at least {} MiB on the filesystem holding {} (old backups in \
                  server/backups/ and a kept server_failed/ are the usual candidates)",
-                mib(needed - free),
-                root.display()
+                mib(room.needed() - free),
+                room.shown.display()
             ),
-        )
+        );
     }
+    if let Some(room) = rooms.iter().find(|room| room.free.is_err()) {
+        return Finding::warning(
+            CHECK_SPACE,
+            detail.clone(),
+            format!(
+                "make sure the filesystem of {} has at least {} MiB free",
+                room.shown.display(),
+                mib(room.needed())
+            ),
+        );
+    }
+    Finding::ok(CHECK_SPACE, detail)
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -1809,18 +1919,38 @@ mod tests {
     }
 
     #[test]
-    fn free_space_decides_only_against_three_installs_and_the_margin() {
-        let root = Path::new("/srv/product");
-        let install = 100 * 1024 * 1024;
-        let needed = 3 * install + SPACE_MARGIN;
-        assert_eq!(space_finding(root, u64::MAX, install).status, Status::Ok);
-        assert_eq!(space_finding(root, needed, install).status, Status::Ok);
-        let short = space_finding(root, needed - 1, install);
+    fn free_space_is_weighed_per_filesystem_against_what_goes_there() {
+        let mib = 1024 * 1024;
+        let room = |free: Result<u64, String>, needs: &[u64]| Room {
+            shown: PathBuf::from("/srv/product"),
+            free,
+            needs: needs
+                .iter()
+                .map(|bytes| Need {
+                    what: "x",
+                    bytes: *bytes,
+                })
+                .collect(),
+        };
+        // One filesystem holding both the download and the unpacked release.
+        let needed = 200 * mib + SPACE_MARGIN;
+        let both = [room(Ok(needed), &[100 * mib, 100 * mib])];
+        assert_eq!(space_finding(&both).status, Status::Ok);
+        let short = space_finding(&[room(Ok(needed - 1), &[100 * mib, 100 * mib])]);
         assert_eq!(short.status, Status::Blocker);
-        assert!(short.detail.contains("364 MiB"), "{short:?}");
+        assert!(short.detail.contains("264 MiB"), "{short:?}");
         assert!(short.fix.unwrap().contains("/srv/product"));
+        // Two filesystems: each must hold its own part; one short blocks.
+        let apart = [
+            room(Ok(100 * mib + SPACE_MARGIN), &[100 * mib]),
+            room(Ok(10 * mib), &[100 * mib]),
+        ];
+        assert_eq!(space_finding(&apart).status, Status::Blocker);
+        // Unknown free space is a warning, not a blocker.
+        let unknown = [room(Err("no statvfs".to_owned()), &[mib])];
+        assert_eq!(space_finding(&unknown).status, Status::Warning);
         // An empty install still needs the margin.
-        assert_eq!(space_finding(root, 0, 0).status, Status::Blocker);
+        assert_eq!(space_finding(&[room(Ok(0), &[0])]).status, Status::Blocker);
     }
 
     #[tokio::test]

@@ -56,6 +56,17 @@ pub enum DownloadError {
         served: u64,
         signed: u64,
     },
+    #[error(
+        "{folder} has {free_mib} MiB free; the release needs {needed_mib} MiB more to download \
+         ({size_mib} MiB, {kept_mib} MiB of it here already): free some space and try again"
+    )]
+    NoRoom {
+        folder: String,
+        free_mib: u64,
+        needed_mib: u64,
+        size_mib: u64,
+        kept_mib: u64,
+    },
     #[error("cannot write {path}: {source}")]
     Io {
         path: String,
@@ -116,6 +127,29 @@ impl Download<'_> {
         }
     }
 
+    /// Refuses, with the figures, a download the disk has no room for, before any byte of
+    /// it is fetched (a disk that fills meanwhile still fails the write, cleanly).
+    fn check_room(&self, existing: u64) -> Result<(), DownloadError> {
+        let Some(folder) = self.part_file.parent() else {
+            return Ok(());
+        };
+        let Ok(free) = crate::platform::free_space(folder) else {
+            return Ok(());
+        };
+        let needed = self.entry.size.saturating_sub(existing);
+        if free >= needed {
+            return Ok(());
+        }
+        let mib = |bytes: u64| bytes.div_ceil(1024 * 1024);
+        Err(DownloadError::NoRoom {
+            folder: folder.display().to_string(),
+            free_mib: free / (1024 * 1024),
+            needed_mib: mib(needed),
+            size_mib: mib(self.entry.size),
+            kept_mib: existing / (1024 * 1024),
+        })
+    }
+
     async fn attempt(&self, on_event: &mut impl FnMut(DownloadEvent)) -> Result<(), AttemptError> {
         let size = self.entry.size;
         let mut existing = match tokio::fs::metadata(&self.part_file).await {
@@ -126,6 +160,7 @@ impl Download<'_> {
             self.discard_part().await?;
             existing = 0;
         }
+        self.check_room(existing).map_err(AttemptError::Fatal)?;
         let mut verifier = self
             .signature
             .verifier(self.feed.key(), &self.entry.archive)

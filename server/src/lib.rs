@@ -6,10 +6,12 @@
 
 pub mod agent_updates;
 pub mod apps;
+pub mod audit;
 pub mod auth;
 pub mod changeover;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod demo;
 pub mod demo_app;
 pub mod doctor;
@@ -30,6 +32,7 @@ pub mod releases;
 pub mod service;
 pub mod tls;
 pub mod unattended;
+pub mod unwritten;
 pub mod version;
 
 use std::net::SocketAddr;
@@ -67,6 +70,8 @@ pub struct RunOptions {
     pub name: String,
     /// Overrides `server.listen` from the config.
     pub listen: Option<SocketAddr>,
+    /// Overrides `console.listen` from the config.
+    pub console_listen: Option<console::ConsoleListen>,
 }
 
 /// The listening socket, made before anything else so that it is file descriptor 3 and
@@ -149,7 +154,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
     let bound = std_listener
         .local_addr()
         .context("cannot read the listening address")?;
-    let restart_args: Vec<std::ffi::OsString> = vec![
+    let mut restart_args: Vec<std::ffi::OsString> = vec![
         "run".into(),
         "--root".into(),
         options.root.clone().into_os_string(),
@@ -225,12 +230,43 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         }
         _ => None,
     };
+    // The console is a convenience: a port it cannot have leaves the server running.
+    let console_listen = match options.console_listen {
+        Some(listen) => listen,
+        None => config.console.listen()?,
+    };
+    let console_socket = console_listen.address(bound).and_then(|address| {
+        console::bind(address)
+            .map_err(|err| console::report_bind_failure(address, &err))
+            .ok()
+    });
+    let console_url = match console_socket
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+    {
+        Some(Ok(console_bound)) => {
+            // The next release (exec'd in place) serves the console on the same port.
+            restart_args.push("--console-listen".into());
+            restart_args.push(console_bound.to_string().into());
+            let url = console::url(console_bound, tls.is_some());
+            say(&format!("console on {url}"));
+            info!(%url, "web console served");
+            Some(url)
+        }
+        Some(Err(err)) => {
+            warn!(cause = %err, "cannot read the console's address");
+            None
+        }
+        None => None,
+    };
     // A plain line on stdout for scripts and tests; the same in the log.
     say(&format!("listening on {scheme}://{bound}"));
     info!(version = %server_version, address = %bound, %scheme, "server started");
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // What recovery could not record (a full disk) is recorded once there is room.
+    tracker.spawn(journal_files.clone().retry_unwritten(shutdown.clone()));
     let releases = Releases::new(ReleaseSettings {
         feed_url: config.feed.url.clone(),
         public_key: layout.resolve_install_path(&config.feed.public_key),
@@ -287,7 +323,16 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         shutdown: shutdown.clone(),
         apps: apps.clone(),
         self_check_id: self_check_id.clone(),
+        audit: audit::AuditLog::new(&layout.state_dir()),
+        console_url,
     });
+    if let Some(socket) = console_socket {
+        Arc::new(console::Console::new(Arc::clone(&context), tls.clone())).spawn(
+            socket,
+            &tracker,
+            shutdown.clone(),
+        );
+    }
     let listener = Arc::new(Listener {
         tls,
         handshake_slots: Arc::new(Semaphore::new(config.server.max_concurrent_handshakes)),
@@ -315,11 +360,13 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             apps: apps.clone(),
             health_timeout: Duration::from_secs(config.changeover.health_timeout_secs),
             watchdog: config.changeover.watchdog,
+            mail_language: config.mail.language,
         },
         driver_inbox,
     );
     let manifest = apps::Manifest::load(&layout.install_dir());
     if let Resume::HealthCheck(mut journal) = resume {
+        driver.show_health_check(&journal);
         let health_timeout = Duration::from_secs(config.changeover.health_timeout_secs);
         let deadline = tokio::time::Instant::now() + health_timeout;
         let hello = changeover::health::SelfHello {
@@ -358,6 +405,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                         std::time::SystemTime::now(),
                     )
                         .await?;
+                driver.clear_view();
                 releases.publish(&changeover::health::finished(summary));
                 hub_for_health.reopen().await;
             }

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The size at which the log file is rotated.
 pub const MAX_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The [`crate::unwritten`] key of the log file.
+const UNWRITTEN: &str = "log";
+
 /// The log file's name in the state folder.
 pub const FILE_NAME: &str = "server.log";
 
@@ -22,6 +25,8 @@ pub struct LogFile {
     path: PathBuf,
     max_bytes: u64,
     state: Mutex<Option<(File, u64)>>,
+    /// The last write failed (and is named in [`crate::unwritten`]).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl LogFile {
@@ -44,6 +49,7 @@ impl LogFile {
             path,
             max_bytes,
             state: Mutex::new(Some((file, size))),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -65,10 +71,33 @@ impl LogFile {
                 .ok()
                 .map(|file| (file, 0));
         }
-        if let Some((file, size)) = state.as_mut()
-            && file.write_all(bytes).is_ok()
+        // A line that cannot be written (a full disk) is named in the status, not logged:
+        // this is the log.
+        match state
+            .as_mut()
+            .map(|(file, size)| (file.write_all(bytes), size))
         {
-            *size += bytes.len() as u64;
+            Some((Ok(()), size)) => {
+                *size += bytes.len() as u64;
+                if self
+                    .failing
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    crate::unwritten::clear(UNWRITTEN);
+                }
+            }
+            Some((Err(err), _)) => {
+                self.failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::unwritten::report(
+                    UNWRITTEN,
+                    format!(
+                        "cannot write the log {}: {err}; it goes to stderr only meanwhile",
+                        self.path.display()
+                    ),
+                );
+            }
+            None => {}
         }
     }
 }

@@ -7,7 +7,10 @@
 //! server accepted it, or to `failed/` with the reason when it refused it for good (a bad
 //! address). Every mail keeps the Message-ID it was given when queued, so a receiver can
 //! recognise the one resend that a crash right after the SMTP server's acceptance causes.
-//! An SMTP server that is down never holds up a changeover.
+//! An SMTP server that is down never holds up a changeover. The mail is written in the
+//! language `[mail] language` names ([`texts`]).
+
+mod texts;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -19,6 +22,9 @@ use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+pub use texts::MailLanguage;
+use texts::MailTexts;
 
 /// The longest pause between two tries of a waiting mail.
 const MAX_RETRY: Duration = Duration::from_secs(60);
@@ -43,6 +49,9 @@ pub struct QueuedMail {
     pub delivered: bool,
 }
 
+/// The [`crate::unwritten`] key of the outbox.
+const UNWRITTEN_OUTBOX: &str = "outbox";
+
 /// The outbox folder of a product folder.
 pub fn outbox_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("outbox")
@@ -57,6 +66,8 @@ pub struct MailDetails {
     pub agent_release: Option<String>,
     /// Sessions logged out that ran an agent older than the new version.
     pub agents_to_update: u64,
+    /// `[mail] language` when the changeover began.
+    pub language: MailLanguage,
 }
 
 /// Lines of the server log a failure mail ends with.
@@ -77,43 +88,52 @@ pub fn queue_changeover_mail(
         .ended_at
         .duration_since(summary.started_at)
         .unwrap_or_default();
+    let texts = MailTexts::new(details.language);
+    let from = summary.from_version.as_str();
+    let to = summary.target_version.as_str();
     let (subject, opening) = match summary.outcome {
         ChangeoverOutcome::Committed => (
-            format!(
-                "Server available again: updated {} -> {}",
-                summary.from_version, summary.target_version
-            ),
-            "The server has been updated and is available again.".to_owned(),
+            texts.text("subject_committed", &[("from", from), ("to", to)]),
+            texts.text("opening_committed", &[]),
         ),
-        outcome => (
-            format!(
-                "Server update {}: {} -> {}",
-                outcome, summary.from_version, summary.target_version
-            ),
-            format!(
-                "The server update did not complete ({outcome} during {}). The server runs version {} as before.",
-                summary.phase, summary.from_version
-            ),
-        ),
+        outcome => {
+            let outcome = outcome.to_string();
+            let phase = summary.phase.to_string();
+            (
+                texts.text(
+                    "subject_not_committed",
+                    &[("outcome", &outcome), ("from", from), ("to", to)],
+                ),
+                texts.text(
+                    "opening_not_committed",
+                    &[("outcome", &outcome), ("phase", &phase), ("from", from)],
+                ),
+            )
+        }
     };
     let downtime = summary
         .downtime_ms
         .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
-        .unwrap_or_else(|| "none".to_owned());
+        .unwrap_or_else(|| texts.text("downtime_none", &[]));
     let reason = summary
         .reason
         .as_deref()
-        .map(|reason| format!("Reason:         {reason}\n"))
+        .map(|reason| texts.row("label_reason", reason))
         .unwrap_or_default();
     let agents = match (&details.agent_release, summary.outcome) {
-        (Some(release), ChangeoverOutcome::Committed) => format!(
-            "Agent release:  {release}, offered to every older agent as it reconnects\n\
-             Agents to update: {} (`changeover-agent admin status` shows their progress)\n",
-            details.agents_to_update
-        ),
-        (None, ChangeoverOutcome::Committed) => format!(
-            "Agent release:  none of version {} in the feed; the agents keep their version\n",
-            summary.target_version
+        (Some(release), ChangeoverOutcome::Committed) => {
+            let count = details.agents_to_update.to_string();
+            texts.row(
+                "label_agent_release",
+                texts.text("agent_release_offered", &[("release", release)]),
+            ) + &texts.row(
+                "label_agents_to_update",
+                texts.text("agents_to_update", &[("count", &count)]),
+            )
+        }
+        (None, ChangeoverOutcome::Committed) => texts.row(
+            "label_agent_release",
+            texts.text("agent_release_none", &[("version", to)]),
         ),
         _ => String::new(),
     };
@@ -124,38 +144,42 @@ pub fn queue_changeover_mail(
         if lines.is_empty() {
             String::new()
         } else {
+            let count = lines.len().to_string();
+            let path = state_dir.join(crate::log_file::FILE_NAME);
+            let path = path.display().to_string();
             format!(
-                "\nThe last {} lines of the server log ({}):\n\n{}\n",
-                lines.len(),
-                state_dir.join(crate::log_file::FILE_NAME).display(),
+                "\n{}\n\n{}\n",
+                texts.text("log_tail", &[("count", &count), ("path", &path)]),
                 lines.join("\n")
             )
         }
     };
-    let body = format!(
-        "{opening}\n\n\
-         Changeover:     {}\n\
-         From version:   {}\n\
-         To version:     {}\n\
-         Outcome:        {}\n\
-         {reason}\
-         Started:        {}\n\
-         Ended:          {}\n\
-         Took:           {}\n\
-         Downtime:       {downtime}\n\
-         Sessions warned: {}\n\
-         Sessions logged out at the deadline: {}\n\
-         {agents}{log}",
-        summary.changeover_id,
-        summary.from_version,
-        summary.target_version,
-        summary.outcome,
-        humantime::format_rfc3339_seconds(summary.started_at),
-        humantime::format_rfc3339_seconds(summary.ended_at),
-        humantime::format_duration(Duration::from_secs(took.as_secs())),
-        summary.sessions_warned,
-        summary.sessions_logged_out,
-    );
+    let body = [
+        format!("{opening}\n\n"),
+        texts.row("label_changeover", &summary.changeover_id),
+        texts.row("label_from_version", from),
+        texts.row("label_to_version", to),
+        texts.row("label_outcome", summary.outcome),
+        reason,
+        texts.row(
+            "label_started",
+            humantime::format_rfc3339_seconds(summary.started_at),
+        ),
+        texts.row(
+            "label_ended",
+            humantime::format_rfc3339_seconds(summary.ended_at),
+        ),
+        texts.row(
+            "label_took",
+            humantime::format_duration(Duration::from_secs(took.as_secs())),
+        ),
+        texts.row("label_downtime", downtime),
+        texts.row("label_sessions_warned", summary.sessions_warned),
+        texts.row("label_sessions_logged_out", summary.sessions_logged_out),
+        agents,
+        log,
+    ]
+    .concat();
     let host = gethostname();
     let mail = QueuedMail {
         message_id: format!("<{}.{}@{host}>", summary.changeover_id, summary.outcome),
@@ -291,7 +315,20 @@ pub async fn run_sender(state_dir: PathBuf, settings: MailSettings, shutdown: Ca
                     retried.last_error = Some(reason);
                     if let Ok(bytes) = serde_json::to_vec_pretty(&retried) {
                         let path = outbox_dir(&state_dir).join(file_name(&mail.message_id));
-                        let _ = crate::release_tools::write_atomically(&path, &bytes, true);
+                        // The mail itself stays queued as it was; only its count is behind.
+                        match crate::release_tools::write_atomically(&path, &bytes, true) {
+                            Ok(()) => {
+                                crate::unwritten::clear(UNWRITTEN_OUTBOX);
+                            }
+                            Err(err) => {
+                                crate::unwritten::report(
+                                    UNWRITTEN_OUTBOX,
+                                    format!(
+                                        "cannot update the outbox: {err:#}; the mail stays queued"
+                                    ),
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -449,6 +486,7 @@ mod tests {
             notify: Some("it@example.com".to_owned()),
             agent_release: Some("1.1.0".to_owned()),
             agents_to_update: 3,
+            language: MailLanguage::En,
         };
         queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Committed), &details)
             .unwrap();
@@ -498,5 +536,102 @@ mod tests {
             rolled_back.body
         );
         assert!(!rolled_back.body.contains("Agent release"));
+    }
+
+    #[test]
+    fn the_mail_is_written_in_the_configured_language() {
+        let dir = tempfile::tempdir().unwrap();
+        let german = MailDetails {
+            notify: None,
+            agent_release: Some("1.1.0".to_owned()),
+            agents_to_update: 2,
+            language: MailLanguage::De,
+        };
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::Committed), &german).unwrap();
+        let mail = &waiting(dir.path())[0];
+        assert_eq!(
+            mail.subject,
+            "Server wieder verfügbar: aktualisiert von 1.0.0 auf 1.1.0"
+        );
+        for line in [
+            "Der Server wurde aktualisiert und ist wieder verfügbar.\n\n",
+            "\nChangeover:     co-1\n",
+            "\nVon Version:    1.0.0\n",
+            "\nAuf Version:    1.1.0\n",
+            "\nErgebnis:       committed\n",
+            "\nGrund:          the health check failed\n",
+            "\nAusfallzeit:    0.6 s\n",
+            "\nGewarnte Sitzungen: 12\n",
+            "\nZum Termin abgemeldete Sitzungen: 3\n",
+            "\nAgent-Release:  1.1.0, wird jedem älteren Agenten bei seiner nächsten Verbindung angeboten\n",
+            "\nZu aktualisierende Agenten: 2 (`changeover-agent admin status` zeigt ihren Fortschritt)\n",
+        ] {
+            assert!(mail.body.contains(line), "{line:?} in:\n{}", mail.body);
+        }
+
+        std::fs::write(
+            dir.path().join(crate::log_file::FILE_NAME),
+            "ERROR the new release failed its health check\n",
+        )
+        .unwrap();
+        let french = MailDetails {
+            language: MailLanguage::Fr,
+            ..MailDetails::default()
+        };
+        queue_changeover_mail(dir.path(), &summary(ChangeoverOutcome::RolledBack), &french)
+            .unwrap();
+        let mail = &waiting(dir.path())[1];
+        assert_eq!(
+            mail.subject,
+            "Mise à jour du serveur non terminée (rolled_back)\u{a0}: 1.0.0 -> 1.1.0"
+        );
+        assert!(
+            mail.body.starts_with(
+                "La mise à jour du serveur n’a pas abouti (rolled_back pendant la phase \
+                 health_check). Le serveur fonctionne toujours avec la version 1.0.0.\n\n"
+            ),
+            "{}",
+            mail.body
+        );
+        assert!(
+            mail.body
+                .contains("\nLes 1 dernières lignes du journal du serveur ("),
+            "{}",
+            mail.body
+        );
+        assert!(!mail.body.contains("Version de l’agent"), "{}", mail.body);
+    }
+
+    #[test]
+    fn an_english_mail_reads_as_before_the_catalogues() {
+        let dir = tempfile::tempdir().unwrap();
+        let details = MailDetails {
+            agent_release: None,
+            ..MailDetails::default()
+        };
+        let mut summary = summary(ChangeoverOutcome::Committed);
+        summary.reason = None;
+        summary.downtime_ms = None;
+        queue_changeover_mail(dir.path(), &summary, &details).unwrap();
+        let mail = &waiting(dir.path())[0];
+        assert_eq!(
+            mail.subject,
+            "Server available again: updated 1.0.0 -> 1.1.0"
+        );
+        assert_eq!(
+            mail.body,
+            "The server has been updated and is available again.\n\n\
+             Changeover:     co-1\n\
+             From version:   1.0.0\n\
+             To version:     1.1.0\n\
+             Outcome:        committed\n\
+             Started:        1970-01-01T00:00:00Z\n\
+             Ended:          1970-01-01T00:01:35Z\n\
+             Took:           1m 35s\n\
+             Downtime:       none\n\
+             Sessions warned: 12\n\
+             Sessions logged out at the deadline: 3\n\
+             Agent release:  none of version 1.1.0 in the feed; the agents keep their version\n"
+        );
     }
 }

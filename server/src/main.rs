@@ -51,6 +51,10 @@ enum Command {
         /// Keep the temporary folder afterwards.
         #[arg(long)]
         keep: bool,
+        /// Start the changeover yourself, in the web console (the demo prints its URL and
+        /// the admin password), instead of the scripted `admin update`.
+        #[arg(long)]
+        console: bool,
     },
     /// The demo's stand-in for the vendor's application (an order book over HTTP), run by
     /// the server from the demo release's `app.toml`.
@@ -114,6 +118,10 @@ enum Command {
         /// Address to listen on [default: server.listen from the config, 127.0.0.1:7600].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Where to serve the web console: an address, "auto" (the next port after
+        /// --listen's) or "off" [default: console.listen from the config, auto].
+        #[arg(long, value_name = "ADDR|auto|off")]
+        console_listen: Option<changeover_server::console::ConsoleListen>,
         /// Put in the service's command line by `service install`: the Windows service
         /// manager starts this process, so it connects to its dispatcher.
         #[arg(long, hide = true)]
@@ -216,9 +224,15 @@ fn main() -> ExitCode {
             root,
             name,
             listen,
+            console_listen,
             as_service,
         } => {
-            let options = changeover_server::RunOptions { root, name, listen };
+            let options = changeover_server::RunOptions {
+                root,
+                name,
+                listen,
+                console_listen,
+            };
             // The socket comes first, before the runtime opens its own descriptors, so it
             // is descriptor 3 and can be handed over to the next release in place.
             changeover_server::layout::check_install_name(&options.name).and_then(|()| {
@@ -256,6 +270,7 @@ fn main() -> ExitCode {
             agents,
             grace,
             keep,
+            console,
         } => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")
             .and_then(|runtime| {
@@ -264,6 +279,7 @@ fn main() -> ExitCode {
                         agents,
                         grace_secs: grace,
                         keep,
+                        console,
                     },
                 ))
             })

@@ -359,9 +359,11 @@ impl Releases {
                 Ok(manifest) => {
                     snapshot.feed.checked_at = Some(now);
                     snapshot.feed.error = None;
-                    snapshot.feed.newest_version = manifest
-                        .newest(ReleaseKind::Server, &self.platform)
-                        .map(|entry| entry.version.to_string());
+                    let newest = manifest.newest(ReleaseKind::Server, &self.platform);
+                    snapshot.feed.newest_version = newest.map(|entry| entry.version.to_string());
+                    snapshot.feed.newest_notes = newest
+                        .map(|entry| entry.notes.clone())
+                        .filter(|notes| !notes.is_empty());
                 }
                 Err(err) => snapshot.feed.error = Some(err.to_string()),
             }

@@ -5,6 +5,7 @@
 //! finds the binaries in the target folder it was itself built into, and builds them once
 //! per test process first.
 
+pub mod browser;
 pub mod feeds;
 pub mod smtp;
 pub mod wine;
@@ -220,6 +221,15 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.address)
+    }
+
+    /// The web console's address from the `console on URL` line the server printed before
+    /// it listened; `None` when the console is off.
+    pub fn console_url(&self) -> Option<String> {
+        self.stdout_lines
+            .iter()
+            .find_map(|line| line.strip_prefix("console on "))
+            .map(|url| url.trim().to_owned())
     }
 
     /// Stops with SIGTERM and checks the exit status is 0.

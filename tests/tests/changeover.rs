@@ -47,6 +47,8 @@ fn archive_name(version: &str) -> String {
 
 /// A product folder with 1.0.0 installed, site files to carry, and a feed server.
 struct Site {
+    /// A filesystem of its own for the product folder; unmounted before `dir` goes.
+    _mount: Option<Mount>,
     dir: tempfile::TempDir,
     root: PathBuf,
     feed_server: StaticServer,
@@ -59,9 +61,22 @@ impl Site {
     }
 
     fn with_feed(feed: &Path) -> Site {
+        Site::build(feed, None)
+    }
+
+    /// A site whose product folder is a tmpfs of `size` (such as `"512m"`): a small disk.
+    fn on_a_small_disk(size: &str) -> Site {
+        Site::build(&fixture().feed, Some(size))
+    }
+
+    fn build(feed: &Path, disk_size: Option<&str>) -> Site {
         let fixture = fixture();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("office");
+        let mount = disk_size.map(|size| {
+            std::fs::create_dir_all(&root).unwrap();
+            Mount::tmpfs_of(&root, size)
+        });
         let output = Command::new(binary("changeover-server"))
             .args(["install", "--root"])
             .arg(&root)
@@ -99,6 +114,7 @@ impl Site {
         }
         let feed_server = StaticServer::python(feed, dir.path());
         Site {
+            _mount: mount,
             dir,
             root,
             feed_server,
@@ -280,8 +296,12 @@ struct Mount(PathBuf);
 
 impl Mount {
     fn tmpfs(at: &Path) -> Mount {
+        Mount::tmpfs_of(at, "16m")
+    }
+
+    fn tmpfs_of(at: &Path, size: &str) -> Mount {
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(at)
             .status()
             .expect("mount runs");
@@ -330,6 +350,149 @@ fn a_carried_folder_on_a_tmpfs_mount_is_refused_before_anyone_is_warned() {
     assert!(!hook_log.exists(), "nobody was warned");
     assert_eq!(users(&report), 1, "nobody was logged out");
     assert!(!site.root.join(".server.staging").exists());
+    site.assert_carried_files_intact();
+}
+
+/// Writes `path` until the filesystem is full; its size.
+fn fill_up(path: &Path) -> u64 {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x5a_u8; 1024 * 1024];
+    let mut written = 0;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(count) => written += count as u64,
+            Err(err) => {
+                assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+                break;
+            }
+        }
+    }
+    // What is left below a whole chunk.
+    while let Ok(count) = file.write(&chunk[..4096]) {
+        if count == 0 {
+            break;
+        }
+        written += count as u64;
+    }
+    written
+}
+
+#[test]
+fn on_a_full_disk_the_server_starts_and_serves_and_only_a_changeover_waits() {
+    let site = Site::on_a_small_disk("512m");
+    let config = site
+        .config()
+        .replace("[changeover]\n", "[changeover]\nwatchdog = false\n");
+    // A power cut while a changeover prepares leaves its journal behind.
+    let mut server = Server::start_installed_with_env(
+        &site.root,
+        &config,
+        &[("CHANGEOVER_FAULT_AT", "preparing")],
+    );
+    let (_agent, hook_log) = site.agent(&server, "frida");
+    eventually(Duration::from_secs(20), "frida", || {
+        (users(&status(&server.url())) == 1).then_some(())
+    });
+    let (ok, _, _) = finish(update(&server, &["--grace", "2"]));
+    assert!(!ok);
+    assert!(!server.process.wait_exit(Duration::from_secs(30)).success());
+    assert!(site.root.join("state/changeover.json").exists());
+
+    // Then the disk fills up.
+    let filler = site.root.join("filler");
+    assert!(fill_up(&filler) > 0);
+
+    // The server starts anyway, serves its agent, and says what it cannot write.
+    server.restart();
+    let report = eventually(Duration::from_secs(30), "frida back", || {
+        let report = status(&server.url());
+        (users(&report) == 1).then_some(report)
+    });
+    let problems = report["disk_problems"].to_string();
+    assert!(
+        problems.contains("cannot record how changeover") && problems.contains("No space left"),
+        "{report}"
+    );
+    let doctor = Command::new(binary("changeover-server"))
+        .args(["doctor", "--root"])
+        .arg(&site.root)
+        .output()
+        .unwrap();
+    let doctor_report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{doctor_report}");
+    assert!(doctor_report.contains("disk space"), "{doctor_report}");
+    assert!(doctor_report.contains("cannot write"), "{doctor_report}");
+
+    // A changeover waits until there is room, and nobody hears of it.
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "2"]));
+    assert!(!ok);
+    assert!(stderr.contains("the disk is full"), "{stderr}");
+    assert!(!hook_log.exists(), "nobody was warned");
+
+    // With room again the record is written, nothing written before is lost, and a
+    // changeover goes through.
+    std::fs::remove_file(&filler).unwrap();
+    let report = eventually(Duration::from_secs(20), "the record written", || {
+        let report = status(&server.url());
+        (report["disk_problems"].is_null() && report["last_changeover"].is_object())
+            .then_some(report)
+    });
+    assert_eq!(report["last_changeover"]["outcome"], "failed", "{report}");
+    assert!(!site.root.join("state/changeover.json").exists());
+    site.assert_carried_files_intact();
+
+    let (ok, events, stderr) = finish(update(&server, &["--grace", "2"]));
+    assert!(ok, "{stderr}\n{events:?}");
+    let report = eventually(Duration::from_secs(30), "1.1.0 with frida", || {
+        let report = status(&server.url());
+        (report["server_version"] == "1.1.0" && users(&report) == 1).then_some(report)
+    });
+    let history: Vec<&str> = report["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|summary| summary["outcome"].as_str())
+        .collect();
+    assert_eq!(history, ["committed", "failed"], "{report}");
+    site.assert_carried_files_intact();
+    assert!(
+        std::fs::read_to_string(&hook_log)
+            .unwrap()
+            .contains("warning")
+    );
+}
+
+#[test]
+fn a_download_the_disk_has_no_room_for_is_refused_before_anyone_is_warned() {
+    let site = Site::on_a_small_disk("512m");
+    let server = site.start(&[]);
+    let (_agent, hook_log) = site.agent(&server, "gero");
+    eventually(Duration::from_secs(20), "gero", || {
+        (users(&status(&server.url())) == 1).then_some(())
+    });
+    // Room for the server's own small writes, not for a release.
+    let filler = site.root.join("filler");
+    fill_up(&filler);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    let size = file.metadata().unwrap().len();
+    file.set_len(size - 4 * 1024 * 1024).unwrap();
+    drop(file);
+
+    let (ok, _, stderr) = finish(update(&server, &["--grace", "2"]));
+    assert!(!ok);
+    assert!(
+        stderr.contains("MiB free") && stderr.contains("free some space"),
+        "{stderr}"
+    );
+    let report = status(&server.url());
+    assert_eq!(report["server_version"], "1.0.0");
+    assert!(!hook_log.exists(), "nobody was warned");
+    assert_eq!(users(&report), 1, "nobody was logged out");
     site.assert_carried_files_intact();
 }
 

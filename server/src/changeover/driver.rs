@@ -162,6 +162,11 @@ impl ChangeoverHandle {
     pub fn last(&self) -> Option<ChangeoverSummary> {
         self.files.last().ok().flatten()
     }
+
+    /// Past changeovers, newest first.
+    pub fn history(&self, limit: usize) -> Vec<ChangeoverSummary> {
+        self.files.history(limit)
+    }
 }
 
 /// What the driver works with.
@@ -182,6 +187,8 @@ pub struct Collaborators {
     pub health_timeout: Duration,
     /// Whether to start the watchdog (`[changeover] watchdog`).
     pub watchdog: bool,
+    /// `[mail] language`, kept in the journal for whichever process writes the mail.
+    pub mail_language: crate::mail::MailLanguage,
 }
 
 /// How much longer than its health timeout the watchdog gives a new release.
@@ -266,6 +273,17 @@ impl Driver {
     /// Picks the release and writes the journal; answers the admin.
     async fn begin(&mut self, params: &UpdateParams) -> Result<ChangeoverView, RequestRefusal> {
         if let Ok(Some(unfinished)) = self.files.load() {
+            if crate::unwritten::is_failing(super::journal::UNWRITTEN_SUMMARY) {
+                return Err(refusal(
+                    ErrorCode::Busy,
+                    format!(
+                        "changeover {} is over, but how it ended cannot be recorded: the disk \
+                         is full (see disk_problems in the status); free some space and it is \
+                         recorded within seconds, then a changeover can start",
+                        unfinished.changeover_id
+                    ),
+                ));
+            }
             return Err(refusal(
                 ErrorCode::Busy,
                 format!(
@@ -279,6 +297,11 @@ impl Driver {
             ));
         }
         let target = self.pick_target(params).await?;
+        // Blank words are no words: the agents' own sentence says it all.
+        let admin_message = params
+            .message
+            .clone()
+            .filter(|words| !words.trim().is_empty());
         let id = format!(
             "co-{}",
             SystemTime::now()
@@ -294,9 +317,11 @@ impl Driver {
             archive: PathBuf::new(),
             grace_secs: params.grace_secs,
             notify: params.notify.clone(),
-            message: params.message.clone().unwrap_or_else(|| {
-                format!("The server will be updated to version {target}. Please save your work and close the application.")
+            message: admin_message.clone().unwrap_or_else(|| {
+                changeover_protocol::messages::default_warning_message(&target.to_string())
             }),
+            admin_message,
+            mail_language: self.parts.mail_language,
             started_at: SystemTime::now(),
             scheduled_at: params.at,
             deadline: None,
@@ -528,6 +553,7 @@ impl Driver {
             seconds_left,
             target_version: journal.target_version.clone(),
             message: journal.message.clone(),
+            admin_message: journal.admin_message.clone(),
         };
         self.parts.hub.set_notice(Some(&warning)).await;
         let reached = self.parts.hub.broadcast(&warning);
@@ -714,6 +740,8 @@ impl Driver {
                 journal.target_version
             ),
             reconnect_within_ms: window_ms,
+            target_version: Some(journal.target_version.clone()),
+            admin_message: journal.admin_message.clone(),
         };
         let logged_out = self.parts.hub.log_out_all(&logout).await;
         self.closing = Some(logged_out.closing);
@@ -817,6 +845,7 @@ impl Driver {
                         changeover_id: journal.changeover_id.clone(),
                         message: "The announced update was called off; carry on working."
                             .to_owned(),
+                        target_version: Some(journal.target_version.clone()),
                     };
                     let hub = self.parts.hub.clone();
                     tokio::spawn(async move {
@@ -892,6 +921,31 @@ impl Driver {
         self.parts
             .releases
             .publish(&ServerMessage::ChangeoverFinished(summary));
+        self.view.send_replace(None);
+    }
+
+    /// The new release checks its own health before this driver runs: the status report
+    /// and every admin see that phase meanwhile, as they saw the ones before the restart.
+    pub fn show_health_check(&self, journal: &Journal) {
+        self.view.send_replace(Some(ChangeoverView {
+            changeover_id: journal.changeover_id.clone(),
+            from_version: journal.from_version.clone(),
+            target_version: journal.target_version.clone(),
+            phase: ChangeoverPhase::HealthCheck,
+            scheduled_at: journal.scheduled_at,
+            deadline: journal.deadline,
+        }));
+        self.parts
+            .releases
+            .publish(&ServerMessage::ChangeoverProgress {
+                changeover_id: journal.changeover_id.clone(),
+                phase: ChangeoverPhase::HealthCheck,
+                detail: format!("release {} checks its health", journal.target_version),
+            });
+    }
+
+    /// The health check is over (committed): no changeover is under way.
+    pub fn clear_view(&self) {
         self.view.send_replace(None);
     }
 

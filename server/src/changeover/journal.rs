@@ -26,7 +26,16 @@ pub struct Journal {
     pub archive: PathBuf,
     pub grace_secs: u64,
     pub notify: Option<String>,
+    /// What the warnings say in English: the admin's words or the default sentence.
     pub message: String,
+    /// The admin's words as given (`update_request.message`), for the agents to show beside
+    /// their own text in the user's language. Absent from journals written before it.
+    #[serde(default)]
+    pub admin_message: Option<String>,
+    /// The language of the admin's mail (`[mail] language` when the changeover began): the
+    /// mail may be written by the next process, or a watchdog, that reads no config.
+    #[serde(default)]
+    pub mail_language: crate::mail::MailLanguage,
     #[serde(with = "changeover_protocol::messages::rfc3339")]
     pub started_at: SystemTime,
     #[serde(default, with = "changeover_protocol::messages::optional_rfc3339")]
@@ -160,14 +169,106 @@ pub struct CarriedFile {
 pub struct JournalFiles {
     pub current: PathBuf,
     pub last: PathBuf,
+    /// Every summary, one JSON line each, oldest first (`changeover-history.jsonl`).
+    pub history: PathBuf,
+    /// Summaries [`JournalFiles::finish_or_keep`] could not write, for
+    /// [`JournalFiles::retry_unwritten`]; shared by the clones of these files.
+    unwritten: std::sync::Arc<std::sync::Mutex<Vec<ChangeoverSummary>>>,
 }
+
+/// The [`crate::unwritten`] keys of the journal's writes.
+pub const UNWRITTEN_SUMMARY: &str = "changeover summary";
+pub const UNWRITTEN_JOURNAL: &str = "changeover journal";
+
+/// How often a summary that could not be written is tried again.
+pub const RETRY_UNWRITTEN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl JournalFiles {
     pub fn new(state_dir: &Path) -> JournalFiles {
         JournalFiles {
             current: state_dir.join("changeover.json"),
             last: state_dir.join("changeover-last.json"),
+            history: state_dir.join("changeover-history.jsonl"),
+            unwritten: std::sync::Arc::default(),
         }
+    }
+
+    /// [`JournalFiles::finish`], or, when that fails (a full disk), the summary kept in
+    /// memory and the journal on disk: the server starts and serves all the same, `admin
+    /// status` names what could not be written, and [`JournalFiles::retry_unwritten`]
+    /// writes it once there is room. A server that stops before then finds the journal at
+    /// its next start and settles it again, the same way.
+    pub fn finish_or_keep(&self, summary: &ChangeoverSummary) {
+        if let Err(err) = self.finish(summary) {
+            let problem = format!(
+                "cannot record how changeover {} ended ({}): {err:#}; it is recorded, and \
+                 the admin mailed, as soon as there is room",
+                summary.changeover_id, summary.outcome
+            );
+            tracing::error!(%problem, "the server goes on without the record");
+            crate::unwritten::report(UNWRITTEN_SUMMARY, problem);
+            self.lock_unwritten().push(summary.clone());
+        }
+    }
+
+    /// [`JournalFiles::save`], or, when that fails (a full disk), an error in the log and in
+    /// `admin status`: a starting server goes on from what is on disk, because the steps
+    /// that follow are settled from the folders themselves at the next start.
+    pub fn save_or_report(&self, journal: &Journal) {
+        match self.save(journal) {
+            Ok(()) => {
+                crate::unwritten::clear(UNWRITTEN_JOURNAL);
+            }
+            Err(err) => {
+                let problem = format!(
+                    "cannot update the journal of changeover {}: {err:#}",
+                    journal.changeover_id
+                );
+                tracing::error!(%problem, "going on from what is on disk");
+                crate::unwritten::report(UNWRITTEN_JOURNAL, problem);
+            }
+        }
+    }
+
+    /// Writes the summaries [`JournalFiles::finish_or_keep`] kept, every
+    /// [`RETRY_UNWRITTEN`], until they are all written or `shutdown`.
+    pub async fn retry_unwritten(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RETRY_UNWRITTEN) => {}
+            }
+            let waiting = std::mem::take(&mut *self.lock_unwritten());
+            if waiting.is_empty() {
+                continue;
+            }
+            let files = self.clone();
+            let left = tokio::task::spawn_blocking(move || {
+                waiting
+                    .into_iter()
+                    .filter(|summary| files.finish(summary).is_err())
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut unwritten = self.lock_unwritten();
+            if left.is_empty() && unwritten.is_empty() {
+                crate::unwritten::clear(UNWRITTEN_SUMMARY);
+                tracing::info!("the changeover's record is written now that there is room");
+            }
+            unwritten.extend(left);
+        }
+    }
+
+    /// Whether a summary waits to be written.
+    pub fn has_unwritten(&self) -> bool {
+        !self.lock_unwritten().is_empty()
+    }
+
+    fn lock_unwritten(&self) -> std::sync::MutexGuard<'_, Vec<ChangeoverSummary>> {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The changeover under way, if any.
@@ -200,6 +301,10 @@ impl JournalFiles {
     /// for a rollback that could not undo everything, which the next start finishes.
     pub fn report(&self, summary: &ChangeoverSummary) -> anyhow::Result<()> {
         write_durably(&self.last, summary)?;
+        // The history is for people reading it; the summary above is what counts.
+        if let Err(err) = self.append_history(summary) {
+            tracing::warn!(path = %self.history.display(), cause = %err, "cannot add to the changeover history");
+        }
         let details = self
             .load()
             .ok()
@@ -208,11 +313,21 @@ impl JournalFiles {
                 notify: journal.notify,
                 agent_release: journal.agent_release,
                 agents_to_update: journal.agents_to_update,
+                language: journal.mail_language,
             })
             .unwrap_or_default();
         if let Some(state_dir) = self.current.parent()
             && let Err(err) = crate::mail::queue_changeover_mail(state_dir, summary, &details)
         {
+            // A full disk: the whole report is tried again once there is room (the outbox
+            // skips a Message-ID it holds already), so the admin's mail is not lost.
+            if err
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(crate::unwritten::is_full)
+            {
+                return Err(err.context("cannot queue the mail to the admin"));
+            }
             tracing::error!(cause = %format!("{err:#}"), "cannot queue the mail to the admin");
         }
         Ok(())
@@ -220,6 +335,33 @@ impl JournalFiles {
 
     pub fn last(&self) -> anyhow::Result<Option<ChangeoverSummary>> {
         read_json(&self.last)
+    }
+
+    fn append_history(&self, summary: &ChangeoverSummary) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut line = serde_json::to_vec(summary).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.history)?;
+        file.write_all(&line)?;
+        file.sync_data()
+    }
+
+    /// Past changeovers, newest first; a changeover reported twice (a rollback finished
+    /// at the next start) is listed once, as it ended. Unreadable lines are skipped.
+    pub fn history(&self, limit: usize) -> Vec<ChangeoverSummary> {
+        let Ok(text) = std::fs::read_to_string(&self.history) else {
+            return self.last().ok().flatten().into_iter().collect();
+        };
+        let mut seen = std::collections::HashSet::new();
+        text.lines()
+            .rev()
+            .filter_map(|line| serde_json::from_str::<ChangeoverSummary>(line).ok())
+            .filter(|summary| seen.insert(summary.changeover_id.clone()))
+            .take(limit)
+            .collect()
     }
 }
 
@@ -269,6 +411,8 @@ mod tests {
             grace_secs: 90,
             notify: Some("it@example.com".to_owned()),
             message: "update".to_owned(),
+            admin_message: Some("update".to_owned()),
+            mail_language: crate::mail::MailLanguage::De,
             started_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
             scheduled_at: None,
             deadline: None,
@@ -316,7 +460,34 @@ mod tests {
         };
         files.finish(&summary).unwrap();
         assert_eq!(files.load().unwrap(), None);
-        assert_eq!(files.last().unwrap(), Some(summary));
+        assert_eq!(files.last().unwrap(), Some(summary.clone()));
+
+        // The history lists each changeover once, as it ended, newest first.
+        let second = ChangeoverSummary {
+            changeover_id: "c-2".to_owned(),
+            outcome: ChangeoverOutcome::Failed,
+            ..summary.clone()
+        };
+        files.report(&second).unwrap();
+        let finished = ChangeoverSummary {
+            outcome: ChangeoverOutcome::RolledBack,
+            ..second.clone()
+        };
+        files.finish(&finished).unwrap();
+        assert_eq!(files.history(10), vec![finished, summary.clone()]);
+        assert_eq!(files.history(1).len(), 1);
+    }
+
+    #[test]
+    fn a_journal_written_before_the_admin_s_words_and_the_mail_language_still_reads() {
+        let mut older = serde_json::to_value(journal()).unwrap();
+        let fields = older.as_object_mut().unwrap();
+        fields.remove("admin_message");
+        fields.remove("mail_language");
+        let read: Journal = serde_json::from_value(older).unwrap();
+        assert_eq!(read.admin_message, None);
+        assert_eq!(read.mail_language, crate::mail::MailLanguage::En);
+        assert_eq!(read.message, "update");
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub fn recover(
         super::health::delete_old_release(layout)?;
         let summary = super::health::committed_summary(&journal, None);
         info!("changeover ended outcome=committed (the interrupted commit was finished)");
-        files.finish(&summary)?;
+        files.finish_or_keep(&summary);
         if running_version != journal.target_version {
             return Ok(Resume::Restart(installed_binary));
         }
@@ -88,7 +88,7 @@ pub fn recover(
                 "the server stopped while the changeover was {}; nothing was changed",
                 journal.phase
             );
-            end(files, &journal, ChangeoverOutcome::Failed, reason)?;
+            end(files, &journal, ChangeoverOutcome::Failed, reason);
             Ok(Resume::Nothing)
         }
         P::CarryingOver | P::Swapping if !swapped => {
@@ -97,7 +97,7 @@ pub fn recover(
                 "the server stopped while the changeover was {}; the old release was kept and every carried file put back",
                 journal.phase
             );
-            end(files, &journal, ChangeoverOutcome::RolledBack, reason)?;
+            end(files, &journal, ChangeoverOutcome::RolledBack, reason);
             Ok(Resume::Nothing)
         }
         P::CarryingOver | P::Swapping | P::Restarting | P::HealthCheck => {
@@ -118,7 +118,7 @@ pub fn recover(
                 );
                 return roll_back(layout, files, journal, reason, running_version);
             }
-            files.save(&journal)?;
+            files.save_or_report(&journal);
             if running_version != journal.target_version {
                 // An old binary was started by hand: the installed (new) one takes over.
                 return Ok(Resume::Restart(installed_binary));
@@ -147,7 +147,7 @@ pub fn roll_back(
     warn!(%reason, "rolling back to the previous release");
     journal.phase = P::RollingBack;
     journal.failure = Some(reason.clone());
-    files.save(&journal)?;
+    files.save_or_report(&journal);
     if cfg!(windows) && new_release_installed(layout, &journal) && runs_from(&layout.install_dir())
     {
         return Ok(Resume::HandOver(journal.changeover_id));
@@ -158,7 +158,7 @@ pub fn roll_back(
             layout.install_dir().join(ReleaseKind::Server.binary_path()),
         ));
     }
-    end(files, &journal, ChangeoverOutcome::RolledBack, reason)?;
+    end(files, &journal, ChangeoverOutcome::RolledBack, reason);
     Ok(Resume::Nothing)
 }
 
@@ -168,15 +168,10 @@ fn runs_from(folder: &std::path::Path) -> bool {
     std::env::current_exe().is_ok_and(|exe| canonical(&exe).starts_with(canonical(folder)))
 }
 
-fn end(
-    files: &JournalFiles,
-    journal: &Journal,
-    outcome: ChangeoverOutcome,
-    reason: String,
-) -> anyhow::Result<()> {
+fn end(files: &JournalFiles, journal: &Journal, outcome: ChangeoverOutcome, reason: String) {
     let summary = summarize(journal, outcome, journal.phase, Some(reason));
     info!(outcome = %summary.outcome, reason = ?summary.reason, "changeover ended");
-    files.finish(&summary)
+    files.finish_or_keep(&summary);
 }
 
 /// Finishes an exchange of folders that a crash cut between its renames, where the system

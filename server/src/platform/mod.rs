@@ -33,13 +33,14 @@ pub use macos::{exchange, mount_points};
 pub use sysinfo_backed::{process_alive, process_start_time};
 #[cfg(unix)]
 pub use unix::{
-    free_space, hand_over_listener, inherited_listener, keep_from_children, kill,
+    filesystem_id, free_space, hand_over_listener, inherited_listener, keep_from_children, kill,
     own_process_group, raise_open_file_limit, reexec, signal_group, spawn_detached, stop_signal,
 };
 #[cfg(windows)]
 pub use windows::{
-    exchange, free_space, inherited_listener, keep_from_children, kill, mount_points,
-    own_process_group, raise_open_file_limit, reexec, signal_group, spawn_detached, stop_signal,
+    exchange, filesystem_id, free_space, inherited_listener, keep_from_children, kill,
+    mount_points, own_process_group, raise_open_file_limit, reexec, signal_group, spawn_detached,
+    stop_signal,
 };
 
 use std::sync::LazyLock;

@@ -35,6 +35,13 @@ pub fn free_space(path: &Path) -> std::io::Result<u64> {
     Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
+/// Which filesystem `path` is on (its device number): two paths on one filesystem share
+/// its free space.
+pub fn filesystem_id(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|metadata| metadata.dev())
+}
+
 /// The listening socket handed over by the previous process image (or by systemd socket
 /// activation): fd 3 with `LISTEN_FDS`/`LISTEN_PID` naming this process.
 pub fn inherited_listener() -> Option<std::net::TcpListener> {

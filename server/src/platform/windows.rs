@@ -33,6 +33,23 @@ pub fn free_space(path: &Path) -> std::io::Result<u64> {
     fs4::available_space(path)
 }
 
+/// Which volume `path` is on (its drive or share, from the full path): two paths on one
+/// volume share its free space.
+pub fn filesystem_id(path: &Path) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let full = std::fs::canonicalize(path).ok()?;
+    let std::path::Component::Prefix(prefix) = full.components().next()? else {
+        return None;
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    prefix
+        .as_os_str()
+        .to_string_lossy()
+        .to_ascii_lowercase()
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Windows hands no socket from one process to the next here: the next release binds the
 /// port itself (see [`crate::listener::bind_std_with_patience`]).
 pub fn inherited_listener() -> Option<std::net::TcpListener> {
