@@ -364,15 +364,15 @@ async fn session(
                             announced_version.clone_from(&target_version);
                             warn!(%deadline, seconds_left, %target_version, %message, "the server will be updated: save your work");
                             let event = HookEvent { event: "warning", deadline, seconds_left, target_version, message: text };
-                            hooks.on_warning(&event).await;
+                            // The client application hears first; a slow hook cannot delay it.
                             local_events.emit(AgentEventKind::Warning(CountdownWarning {
                                 changeover_id,
                                 deadline: countdown.deadline,
-                                // Counted from the message: the hook may have taken a while.
-                                seconds_left: seconds_left.saturating_sub(silent_since.elapsed().as_secs()),
-                                target_version: event.target_version,
-                                message: event.message,
+                                seconds_left,
+                                target_version: event.target_version.clone(),
+                                message: event.message.clone(),
                             }));
+                            hooks.on_warning(&event).await;
                         }
                         Ok(ServerMessage::AgentUpdateOffer(offer)) => {
                             link.updater.consider(*offer, link.events.clone());
@@ -402,13 +402,13 @@ async fn session(
                                 message: hooks.texts.logout(Some(&target_version), admin_message.as_deref()),
                                 target_version,
                             };
-                            hooks.on_logout(&event).await;
                             local_events.emit(AgentEventKind::Logout {
                                 changeover_id,
                                 reason,
                                 reconnect_within_ms: u64::try_from(reconnect_within.as_millis()).unwrap_or(u64::MAX),
-                                message: event.message,
+                                message: event.message.clone(),
                             });
+                            hooks.on_logout(&event).await;
                             return SessionEnd::LoggedOut { reconnect_within };
                         }
                         Ok(other) => debug!(message = ?other, "message not handled in this state"),

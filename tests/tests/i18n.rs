@@ -133,6 +133,16 @@ fn each_user_is_told_in_their_own_language_and_the_admin_in_the_configured_one()
         (status(&server.url())["sessions"].as_array()?.len() == 3).then_some(())
     });
 
+    // What greta's own client application hears: the events stream, in her language.
+    let mut greta_events = Command::new(binary("changeover-agent"))
+        .args(["events", "--json", "--state-dir"])
+        .arg(site.dir.path().join("greta"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
     let output = Command::new(binary("changeover-agent"))
         .args(["admin", "update", "--server", &server.url(), "--json"])
         .args([
@@ -192,6 +202,34 @@ fn each_user_is_told_in_their_own_language_and_the_admin_in_the_configured_one()
             .as_str()
         )),
         "{german:#?}"
+    );
+
+    // The same words reach the client application through the events stream.
+    let _ = greta_events.kill();
+    let streamed = greta_events.wait_with_output().unwrap();
+    let streamed: Vec<Value> = String::from_utf8_lossy(&streamed.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let streamed_warning = streamed
+        .iter()
+        .find(|event| event["event"] == "warning")
+        .unwrap_or_else(|| panic!("no warning in the events stream: {streamed:#?}"));
+    assert!(
+        streamed_warning["message"].as_str().is_some_and(|text| text
+            .starts_with("Der Server wird in ")
+            && text.contains(ADMIN_WORDS)),
+        "{streamed_warning}"
+    );
+    let streamed_logout = streamed
+        .iter()
+        .find(|event| event["event"] == "logout")
+        .unwrap_or_else(|| panic!("no logout in the events stream: {streamed:#?}"));
+    assert!(
+        streamed_logout["message"]
+            .as_str()
+            .is_some_and(|text| text.starts_with("Der Server wird jetzt auf Version 1.1.0")),
+        "{streamed_logout}"
     );
 
     let french = eventually(Duration::from_secs(30), "fleur's logout", || {
