@@ -84,3 +84,67 @@ fn a_broken_certificate_config_stops_the_server_with_a_clear_message() {
     );
     assert!(stderr.contains("missing.crt"), "{stderr}");
 }
+
+#[test]
+fn the_console_is_served_over_https_with_a_secure_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let ca_file = make_site_certificates(&root.join("server/certs"), &dir.path().join("ca"));
+    let config = "[tls]\ncert = \"certs/server.crt\"\nkey = \"certs/server.key\"\n";
+    let server = Server::start(&root, Some(config));
+    let console = server.console_url().expect("a console line");
+    assert!(console.starts_with("https://"), "{console}");
+    // The certificate names localhost; the console listens on loopback.
+    let console = console.replace("127.0.0.1", "localhost");
+    let curl = |args: &[&str]| {
+        std::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "--cacert"])
+            .arg(&ca_file)
+            .args(args)
+            .output()
+            .expect("curl runs")
+    };
+    let page = curl(&["-o", "/dev/null", "-w", "%{http_code}", &console]);
+    assert_eq!(String::from_utf8_lossy(&page.stdout), "200");
+
+    let body = format!("{{\"password\":\"{ADMIN_PASSWORD}\"}}");
+    let login = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        &body,
+        &format!("{console}api/login"),
+    ]);
+    let headers = String::from_utf8_lossy(&login.stdout).to_ascii_lowercase();
+    let cookie = headers
+        .lines()
+        .find(|line| line.starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {headers}"));
+    assert!(cookie.contains("; secure"), "{cookie}");
+    assert!(
+        cookie.contains("httponly") && cookie.contains("samesite=strict"),
+        "{cookie}"
+    );
+
+    // Plain HTTP to the TLS console gets no page.
+    let plain = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(console.replace("https://", "http://"))
+        .output()
+        .expect("curl runs");
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+}
