@@ -388,6 +388,73 @@ fn a_wrong_password_shows_an_error() {
 }
 
 #[test]
+fn a_changeover_cancelled_in_the_console_tells_the_users_and_changes_nothing() {
+    let site = Site::new();
+    let server = site.start();
+    let url = console_url(&server);
+    let told = site.dir.path().join("dora-told.txt");
+    let hook = format!("echo \"$CHANGEOVER_EVENT\" >> '{}'", told.display());
+    let dora = start_agent(
+        &server.url(),
+        "dora",
+        &site.dir.path().join("dora"),
+        &["--warn-hook", &hook],
+    );
+
+    let browser = Browser::start("a_changeover_cancelled_in_the_console");
+    log_in(&browser, &url);
+    browser.wait_until(PATIENCE, "dora listed and 1.1.0 offered", |browser| {
+        (browser.count("tr.session") == 1
+            && browser.text_of("#available-version").contains("1.1.0"))
+        .then_some(())
+    });
+    // No: nothing starts.
+    browser.fill("#grace", "60");
+    browser.click("#update-button");
+    browser.wait_for("#confirm", PATIENCE);
+    assert!(browser.text_of("#confirm-text").contains("1 user"));
+    browser.click("#confirm-no");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(status(&server.url())["phase"], "idle");
+
+    // Yes, then cancel during the countdown.
+    browser.click("#update-button");
+    browser.wait_for("#confirm", PATIENCE);
+    browser.click("#confirm-yes");
+    browser.wait_until(PATIENCE, "the countdown", |browser| {
+        (browser.text_of("#phase").trim() == "counting_down"
+            && browser.is_visible("#cancel-button"))
+        .then_some(())
+    });
+    browser.screenshot("counting-down");
+    browser.click("#cancel-button");
+    let outcome = browser.wait_until(PATIENCE, "the outcome", |browser| {
+        browser
+            .try_text_of("#outcome")
+            .filter(|text| !text.trim().is_empty())
+    });
+    browser.screenshot("cancelled");
+    assert!(outcome.contains("cancelled"), "{outcome}");
+    let report = status(&server.url());
+    assert_eq!(
+        report["last_changeover"]["outcome"], "cancelled",
+        "{report}"
+    );
+    assert_eq!(report["server_version"], "1.0.0");
+    assert_eq!(site.installed_version(), "1.0.0");
+    let cancel_audited = report["audit"].as_array().is_some_and(|entries| {
+        entries
+            .iter()
+            .any(|entry| entry["action"] == "cancel" && entry["via"] == "console")
+    });
+    assert!(cancel_audited, "{report}");
+    eventually(PATIENCE, "dora told of the warning and the cancel", || {
+        let warned = std::fs::read_to_string(&told).ok()?.contains("warning");
+        (warned && dora.log_text().contains("called off")).then_some(())
+    });
+}
+
+#[test]
 fn requests_without_the_cookie_or_the_csrf_token_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("office"), Some(FAST_HEARTBEAT_CONFIG));
