@@ -161,6 +161,9 @@ enum Command {
         /// Keep the work folder (feed, nginx files) instead of removing it.
         #[arg(long)]
         keep: bool,
+        /// Only the restart storms and the changeovers: no broadcasts, no slow reader.
+        #[arg(long)]
+        skip_broadcasts: bool,
     },
     /// Many agents fetching the agent update from the server at once (503 + Retry-After
     /// honoured as the agent does), against a bare file server in the same run.
@@ -352,6 +355,7 @@ fn main() -> ExitCode {
                 settle_ms,
                 json,
                 keep,
+                skip_broadcasts,
             } => {
                 let options = ScaleOptions {
                     server_bin,
@@ -370,6 +374,7 @@ fn main() -> ExitCode {
                     settle: Duration::from_millis(settle_ms),
                     json,
                     keep,
+                    skip_broadcasts,
                 };
                 changeover_bench::scale::run(&options).await.map(drop)
             }

@@ -14,7 +14,8 @@
 //! Like [`crate::fleet`], agents bind to further loopback source addresses past
 //! [`ReturningFleetOptions::agents_per_source_address`], so repeated storms of thousands of
 //! reconnects do not run one address out of ephemeral ports (the closed connections linger
-//! in TIME_WAIT).
+//! in TIME_WAIT); and each fleet takes bound addresses the fleets before it did not use,
+//! since `bind()` on an address full of TIME_WAIT turns into a scan of the port range.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -93,6 +94,37 @@ impl ReturningFleetOptions {
             policy: ReturnPolicy::AtOnce,
         }
     }
+}
+
+/// The next bound source address a returning fleet starts from, counted from 127.0.0.2.
+static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
+
+/// The bound source addresses of `sources` (all but the kernel's choice) moved on to
+/// addresses no earlier fleet of this process used lately: every storm leaves each agent's
+/// closed connection in TIME_WAIT for a minute, and a `bind()` to port 0 counts those as
+/// taken (unlike `connect()`, which reuses them on loopback), so on an address that took a
+/// few storms it scans the port range for every socket. Seen at 10,000 agents: the load
+/// generator spent 12 s in the kernel binding 10,000 sockets on addresses the storms before
+/// had used, and the agents came back 10 s late.
+fn rotate_sources(sources: Vec<Option<IpAddr>>) -> Vec<Option<IpAddr>> {
+    let bound = sources.iter().filter(|source| source.is_some()).count();
+    if bound == 0 {
+        return sources;
+    }
+    // 127.0.0.2 to 127.0.0.254.
+    const ADDRESSES: usize = 253;
+    let first = NEXT_SOURCE.fetch_add(bound, Ordering::Relaxed);
+    let mut next = first;
+    sources
+        .into_iter()
+        .map(|source| {
+            source.map(|_| {
+                let octet = 2 + (next % ADDRESSES) as u8;
+                next += 1;
+                IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, octet))
+            })
+        })
+        .collect()
 }
 
 /// What happened to one agent.
@@ -221,11 +253,11 @@ impl ReturningFleet {
             "agents per source address must be at least 1"
         );
         let server = crate::fleet::resolve(&options.url).await?;
-        let sources = crate::fleet::source_addresses(
+        let sources = rotate_sources(crate::fleet::source_addresses(
             server,
             options.agents,
             options.agents_per_source_address,
-        )?;
+        )?);
         let log = Arc::new(EventLog::default());
         let like_the_agent = Arc::new(AtomicBool::new(
             options.policy == ReturnPolicy::LikeTheAgent,
@@ -758,6 +790,27 @@ mod tests {
         AgentEventKind::Welcomed {
             server_version: version.to_owned(),
         }
+    }
+
+    #[test]
+    fn each_fleet_binds_to_addresses_the_one_before_did_not_use() {
+        let server = SocketAddr::from(([127, 0, 0, 1], 7600));
+        let sources =
+            || rotate_sources(crate::fleet::source_addresses(server, 6_000, 2_000).unwrap());
+        let first = sources();
+        let second = sources();
+        assert_eq!(first.len(), 3);
+        assert_eq!(first[0], None, "the first group is the kernel's choice");
+        assert_eq!(second[0], None);
+        for source in first[1..].iter().chain(&second[1..]) {
+            let Some(IpAddr::V4(address)) = source else {
+                panic!("{source:?}");
+            };
+            assert_eq!(address.octets()[..3], [127, 0, 0]);
+            assert!((2..=254).contains(&address.octets()[3]));
+        }
+        assert!(first[1..].iter().all(|source| !second.contains(source)));
+        assert_eq!(rotate_sources(vec![None]), [None]);
     }
 
     #[test]

@@ -14,8 +14,20 @@
 //!    after, and how long until the server drops it; then restart storms (SIGTERM, start
 //!    again on the same address), with agents coming back at once and like the real agent.
 //! 3. **Changeover with grace 0**, twice, each in a fresh install: agents back at once, and
-//!    like the real agent (inside the announced window). This is
-//!    [`crate::changeover::measure_update`] without the backups.
+//!    like the real agent (inside the announced window); and a third time like the agent in
+//!    an install whose server first took a restart storm with the fleet (so it has measured
+//!    its handshake rate, as every server that restarted with its agents connected has).
+//!    This is [`crate::changeover::measure_update`] without the backups. Beside its figures, how
+//!    the agents came back ([`Return`]): the window and the capacity the old process sized
+//!    it from (its "reconnect window" line), the time from the new release letting
+//!    sessions in again ("agent sessions let in again", the end of `downtime_ms`) to the
+//!    first and the last agent welcomed, the peak welcome rate, and the failed attempts
+//!    (refusals with `updating`, and everything else: refused connects, handshakes closed or
+//!    timed out).
+//!
+//! The restart storms of the changeover server also report the rate the server itself
+//! measured in the storm ("handshake rate measured in a storm"). `--skip-broadcasts` leaves
+//! out the fan-out and the slow reader, for the storms and changeovers alone.
 //!
 //! Times of the broadcast are taken from the sender's log line (`broadcast sent` for the
 //! raw server, `countdown warning sent` for the changeover server, both written right
@@ -26,6 +38,7 @@
 //! It is a measurement, not a test: it fails only when something does not happen at all
 //! (agents not welcomed, a warning not delivered, a changeover not finished).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -47,7 +60,7 @@ use crate::download::{self, NEW_VERSION, Nginx, OLD_VERSION, admin_download, set
 use crate::fleet::{Latency, agent_websocket_config};
 use crate::procfs::{self, CpuTime, Pid};
 use crate::returning_fleet::{
-    AgentEventKind, Mark, Outage, ReturnPolicy, ReturningFleet, ReturningFleetOptions,
+    AgentEvent, AgentEventKind, Mark, Outage, ReturnPolicy, ReturningFleet, ReturningFleetOptions,
 };
 use crate::server_log;
 use crate::server_process::{ADMIN_PASSWORD, ServerProcess};
@@ -82,6 +95,8 @@ pub struct ScaleOptions {
     pub json: Option<PathBuf>,
     /// Keep the work folder (feed, nginx files) instead of removing it.
     pub keep: bool,
+    /// Only the restart storms and the changeovers: no broadcasts, no slow reader.
+    pub skip_broadcasts: bool,
 }
 
 /// One broadcast's delivery: from the sender's log line to each agent's read.
@@ -132,6 +147,9 @@ pub struct Storm {
     /// Welcomes per second from the first to the last.
     pub handshake_rate: f64,
     pub failed_attempts: usize,
+    /// What the restarted changeover server measured in this storm ("handshake rate
+    /// measured in a storm"), if it found it saturated.
+    pub server_measured_per_sec: Option<f64>,
     pub server_cpu: CpuTime,
     pub loadgen_cpu: CpuTime,
 }
@@ -147,6 +165,7 @@ impl Storm {
             "back": self.back,
             "handshakes_per_s": self.handshake_rate,
             "failed_attempts": self.failed_attempts,
+            "server_measured_per_s": self.server_measured_per_sec,
             "server_cpu_s": self.server_cpu.total().as_secs_f64(),
             "loadgen_cpu_s": self.loadgen_cpu.total().as_secs_f64(),
         })
@@ -175,10 +194,119 @@ pub struct SizeResult {
     pub agents: usize,
     pub raw_fanouts: Vec<FanOut>,
     pub server_fanouts: Vec<FanOut>,
-    pub slow_reader: SlowReader,
+    /// `None` with `--skip-broadcasts`.
+    pub slow_reader: Option<SlowReader>,
     pub raw_storm: Storm,
     pub server_storms: Vec<Storm>,
-    pub changeovers: Vec<(ReturnPolicy, UpdateRun)>,
+    /// In fresh installs: agents back at once, and like the agent.
+    pub changeovers: Vec<Changeover>,
+    /// Like the agent, in an install that measured a restart storm before.
+    pub changeovers_after_storm: Vec<Changeover>,
+}
+
+/// One changeover with grace 0, and how the agents came back.
+#[derive(Debug, Clone)]
+pub struct Changeover {
+    pub policy: ReturnPolicy,
+    /// The install measured a restart storm first.
+    pub after_storm: bool,
+    pub run: UpdateRun,
+    pub back: Return,
+}
+
+/// How the agents came back after a changeover, from the moment the new release let
+/// sessions in again.
+#[derive(Debug, Clone, Default)]
+pub struct Return {
+    /// The new release's "agent sessions let in again" line: the end of `downtime_ms`.
+    pub accepting: Option<SystemTime>,
+    /// What the old process sized the window from, and the window ("reconnect window").
+    pub window_ms: Option<u64>,
+    pub capacity_per_sec: Option<f64>,
+    /// Whether that capacity was measured (else it is the default).
+    pub capacity_measured: Option<bool>,
+    /// From `accepting` to the first and the last agent welcomed by the new release.
+    pub accepting_to_first_back: Option<Duration>,
+    pub accepting_to_last_back: Option<Duration>,
+    /// The most welcomes by the new release within one 100 ms slice, per second.
+    pub peak_per_sec: f64,
+    /// Hellos refused with `updating` (before the stop, and during the health check).
+    pub refused_updating: usize,
+    /// Every other failed attempt over the fleet's life: refused connects, handshakes
+    /// closed or timed out, by reason.
+    pub failed_otherwise: BTreeMap<String, usize>,
+    /// What the server measured before the request (its log's "handshake rate" lines).
+    pub measured_before: Vec<String>,
+}
+
+impl Return {
+    fn failed_otherwise_total(&self) -> usize {
+        self.failed_otherwise.values().sum()
+    }
+}
+
+/// The width of the slices [`Return::peak_per_sec`] counts welcomes in.
+const PEAK_SLICE: Duration = Duration::from_millis(100);
+
+fn return_figures(
+    run: &UpdateRun,
+    events: &[AgentEvent],
+    server_log: &[server_log::LogLine],
+) -> Return {
+    // A server before this line let sessions in right after "changeover committed".
+    let accepting = run
+        .log
+        .iter()
+        .find(|line| line.is("agent sessions let in again"))
+        .or_else(|| run.log.iter().find(|line| line.is("changeover committed")))
+        .map(|line| line.at);
+    let window = run.log.iter().find(|line| line.is("reconnect window"));
+    let mut welcomes: Vec<SystemTime> = events
+        .iter()
+        .filter(|event| {
+            event.wall >= run.requested_at
+                && matches!(&event.kind, AgentEventKind::Welcomed { server_version } if server_version == NEW_VERSION)
+        })
+        .map(|event| event.wall)
+        .collect();
+    welcomes.sort_unstable();
+    let after = |at: Option<&SystemTime>| {
+        let (accepting, at) = (accepting?, at?);
+        Some(at.duration_since(accepting).unwrap_or(Duration::ZERO))
+    };
+    let mut peak = 0usize;
+    if let Some(&first) = welcomes.first() {
+        let mut slices: BTreeMap<u128, usize> = BTreeMap::new();
+        for at in &welcomes {
+            let offset = at.duration_since(first).unwrap_or(Duration::ZERO);
+            *slices
+                .entry(offset.as_nanos() / PEAK_SLICE.as_nanos())
+                .or_default() += 1;
+        }
+        peak = slices.values().copied().max().unwrap_or(0);
+    }
+    let (refused_updating, failed_otherwise): (BTreeMap<_, _>, BTreeMap<_, _>) = run
+        .failed_attempts
+        .clone()
+        .into_iter()
+        .partition(|(reason, _)| reason.contains("\"updating\""));
+    let measured_before = server_log
+        .iter()
+        .filter(|line| line.at < run.requested_at && line.is("handshake rate"))
+        .map(|line| line.text.clone())
+        .collect();
+    Return {
+        accepting,
+        window_ms: window.and_then(|line| field_u64(&line.text, "window_ms")),
+        capacity_per_sec: window.and_then(|line| field_f64(&line.text, "handshakes_per_sec")),
+        capacity_measured: window.and_then(|line| field(&line.text, "measured")?.parse().ok()),
+        accepting_to_first_back: after(welcomes.first()),
+        accepting_to_last_back: after(welcomes.last()),
+        peak_per_sec: peak as f64 / PEAK_SLICE.as_secs_f64(),
+        refused_updating: refused_updating.values().sum(),
+        failed_otherwise,
+        measured_before,
+    }
 }
 
 /// Builds the feed, serves it, measures every fleet size and prints the results.
@@ -269,7 +397,7 @@ async fn measure_size(
         ServerProcess::start_raw_at(loadgen_bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let fleet = open_fleet(options, &raw, agents, "raw").await?;
     let mut raw_fanouts = Vec::new();
-    for index in 1..=options.broadcasts {
+    for index in 1..=broadcasts(options) {
         tokio::time::sleep(options.settle).await;
         let fanout = raw_broadcast(options, &raw, &fleet, agents).await?;
         println!("{label} [raw broadcast {index}] {}", show_fanout(&fanout));
@@ -307,14 +435,17 @@ async fn measure_size(
     admin_download(&context.agent_bin, options.patience, &server, folder).await?;
     let fleet = open_fleet(options, &server, agents, "server").await?;
     let mut server_fanouts = Vec::new();
-    for index in 1..=options.broadcasts {
+    for index in 1..=broadcasts(options) {
         tokio::time::sleep(options.settle).await;
         let fanout = server_broadcast(options, context, &server, &fleet, agents, folder).await?;
         println!("{label} [server warning {index}] {}", show_fanout(&fanout));
         server_fanouts.push(fanout);
     }
-    let slow_reader =
-        slow_reader(options, context, &server, &fleet, agents, folder, &label).await?;
+    let slow_reader = if options.skip_broadcasts {
+        None
+    } else {
+        Some(slow_reader(options, context, &server, &fleet, agents, folder, &label).await?)
+    };
     tokio::time::sleep(options.settle).await;
     let mut server_storms = Vec::new();
     let mut server = server;
@@ -333,9 +464,16 @@ async fn measure_size(
     drop(server);
     let _ = std::fs::remove_dir_all(&site.root);
 
-    // 3. The changeover with grace 0.
+    // 3. The changeover with grace 0: in fresh installs, and once more in an install whose
+    //    server has measured a restart storm already, as any server that ever restarted
+    //    with its fleet connected has.
     let mut changeovers = Vec::new();
-    for policy in [ReturnPolicy::AtOnce, ReturnPolicy::LikeTheAgent] {
+    let mut changeovers_after_storm = Vec::new();
+    for (policy, after_storm) in [
+        (ReturnPolicy::AtOnce, false),
+        (ReturnPolicy::LikeTheAgent, false),
+        (ReturnPolicy::LikeTheAgent, true),
+    ] {
         let mut changeover_options = context.options.clone();
         changeover_options.agent_policy = policy;
         let policy_context = RunContext {
@@ -344,24 +482,44 @@ async fn measure_size(
             feed: context.feed.clone(),
             feed_url: context.feed_url.clone(),
         };
-        let name = match policy {
-            ReturnPolicy::AtOnce => "changeover-at-once",
-            ReturnPolicy::LikeTheAgent => "changeover-like-the-agent",
+        let name = match (policy, after_storm) {
+            (ReturnPolicy::AtOnce, _) => "changeover-at-once",
+            (ReturnPolicy::LikeTheAgent, false) => "changeover-like-the-agent",
+            (ReturnPolicy::LikeTheAgent, true) => "changeover-after-a-storm",
         };
         let site = Site::install(&policy_context, &folder.join(name))?;
+        let step = if after_storm {
+            warm_up(options, &site, agents, &label).await?;
+            format!("{label} [changeover after a restart storm, {policy}]")
+        } else {
+            format!("{label} [changeover, {policy}]")
+        };
         let (run, server, fleet) = measure_update(
             &policy_context,
             &site,
             &[],
             Expectation::Commit,
             folder,
-            &format!("{label} [changeover, {policy}]"),
+            &step,
         )
         .await?;
+        let server_log = server_log::read(&server.log).unwrap_or_default();
+        let back = return_figures(&run, &fleet.events(), &server_log);
+        println!("{step} {}", show_return(&back));
         fleet.close().await;
         drop(server);
         let _ = std::fs::remove_dir_all(&site.root);
-        changeovers.push((policy, run));
+        let changeover = Changeover {
+            policy,
+            after_storm,
+            run,
+            back,
+        };
+        if after_storm {
+            changeovers_after_storm.push(changeover);
+        } else {
+            changeovers.push(changeover);
+        }
     }
 
     Ok(SizeResult {
@@ -372,7 +530,63 @@ async fn measure_size(
         raw_storm,
         server_storms,
         changeovers,
+        changeovers_after_storm,
     })
+}
+
+/// The installed server started, a fleet opened, one restart storm with the agents coming
+/// back like the real agent, and a graceful stop: the server has measured its handshake rate and kept it in
+/// `state/handshake-rate.json`, as a server that restarted with its fleet once has.
+async fn warm_up(
+    options: &ScaleOptions,
+    site: &Site,
+    agents: usize,
+    label: &str,
+) -> anyhow::Result<()> {
+    let server = ServerProcess::start_installed_logging(
+        &site.server_bin(),
+        &site.root,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &[],
+    )
+    .await?;
+    let fleet = open_fleet(options, &server, agents, "warm-up").await?;
+    // Coming back like the real agent: agents retrying every 10 ms overrun the listen
+    // backlog, wait for their SYN to be sent again, and never keep the server busy.
+    fleet.set_policy(ReturnPolicy::LikeTheAgent);
+    tokio::time::sleep(options.settle).await;
+    let (result, mut server) = storm(options, server, &fleet, Restart::Installed(site)).await?;
+    println!(
+        "{label} [warm-up restart storm, like the agent] {}",
+        show_storm(&result)
+    );
+    fleet.close().await;
+    // A graceful stop writes the estimate if the storm has not been written yet.
+    server
+        .stop_with(rustix::process::Signal::TERM, Duration::from_secs(30))
+        .await?;
+    let saved = site
+        .layout
+        .state_dir()
+        .join(changeover_server::handshake_rate::FILE_NAME);
+    match std::fs::read_to_string(&saved) {
+        Ok(text) => println!(
+            "{label} [warm-up] {}: {}",
+            saved.display(),
+            text.trim().replace('\n', " ")
+        ),
+        Err(err) => println!("{label} [warm-up] no {}: {err}", saved.display()),
+    }
+    Ok(())
+}
+
+// How many broadcasts each server gets: none with `--skip-broadcasts`.
+fn broadcasts(options: &ScaleOptions) -> usize {
+    if options.skip_broadcasts {
+        0
+    } else {
+        options.broadcasts
+    }
 }
 
 async fn open_fleet(
@@ -496,10 +710,17 @@ fn fan_out(
 }
 
 // `name=value` among a log line's fields.
-fn field_u64(text: &str, name: &str) -> Option<u64> {
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.split_whitespace()
         .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
-        .and_then(|value| value.parse().ok())
+}
+
+fn field_u64(text: &str, name: &str) -> Option<u64> {
+    field(text, name)?.parse().ok()
+}
+
+fn field_f64(text: &str, name: &str) -> Option<f64> {
+    field(text, name)?.parse().ok()
 }
 
 async fn wait_for_log_line(
@@ -635,6 +856,15 @@ async fn storm(
         _ => 0.0,
     };
     let failed_after: usize = fleet.failed_attempts().values().sum();
+    // The changeover server logs what it measured once the storm is over (within about
+    // a second of the last handshake).
+    let server_measured_per_sec = match restart {
+        Restart::Raw(_) => None,
+        // A log of its own: every line is the restarted process's.
+        Restart::Installed(_) => {
+            measured_in_storm(&server.log, SystemTime::UNIX_EPOCH, Duration::from_secs(3)).await
+        }
+    };
     Ok((
         Storm {
             policy,
@@ -645,12 +875,30 @@ async fn storm(
             back: outage.back,
             handshake_rate,
             failed_attempts: failed_after - failed_before,
+            server_measured_per_sec,
             // The new process's whole life so far: start-up and the storm.
             server_cpu,
             loadgen_cpu,
         },
         server,
     ))
+}
+
+// The rate of the first "handshake rate measured in a storm" line after `after`, waiting up
+// to `patience` for it.
+async fn measured_in_storm(log: &Path, after: SystemTime, patience: Duration) -> Option<f64> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let found = server_log::read(log)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|line| line.at >= after && line.is("handshake rate measured in a storm"))
+            .and_then(|line| field_f64(&line.text, "handshakes_per_sec"));
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// One agent connection that never reads after its welcome, with a tiny receive buffer.
@@ -834,17 +1082,53 @@ fn show_storm(storm: &Storm) -> String {
     };
     format!(
         "SIGTERM→exit {:.0} ms, start→listening {:.0} ms, listening→first back {}, →all {} back {}; \
-         {:.0} handshakes/s; {} failed attempts; CPU server {:.2} s, load generator {:.2} s",
+         {:.0} handshakes/s{}; {} failed attempts; CPU server {:.2} s, load generator {:.2} s",
         ms(storm.signal_to_exit),
         ms(storm.start_to_listening),
         show(storm.listening_to_first_back),
         storm.back,
         show(storm.listening_to_all_back),
         storm.handshake_rate,
+        storm
+            .server_measured_per_sec
+            .map_or(String::new(), |rate| format!(
+                " (the server measured {rate:.0}/s)"
+            )),
         storm.failed_attempts,
         storm.server_cpu.total().as_secs_f64(),
         storm.loadgen_cpu.total().as_secs_f64(),
     )
+}
+
+fn show_return(back: &Return) -> String {
+    let show = |duration: Option<Duration>| {
+        duration.map_or("-".to_owned(), |duration| format!("{:.0} ms", ms(duration)))
+    };
+    let mut text = format!(
+        "window {} from {} handshakes/s ({}); accepting→first back {}, →last back {}; \
+         peak {:.0} welcomes/s; {} refused with updating, {} other failed attempts",
+        back.window_ms
+            .map_or("-".to_owned(), |window| format!("{window} ms")),
+        back.capacity_per_sec
+            .map_or("-".to_owned(), |rate| format!("{rate:.0}")),
+        match back.capacity_measured {
+            Some(true) => "measured",
+            Some(false) => "the default",
+            None => "-",
+        },
+        show(back.accepting_to_first_back),
+        show(back.accepting_to_last_back),
+        back.peak_per_sec,
+        back.refused_updating,
+        back.failed_otherwise_total(),
+    );
+    if !back.failed_otherwise.is_empty() {
+        text.push_str(&format!(" {:?}", back.failed_otherwise));
+    }
+    for line in &back.measured_before {
+        text.push_str(&format!("\n    before: {line}"));
+    }
+    text
 }
 
 /// The median of each figure over the broadcasts.
@@ -876,9 +1160,17 @@ pub fn summary(results: &[SizeResult]) -> String {
     out.push_str("| agents | raw p50 | raw p99 | raw max | server p50 | p99 | max | max / raw max | with slow reader p50 | p99 | max | max / raw max |\n");
     out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for result in results {
+        if result.raw_fanouts.is_empty() {
+            continue;
+        }
         let raw = median_fanout(&result.raw_fanouts);
         let server = median_fanout(&result.server_fanouts);
-        let slow = median_fanout(&result.slow_reader.fanouts);
+        let slow = median_fanout(
+            result
+                .slow_reader
+                .as_ref()
+                .map_or(&[][..], |slow| &slow.fanouts),
+        );
         out.push_str(&format!(
             "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | **{}** | {:.1} ms | {:.1} ms | {:.1} ms | {} |\n",
             result.agents,
@@ -903,7 +1195,9 @@ pub fn summary(results: &[SizeResult]) -> String {
     );
     out.push_str("|---:|---:|---:|---:|---:|\n");
     for result in results {
-        let slow = &result.slow_reader;
+        let Some(slow) = &result.slow_reader else {
+            continue;
+        };
         out.push_str(&format!(
             "| {} | {} KiB | {} KiB | {} | {} |\n",
             result.agents,
@@ -918,8 +1212,8 @@ pub fn summary(results: &[SizeResult]) -> String {
         ));
     }
     out.push_str("\nRestart storms (SIGTERM, start again on the same address):\n\n");
-    out.push_str("| agents | server | agents come back | SIGTERM→exit | start→listening | listening→first back | listening→all back | handshakes/s | failed attempts | server CPU | load generator CPU |\n");
-    out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| agents | server | agents come back | SIGTERM→exit | start→listening | listening→first back | listening→all back | handshakes/s | measured by the server | failed attempts | server CPU | load generator CPU |\n");
+    out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for result in results {
         let storms = std::iter::once(("raw", &result.raw_storm)).chain(
             result
@@ -932,7 +1226,7 @@ pub fn summary(results: &[SizeResult]) -> String {
                 duration.map_or("-".to_owned(), |duration| format!("{:.0} ms", ms(duration)))
             };
             out.push_str(&format!(
-                "| {} | {name} | {} | {:.0} ms | {:.0} ms | {} | {} | {:.0} | {} | {:.2} s | {:.2} s |\n",
+                "| {} | {name} | {} | {:.0} ms | {:.0} ms | {} | {} | {:.0} | {} | {} | {:.2} s | {:.2} s |\n",
                 result.agents,
                 storm.policy,
                 ms(storm.signal_to_exit),
@@ -940,6 +1234,9 @@ pub fn summary(results: &[SizeResult]) -> String {
                 show(storm.listening_to_first_back),
                 show(storm.listening_to_all_back),
                 storm.handshake_rate,
+                storm
+                    .server_measured_per_sec
+                    .map_or("-".to_owned(), |rate| format!("{rate:.0}/s")),
                 storm.failed_attempts,
                 storm.server_cpu.total().as_secs_f64(),
                 storm.loadgen_cpu.total().as_secs_f64(),
@@ -949,11 +1246,21 @@ pub fn summary(results: &[SizeResult]) -> String {
     out.push_str("\nChangeover, grace 0 (1.0.0 → 2.0.0, no backups):\n\n");
     out.push_str("| agents | agents come back | window announced | server downtime_ms | first logout→first welcome (2.0.0) | first logout→all back | per agent p50 | p99 | max | request→changeover_finished | load generator CPU |\n");
     out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let show = |duration: Option<Duration>| {
+        duration.map_or("-".to_owned(), |duration| format!("{:.0} ms", ms(duration)))
+    };
     for result in results {
-        for (policy, run) in &result.changeovers {
-            let show = |duration: Option<Duration>| {
-                duration.map_or("-".to_owned(), |duration| format!("{:.0} ms", ms(duration)))
-            };
+        for Changeover {
+            policy,
+            after_storm,
+            run,
+            ..
+        } in result
+            .changeovers
+            .iter()
+            .chain(&result.changeovers_after_storm)
+        {
+            let policy = show_policy(*policy, *after_storm);
             out.push_str(&format!(
                 "| {} | {policy} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} s |\n",
                 result.agents,
@@ -973,6 +1280,46 @@ pub fn summary(results: &[SizeResult]) -> String {
             ));
         }
     }
+    out.push_str("\nThe return after a changeover (accepting = the new release lets sessions in again, the end of downtime_ms):\n\n");
+    out.push_str("| agents | agents come back | capacity the window came from | window announced | window for 100,000 at that capacity | accepting→first back | **accepting→last back** | peak welcomes/s (100 ms) | refused `updating` | other failed attempts |\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for result in results {
+        for Changeover {
+            policy,
+            after_storm,
+            back,
+            ..
+        } in result
+            .changeovers
+            .iter()
+            .chain(&result.changeovers_after_storm)
+        {
+            let policy = show_policy(*policy, *after_storm);
+            out.push_str(&format!(
+                "| {} | {policy} | {} | {} | {} | {} | **{}** | {:.0} | {} | {} |\n",
+                result.agents,
+                back.capacity_per_sec.map_or("-".to_owned(), |rate| format!(
+                    "{rate:.0}/s ({})",
+                    if back.capacity_measured == Some(true) {
+                        "measured"
+                    } else {
+                        "default"
+                    }
+                )),
+                back.window_ms
+                    .map_or("-".to_owned(), |window| format!("{window} ms")),
+                back.capacity_per_sec.map_or("-".to_owned(), |rate| format!(
+                    "{} ms",
+                    changeover_server::handshake_rate::reconnect_window(100_000, rate).as_millis()
+                )),
+                show(back.accepting_to_first_back),
+                show(back.accepting_to_last_back),
+                back.peak_per_sec,
+                back.refused_updating,
+                back.failed_otherwise_total(),
+            ));
+        }
+    }
     out
 }
 
@@ -983,32 +1330,63 @@ fn size_json(result: &SizeResult) -> Value {
             "raw": result.raw_fanouts.iter().map(FanOut::to_json).collect::<Vec<_>>(),
             "server": result.server_fanouts.iter().map(FanOut::to_json).collect::<Vec<_>>(),
         },
-        "slow_reader": {
-            "broadcasts": result.slow_reader.fanouts.iter().map(FanOut::to_json).collect::<Vec<_>>(),
-            "rss_before_kib": result.slow_reader.rss_before_kib,
-            "rss_after_kib": result.slow_reader.rss_after_kib,
-            "dropped_after_ms": result.slow_reader.dropped_after.map(ms),
-            "close_code": result.slow_reader.close_code,
-            "server_said": result.slow_reader.server_said,
-        },
+        "slow_reader": result.slow_reader.as_ref().map(|slow| json!({
+            "broadcasts": slow.fanouts.iter().map(FanOut::to_json).collect::<Vec<_>>(),
+            "rss_before_kib": slow.rss_before_kib,
+            "rss_after_kib": slow.rss_after_kib,
+            "dropped_after_ms": slow.dropped_after.map(ms),
+            "close_code": slow.close_code,
+            "server_said": slow.server_said,
+        })),
         "storm": {
             "raw": result.raw_storm.to_json(),
             "server": result.server_storms.iter().map(Storm::to_json).collect::<Vec<_>>(),
         },
-        "changeover": result.changeovers.iter().map(|(policy, run)| json!({
-            "policy": policy.to_string(),
-            "outcome": run.summary.outcome.to_string(),
-            "server_version": NEW_VERSION,
-            "downtime_ms": run.summary.downtime_ms,
-            "reconnect_within_ms": run.outage.reconnect_within_ms,
-            "disconnected": run.outage.disconnected,
-            "back": run.outage.back,
-            "first_logout_to_first_back_ms": run.outage.first_disconnect_to_first_back().map(ms),
-            "first_logout_to_all_back_ms": run.outage.first_disconnect_to_all_back().map(ms),
-            "per_agent_p50_ms": ms(run.outage.per_agent.p50),
-            "per_agent_p99_ms": ms(run.outage.per_agent.p99),
-            "per_agent_max_ms": ms(run.outage.per_agent.max),
-            "request_to_finished_ms": ms(run.request_to_finished),
-        })).collect::<Vec<_>>(),
+        "changeover": result.changeovers.iter().map(changeover_json).collect::<Vec<_>>(),
+        "changeover_after_storm": result
+            .changeovers_after_storm
+            .iter()
+            .map(changeover_json)
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn show_policy(policy: ReturnPolicy, after_storm: bool) -> String {
+    if after_storm {
+        format!("{policy}, after a restart storm")
+    } else {
+        policy.to_string()
+    }
+}
+
+fn changeover_json(changeover: &Changeover) -> Value {
+    let Changeover {
+        policy,
+        after_storm,
+        run,
+        back,
+    } = changeover;
+    json!({
+        "policy": policy.to_string(),
+        "after_storm": after_storm,
+        "outcome": run.summary.outcome.to_string(),
+        "server_version": NEW_VERSION,
+        "downtime_ms": run.summary.downtime_ms,
+        "reconnect_within_ms": run.outage.reconnect_within_ms,
+        "disconnected": run.outage.disconnected,
+        "back": run.outage.back,
+        "first_logout_to_first_back_ms": run.outage.first_disconnect_to_first_back().map(ms),
+        "first_logout_to_all_back_ms": run.outage.first_disconnect_to_all_back().map(ms),
+        "per_agent_p50_ms": ms(run.outage.per_agent.p50),
+        "per_agent_p99_ms": ms(run.outage.per_agent.p99),
+        "per_agent_max_ms": ms(run.outage.per_agent.max),
+        "request_to_finished_ms": ms(run.request_to_finished),
+        "window_capacity_per_s": back.capacity_per_sec,
+        "window_capacity_measured": back.capacity_measured,
+        "accepting_to_first_back_ms": back.accepting_to_first_back.map(ms),
+        "accepting_to_last_back_ms": back.accepting_to_last_back.map(ms),
+        "peak_welcomes_per_s": back.peak_per_sec,
+        "refused_updating": back.refused_updating,
+        "failed_otherwise": back.failed_otherwise,
     })
 }

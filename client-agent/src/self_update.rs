@@ -750,7 +750,7 @@ async fn open_part(
 }
 
 // What is on disk from an earlier attempt counts toward the hash first.
-async fn hash_prefix(path: &Path, verifier: &mut PackageVerifier<'_>) -> Result<(), Attempt> {
+async fn hash_prefix(path: &Path, verifier: &mut PackageVerifier) -> Result<(), Attempt> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|err| local(path, err))?;

@@ -3,7 +3,8 @@
 //! A package is an archive plus its minisign signature, whose trusted comment is the
 //! archive's [`PackageEntry`]. Verification streams the archive once, checking its size,
 //! SHA-256 and signature together, so a download can be verified while it arrives and a
-//! 200 MB release never has to be in memory. Unpacking refuses every entry that could
+//! 200 MB release never has to be in memory; its parts can run on threads of their own, so
+//! that hashing keeps up with the network. Unpacking refuses every entry that could
 //! write outside the target folder or create something other than files, folders and
 //! links inside it, and every link that could lead out of it: a link may only point into
 //! its own folder or below ([`link_target_problem`]), the rule the release packer applies
@@ -16,6 +17,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
+use blake2::Blake2b512;
 use sha2::{Digest as _, Sha256};
 
 use crate::release::{FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseKind};
@@ -125,6 +127,10 @@ impl VendorKey {
 #[derive(Clone)]
 pub struct PackageSignature {
     signature: minisign_verify::Signature,
+    /// The same signature labelled with minisign's legacy algorithm id, for checking it
+    /// against a digest hashed elsewhere ([`relabel_for_digest`]); `None` for a legacy
+    /// signature, which [`PackageSignature::verifier`] refuses anyway.
+    over_digest: Option<minisign_verify::Signature>,
     claimed: PackageEntry,
 }
 
@@ -158,7 +164,11 @@ impl PackageSignature {
                 what: what.to_owned(),
                 reason,
             })?;
-        Ok(PackageSignature { signature, claimed })
+        Ok(PackageSignature {
+            signature,
+            over_digest: relabel_for_digest(text),
+            claimed,
+        })
     }
 
     /// Reads `<archive>.minisig` beside an archive.
@@ -180,85 +190,243 @@ impl PackageSignature {
     }
 
     /// Starts verifying the archive's bytes against this signature.
-    pub fn verifier<'a>(
-        &'a self,
-        key: &'a VendorKey,
-        what: &str,
-    ) -> Result<PackageVerifier<'a>, PackageError> {
-        let stream = key
-            .key
+    ///
+    /// Refused here, before any byte: a signature made with another key
+    /// ([`PackageError::WrongKey`]) and a legacy signature over the bytes themselves rather
+    /// than their BLAKE2b-512 hash ([`PackageError::SignatureUnreadable`]), which cannot be
+    /// checked while the bytes stream by.
+    pub fn verifier(&self, key: &VendorKey, what: &str) -> Result<PackageVerifier, PackageError> {
+        // minisign-verify's own stream check, for its refusals (the key id, legacy
+        // signatures) with their wording; its hashing is not used.
+        key.key
             .verify_stream(&self.signature)
             .map_err(|err| signature_error(err, what))?;
-        Ok(PackageVerifier {
+        let over_digest =
+            self.over_digest
+                .clone()
+                .ok_or_else(|| PackageError::SignatureUnreadable {
+                    what: what.to_owned(),
+                    reason: "the signature line cannot be read as a prehashed signature".to_owned(),
+                })?;
+        let size_limit = SizeLimit {
             what: what.to_owned(),
-            entry: &self.claimed,
-            stream,
-            sha256: Sha256::new(),
+            limit: self.claimed.size,
             bytes: 0,
+        };
+        Ok(PackageVerifier {
+            size_limit,
+            sha256: ArchiveSha256::default(),
+            prehash: ArchivePrehash::default(),
+            check: FinalCheck {
+                what: what.to_owned(),
+                entry: self.claimed.clone(),
+                key: key.key.clone(),
+                over_digest,
+            },
         })
     }
 }
 
-/// Checks an archive's bytes as they stream by: size, SHA-256 and signature at once.
-pub struct PackageVerifier<'a> {
-    what: String,
-    entry: &'a PackageEntry,
-    stream: minisign_verify::StreamVerifier<'a>,
-    sha256: Sha256,
-    bytes: u64,
+/// The signature in `text` relabelled from minisign's `ED` (Ed25519 over the BLAKE2b-512
+/// hash of the file) to `Ed` (Ed25519 over the bytes given), or `None` if it is not an
+/// `ED` signature.
+///
+/// minisign-verify hashes a streamed file with its own portable BLAKE2b, which takes longer
+/// than the download; it has no call that takes a digest. Given the digest as "the bytes"
+/// of an `Ed` signature, its `verify` runs exactly the checks of a prehashed verification:
+/// the key id, Ed25519 over the digest, and the global signature over the signature and
+/// the trusted comment, which does not cover the algorithm id. The relabelled signature is
+/// only ever checked against a BLAKE2b-512 digest computed here ([`FinalCheck::finish`]).
+fn relabel_for_digest(text: &str) -> Option<minisign_verify::Signature> {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut lines = text.lines();
+    let untrusted_comment = lines.next()?;
+    let mut signature_line = engine.decode(lines.next()?.trim_end()).ok()?;
+    if signature_line.get(..2)? != b"ED" {
+        return None;
+    }
+    signature_line[..2].copy_from_slice(b"Ed");
+    let trusted_comment = lines.next()?;
+    let global_signature = lines.next()?;
+    let relabelled = format!(
+        "{untrusted_comment}\n{}\n{trusted_comment}\n{global_signature}\n",
+        engine.encode(signature_line)
+    );
+    minisign_verify::Signature::decode(&relabelled).ok()
 }
 
-impl std::fmt::Debug for PackageVerifier<'_> {
+/// Checks an archive's bytes as they stream by: size, SHA-256 and signature at once.
+///
+/// It owns all it needs, so it can move to another thread; [`PackageVerifier::into_parts`]
+/// splits it so that each hash can run on a thread of its own.
+#[derive(Clone)]
+pub struct PackageVerifier {
+    size_limit: SizeLimit,
+    sha256: ArchiveSha256,
+    prehash: ArchivePrehash,
+    check: FinalCheck,
+}
+
+impl std::fmt::Debug for PackageVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackageVerifier")
-            .field("what", &self.what)
-            .field("bytes", &self.bytes)
+            .field("what", &self.size_limit.what)
+            .field("bytes", &self.size_limit.bytes)
             .finish_non_exhaustive()
     }
 }
 
-impl PackageVerifier<'_> {
+impl PackageVerifier {
     /// Feeds the next bytes; refuses as soon as the archive outgrows its signed size.
     pub fn update(&mut self, chunk: &[u8]) -> Result<(), PackageError> {
-        self.bytes += chunk.len() as u64;
-        if self.bytes > self.entry.size {
-            return Err(PackageError::TooLarge {
-                what: self.what.clone(),
-                limit: self.entry.size,
-            });
-        }
+        self.size_limit.admit(chunk.len())?;
         self.sha256.update(chunk);
-        self.stream.update(chunk);
+        self.prehash.update(chunk);
         Ok(())
     }
 
     /// Bytes seen so far.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.size_limit.bytes
     }
 
     /// Ends verification: the size and hash must match the signed entry, and the
     /// signature must hold for both the bytes and the entry.
-    pub fn finish(mut self) -> Result<PackageEntry, PackageError> {
-        if self.bytes != self.entry.size {
-            return Err(PackageError::SizeMismatch {
-                what: self.what,
-                expected: self.entry.size,
-                actual: self.bytes,
+    pub fn finish(self) -> Result<PackageEntry, PackageError> {
+        self.check.finish(self.sha256, self.prehash)
+    }
+
+    /// The verifier as independent parts, each owned, for hashing on several threads: the
+    /// size limit for the task that receives the bytes, a hasher each for SHA-256 and for
+    /// the signature's BLAKE2b-512, and the check that joins the two hashes. Bytes fed
+    /// before the split count in the parts.
+    pub fn into_parts(self) -> VerifierParts {
+        VerifierParts {
+            size_limit: self.size_limit,
+            sha256: self.sha256,
+            prehash: self.prehash,
+            check: self.check,
+        }
+    }
+}
+
+/// A [`PackageVerifier`] taken apart ([`PackageVerifier::into_parts`]). Every byte goes
+/// through `size_limit` first, then to both hashers in order; [`FinalCheck::finish`]
+/// refuses unless both hashed exactly the signed size.
+#[derive(Debug)]
+pub struct VerifierParts {
+    pub size_limit: SizeLimit,
+    pub sha256: ArchiveSha256,
+    pub prehash: ArchivePrehash,
+    pub check: FinalCheck,
+}
+
+/// Counts the bytes as they arrive and refuses the first one beyond the signed size, so a
+/// hostile feed cannot fill the disk.
+#[derive(Debug, Clone)]
+pub struct SizeLimit {
+    what: String,
+    limit: u64,
+    bytes: u64,
+}
+
+impl SizeLimit {
+    /// Counts `len` more bytes; refuses if they take the archive beyond its signed size.
+    pub fn admit(&mut self, len: usize) -> Result<(), PackageError> {
+        let bytes = self.bytes.saturating_add(len as u64);
+        if bytes > self.limit {
+            return Err(PackageError::TooLarge {
+                what: self.what.clone(),
+                limit: self.limit,
             });
         }
-        let actual = hex::encode(self.sha256.finalize());
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    /// Bytes admitted so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// The archive's SHA-256, as the manifest and the trusted comment state it.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveSha256 {
+    state: Sha256,
+    bytes: u64,
+}
+
+impl ArchiveSha256 {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.state.update(chunk);
+        self.bytes += chunk.len() as u64;
+    }
+}
+
+/// The archive's BLAKE2b-512, which the minisign signature signs (minisign's prehashed
+/// mode).
+#[derive(Debug, Clone, Default)]
+pub struct ArchivePrehash {
+    state: Blake2b512,
+    bytes: u64,
+}
+
+impl ArchivePrehash {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.state.update(chunk);
+        self.bytes += chunk.len() as u64;
+    }
+}
+
+/// What the hashes are checked against: the signed entry and the signature.
+#[derive(Clone)]
+pub struct FinalCheck {
+    what: String,
+    entry: PackageEntry,
+    key: minisign_verify::PublicKey,
+    over_digest: minisign_verify::Signature,
+}
+
+impl std::fmt::Debug for FinalCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FinalCheck")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FinalCheck {
+    /// Ends verification: both hashers must have seen the signed size, the SHA-256 must be
+    /// the signed one, and the signature must hold for the BLAKE2b-512 and the entry.
+    pub fn finish(
+        self,
+        sha256: ArchiveSha256,
+        prehash: ArchivePrehash,
+    ) -> Result<PackageEntry, PackageError> {
+        for bytes in [sha256.bytes, prehash.bytes] {
+            if bytes != self.entry.size {
+                return Err(PackageError::SizeMismatch {
+                    what: self.what,
+                    expected: self.entry.size,
+                    actual: bytes,
+                });
+            }
+        }
+        let actual = hex::encode(sha256.state.finalize());
         if !actual.eq_ignore_ascii_case(&self.entry.sha256) {
             return Err(PackageError::HashMismatch {
                 what: self.what,
-                expected: self.entry.sha256.clone(),
+                expected: self.entry.sha256,
                 actual,
             });
         }
-        self.stream
-            .finalize()
+        let digest = prehash.state.finalize();
+        self.key
+            .verify(&digest, &self.over_digest, true)
             .map_err(|err| signature_error(err, &self.what))?;
-        Ok(self.entry.clone())
+        Ok(self.entry)
     }
 }
 
@@ -574,6 +742,316 @@ fn plain_relative(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod verification {
+        use super::*;
+        use crate::release::{PRODUCT, ReleaseKind};
+        use base64::Engine as _;
+
+        const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+        struct Signer {
+            secret: minisign::SecretKey,
+            public: VendorKey,
+            /// The public key's 42 bytes: algorithm, key id, Ed25519 key.
+            public_bytes: Vec<u8>,
+        }
+
+        fn signer() -> Signer {
+            let pair = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+            let public_base64 = pair.pk.to_base64();
+            Signer {
+                secret: pair.sk,
+                public: VendorKey::decode(&public_base64).unwrap(),
+                public_bytes: BASE64.decode(public_base64).unwrap(),
+            }
+        }
+
+        fn archive_bytes(len: usize) -> Vec<u8> {
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        }
+
+        fn entry_for(bytes: &[u8]) -> PackageEntry {
+            let version = semver::Version::new(2, 0, 0);
+            PackageEntry {
+                product: PRODUCT.to_owned(),
+                kind: ReleaseKind::Server,
+                archive: PackageEntry::archive_name(ReleaseKind::Server, &version, "linux-x86_64"),
+                version,
+                platform: "linux-x86_64".to_owned(),
+                size: bytes.len() as u64,
+                sha256: hex::encode(Sha256::digest(bytes)),
+                notes: "release notes".to_owned(),
+                date: "2026-11-28T09:00:00Z".to_owned(),
+            }
+        }
+
+        /// The `.minisig` text of `signed` with `entry` as its trusted comment.
+        fn sign(signer: &Signer, signed: &[u8], entry: &PackageEntry) -> String {
+            let comment = serde_json::to_string(entry).unwrap();
+            minisign::sign(None, &signer.secret, signed, Some(&comment), None)
+                .unwrap()
+                .into_string()
+        }
+
+        fn verify_in_chunks(
+            text: &str,
+            key: &VendorKey,
+            bytes: &[u8],
+            chunk: usize,
+        ) -> Result<PackageEntry, PackageError> {
+            let signature = PackageSignature::decode(text, "a package")?;
+            let mut verifier = signature.verifier(key, "a package")?;
+            for piece in bytes.chunks(chunk.max(1)) {
+                verifier.update(piece)?;
+            }
+            verifier.finish()
+        }
+
+        /// Replaces line `line` (0-based) of a signature with `edit` applied to it.
+        fn edit_line(text: &str, line: usize, edit: impl FnOnce(&str) -> String) -> String {
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            lines[line] = edit(&lines[line]);
+            lines.join("\n") + "\n"
+        }
+
+        /// A signature line with byte `index` of its decoded bytes flipped.
+        fn flip_decoded_byte(line: &str, index: usize) -> String {
+            let mut bytes = BASE64.decode(line).unwrap();
+            bytes[index] ^= 0x01;
+            BASE64.encode(bytes)
+        }
+
+        #[test]
+        fn blake2b_512_is_the_standard_one() {
+            // RFC 7693, appendix A.
+            let mut prehash = ArchivePrehash::default();
+            prehash.update(b"abc");
+            assert_eq!(
+                hex::encode(prehash.state.finalize()),
+                "ba80a53f981c4d0d6a2797b69f12f6e94c212f14685ac4b74b12bb6fdbffa2d1\
+                 7d87c5392aab792dc252d5de4533cc9518d38aa8dbf1925ab92386edd4009923"
+            );
+        }
+
+        #[test]
+        fn a_vendor_signed_archive_verifies_in_any_chunking() {
+            let signer = signer();
+            let bytes = archive_bytes(300_001);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            for chunk in [1, 127, 128, 129, 4096, 65_537, 300_001] {
+                assert_eq!(
+                    verify_in_chunks(&text, &signer.public, &bytes, chunk).unwrap(),
+                    entry,
+                    "chunks of {chunk}"
+                );
+            }
+            // An empty archive is an archive too.
+            let entry = entry_for(b"");
+            let text = sign(&signer, b"", &entry);
+            assert_eq!(
+                verify_in_chunks(&text, &signer.public, b"", 1).unwrap(),
+                entry
+            );
+        }
+
+        #[test]
+        fn the_parts_verify_what_the_whole_verifies_and_refuse_unequal_counts() {
+            let signer = signer();
+            let bytes = archive_bytes(100_000);
+            let entry = entry_for(&bytes);
+            let signature =
+                PackageSignature::decode(&sign(&signer, &bytes, &entry), "a package").unwrap();
+
+            // Some bytes before the split (a resumed download's prefix), the rest after.
+            let mut verifier = signature.verifier(&signer.public, "a package").unwrap();
+            verifier.update(&bytes[..30_000]).unwrap();
+            let VerifierParts {
+                mut size_limit,
+                mut sha256,
+                mut prehash,
+                check,
+            } = verifier.into_parts();
+            for piece in bytes[30_000..].chunks(7_000) {
+                size_limit.admit(piece.len()).unwrap();
+                sha256.update(piece);
+                prehash.update(piece);
+            }
+            assert_eq!(size_limit.bytes(), 100_000);
+            assert_eq!(check.finish(sha256, prehash).unwrap(), entry);
+
+            // A chunk that reached one hasher and not the other is refused.
+            let parts = signature
+                .verifier(&signer.public, "a package")
+                .unwrap()
+                .into_parts();
+            let (mut sha256, mut prehash) = (parts.sha256, parts.prehash);
+            sha256.update(&bytes);
+            prehash.update(&bytes[..99_999]);
+            let err = parts.check.finish(sha256, prehash).unwrap_err();
+            assert!(
+                matches!(err, PackageError::SizeMismatch { actual: 99_999, .. }),
+                "{err:?}"
+            );
+        }
+
+        #[test]
+        fn a_flipped_byte_in_the_archive_is_refused() {
+            let signer = signer();
+            let bytes = archive_bytes(50_000);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            let mut altered = bytes.clone();
+            altered[25_000] ^= 0x01;
+            let err = verify_in_chunks(&text, &signer.public, &altered, 4096).unwrap_err();
+            assert!(matches!(err, PackageError::HashMismatch { .. }), "{err:?}");
+
+            // A trusted comment with the altered archive's SHA-256 over a signature of the
+            // original: only the signature's BLAKE2b-512 can tell, and it does.
+            let text = sign(&signer, &bytes, &entry_for(&altered));
+            let err = verify_in_chunks(&text, &signer.public, &altered, 4096).unwrap_err();
+            assert!(matches!(err, PackageError::BadSignature { .. }), "{err:?}");
+            assert!(
+                err.to_string()
+                    .contains("does not verify with the vendor key"),
+                "{err}"
+            );
+        }
+
+        #[test]
+        fn a_flipped_byte_in_the_signature_or_the_trusted_comment_is_refused() {
+            let signer = signer();
+            let bytes = archive_bytes(10_000);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            assert!(verify_in_chunks(&text, &signer.public, &bytes, 999).is_ok());
+
+            // The Ed25519 signature over the BLAKE2b-512 hash (after algorithm and key id),
+            // its first and last bytes and one in between.
+            for index in [10, 41, 73] {
+                let altered = edit_line(&text, 1, |line| flip_decoded_byte(line, index));
+                let err = verify_in_chunks(&altered, &signer.public, &bytes, 999).unwrap_err();
+                assert!(
+                    matches!(err, PackageError::BadSignature { .. }),
+                    "byte {index}: {err:?}"
+                );
+            }
+            // The global signature over the signature and the trusted comment.
+            for index in [0, 31, 63] {
+                let altered = edit_line(&text, 3, |line| flip_decoded_byte(line, index));
+                let err = verify_in_chunks(&altered, &signer.public, &bytes, 999).unwrap_err();
+                assert!(
+                    matches!(err, PackageError::BadSignature { .. }),
+                    "byte {index}: {err:?}"
+                );
+            }
+            // The trusted comment, still a valid entry: other notes.
+            let altered = edit_line(&text, 2, |line| {
+                line.replace("release notes", "release notez")
+            });
+            assert_ne!(altered, text);
+            let signature = PackageSignature::decode(&altered, "a package").unwrap();
+            assert_eq!(signature.claimed_entry().notes, "release notez");
+            let err = verify_in_chunks(&altered, &signer.public, &bytes, 999).unwrap_err();
+            assert!(matches!(err, PackageError::BadSignature { .. }), "{err:?}");
+        }
+
+        #[test]
+        fn another_key_is_refused_whether_or_not_its_key_id_matches() {
+            let signer = signer();
+            let other = self::signer();
+            let bytes = archive_bytes(10_000);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            let signature = PackageSignature::decode(&text, "a package").unwrap();
+            let err = signature.verifier(&other.public, "a package").unwrap_err();
+            assert!(matches!(err, PackageError::WrongKey { .. }), "{err:?}");
+
+            // The other key's Ed25519 key under the signer's key id: the key id passes,
+            // the signature does not.
+            let mut impostor = signer.public_bytes.clone();
+            impostor[10..].copy_from_slice(&other.public_bytes[10..]);
+            let impostor = VendorKey::decode(&BASE64.encode(impostor)).unwrap();
+            let err = verify_in_chunks(&text, &impostor, &bytes, 999).unwrap_err();
+            assert!(matches!(err, PackageError::BadSignature { .. }), "{err:?}");
+        }
+
+        #[test]
+        fn a_legacy_signature_over_the_bytes_themselves_is_refused_as_today() {
+            let signer = signer();
+            let bytes = archive_bytes(1_000);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            // Labelled `Ed`, the legacy algorithm: it decodes, and is refused before any
+            // byte is hashed.
+            let legacy = edit_line(&text, 1, |line| {
+                let mut decoded = BASE64.decode(line).unwrap();
+                decoded[..2].copy_from_slice(b"Ed");
+                BASE64.encode(decoded)
+            });
+            let signature = PackageSignature::decode(&legacy, "a package").unwrap();
+            let err = signature.verifier(&signer.public, "a package").unwrap_err();
+            assert!(
+                matches!(&err, PackageError::SignatureUnreadable { reason, .. }
+                    if reason.contains("non-legacy")),
+                "{err:?}"
+            );
+        }
+
+        #[test]
+        fn size_limits_hold_while_streaming_and_at_the_end() {
+            let signer = signer();
+            let bytes = archive_bytes(10_000);
+            let entry = entry_for(&bytes);
+            let text = sign(&signer, &bytes, &entry);
+            let mut longer = bytes.clone();
+            longer.push(0);
+            let err = verify_in_chunks(&text, &signer.public, &longer, 10_001).unwrap_err();
+            assert!(
+                matches!(err, PackageError::TooLarge { limit: 10_000, .. }),
+                "{err:?}"
+            );
+            let err = verify_in_chunks(&text, &signer.public, &bytes[..9_999], 100).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PackageError::SizeMismatch {
+                        expected: 10_000,
+                        actual: 9_999,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+
+        #[test]
+        fn a_refused_chunk_is_not_counted() {
+            let signer = signer();
+            let entry = entry_for(&[0; 10]);
+            let signature =
+                PackageSignature::decode(&sign(&signer, &[0; 10], &entry), "a package").unwrap();
+            let mut size_limit = signature
+                .verifier(&signer.public, "a package")
+                .unwrap()
+                .into_parts()
+                .size_limit;
+            size_limit.admit(6).unwrap();
+            assert!(size_limit.admit(5).is_err());
+            assert_eq!(size_limit.bytes(), 6);
+            size_limit.admit(4).unwrap();
+            assert_eq!(size_limit.bytes(), 10);
+        }
+    }
 
     #[test]
     fn entry_paths_that_are_absolute_or_climb_are_caught() {

@@ -72,6 +72,8 @@ pub struct ConnectionContext {
     pub audit: crate::audit::AuditLog,
     /// Where the web console is served, if it is.
     pub console_url: Option<String>,
+    /// Counts agent handshakes, for the changeover's reconnect window.
+    pub handshake_rate: Arc<crate::handshake_rate::HandshakeRate>,
 }
 
 /// How a connection ended, for the log.
@@ -118,6 +120,9 @@ pub async fn serve<S>(
     };
     // The first message is in: the handshake slots go to the next connection.
     drop(hold);
+    if matches!(first, Ok(ClientMessage::Hello(_))) {
+        context.handshake_rate.handshake();
+    }
     let ending = match first {
         Err(ending) => ending,
         Ok(ClientMessage::Hello(hello)) => agent_session(&mut ws, peer, hello, &context).await,

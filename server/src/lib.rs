@@ -18,6 +18,7 @@ pub mod doctor;
 pub mod download;
 pub mod feed;
 pub mod handshake;
+pub mod handshake_rate;
 pub mod hub;
 pub mod inbox;
 pub mod install;
@@ -303,6 +304,10 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         hex::encode(rand::random::<[u8; 16]>())
     );
     let changeover_handle = changeover.clone();
+    // Measured in every storm of handshakes, kept across releases: what sizes the window
+    // a changeover spreads the agents' return over.
+    let handshake_rate = handshake_rate::HandshakeRate::load(&layout.state_dir());
+    tracker.spawn(Arc::clone(&handshake_rate).keep_saved(shutdown.clone()));
     let mail_settings = mail::MailSettings {
         smtp_url: config.mail.smtp_url.clone(),
         from: config.mail.from.clone(),
@@ -325,6 +330,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         self_check_id: self_check_id.clone(),
         audit: audit::AuditLog::new(&layout.state_dir()),
         console_url,
+        handshake_rate: Arc::clone(&handshake_rate),
     });
     if let Some(socket) = console_socket {
         Arc::new(console::Console::new(Arc::clone(&context), tls.clone())).spawn(
@@ -361,6 +367,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             health_timeout: Duration::from_secs(config.changeover.health_timeout_secs),
             watchdog: config.changeover.watchdog,
             mail_language: config.mail.language,
+            handshake_rate,
         },
         driver_inbox,
     );
@@ -396,18 +403,17 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             });
         match outcome {
             Ok(()) => {
-                let summary =
-                    // Sessions are taken from now on: that ends the downtime users see.
-                    changeover::health::commit(
-                        &layout,
-                        &journal_files,
-                        &journal,
-                        std::time::SystemTime::now(),
-                    )
-                        .await?;
+                // The old release goes first, then sessions are taken again: that ends the
+                // downtime users see.
+                let summary = changeover::health::commit(
+                    &layout,
+                    &journal_files,
+                    &journal,
+                    hub_for_health.reopen(),
+                )
+                .await?;
                 driver.clear_view();
                 releases.publish(&changeover::health::finished(summary));
-                hub_for_health.reopen().await;
             }
             Err(err) => {
                 let reason = format!("the new release failed its health check: {err:#}");

@@ -15,9 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -108,18 +109,43 @@ impl Listener {
     pub async fn run(self: Arc<Self>, tcp: TcpListener, pause: CancellationToken) -> TcpListener {
         let shutdown = self.context.shutdown.clone();
         loop {
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => return tcp,
-                () = pause.cancelled() => return tcp,
-                permit = Arc::clone(&self.handshake_slots).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return tcp,
-                },
+            if shutdown.is_cancelled() || pause.is_cancelled() {
+                return tcp;
+            }
+            let mut waited_for_slot = false;
+            let permit = match Arc::clone(&self.handshake_slots).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return tcp,
+                Err(TryAcquireError::NoPermits) => {
+                    waited_for_slot = true;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return tcp,
+                        () = pause.cancelled() => return tcp,
+                        permit = Arc::clone(&self.handshake_slots).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return tcp,
+                        },
+                    }
+                }
             };
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => return tcp,
-                () = pause.cancelled() => return tcp,
-                accepted = tcp.accept() => accepted,
+            // A connection that was in the backlog while every slot was busy waited for
+            // its slot: the server takes handshakes as fast as it can, and only then does
+            // their rate measure it.
+            let waiting = if waited_for_slot {
+                tcp.accept().now_or_never()
+            } else {
+                None
+            };
+            let accepted = match waiting {
+                Some(accepted) => {
+                    self.context.handshake_rate.saturated();
+                    accepted
+                }
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return tcp,
+                    () = pause.cancelled() => return tcp,
+                    accepted = tcp.accept() => accepted,
+                },
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,

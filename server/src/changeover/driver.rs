@@ -189,6 +189,8 @@ pub struct Collaborators {
     pub watchdog: bool,
     /// `[mail] language`, kept in the journal for whichever process writes the mail.
     pub mail_language: crate::mail::MailLanguage,
+    /// What the server can take, which sizes the window the agents return over.
+    pub handshake_rate: Arc<crate::handshake_rate::HandshakeRate>,
 }
 
 /// How much longer than its health timeout the watchdog gives a new release.
@@ -714,9 +716,18 @@ impl Driver {
         fault_point("logging_out");
         let sessions = self.parts.hub.sessions().await;
         let count = sessions.len();
-        // Spread the return over a window that grows with the crowd: about 2 s for a
-        // handful, a minute at most.
-        let window_ms = (2_000 + count as u64 * 2).min(60_000);
+        // Spread the return over the time the server needs to take everyone back at half
+        // the handshake rate it measured: a second for a handful, two minutes at most.
+        let (window, capacity) = self.parts.handshake_rate.reconnect_window(count);
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        info!(
+            sessions = count,
+            handshakes_per_sec = capacity.per_sec.round(),
+            measured = capacity.measured,
+            storms = capacity.storms,
+            window_ms,
+            "reconnect window"
+        );
         let journal = self.journal()?;
         let agents_to_update = journal
             .target_version

@@ -181,14 +181,16 @@ where
     serde_json::from_str(answer.as_str()).context("the server's answer is not a message")
 }
 
-/// Deletes the old release and records the success; returns the summary. The journal
-/// says `committing` before anything is deleted, so a crash in the middle of the delete is
-/// finished by the next start instead of ever exchanging a half-deleted release back.
+/// Deletes the old release, lets agent sessions in again (`let_sessions_in`) and records
+/// the success; returns the summary. The journal says `committing` before anything is
+/// deleted, so a crash in the middle of the delete is finished by the next start instead of
+/// ever exchanging a half-deleted release back. The downtime ends when `let_sessions_in`
+/// has run: that is when users can work again, after the delete.
 pub async fn commit(
     layout: &Layout,
     files: &JournalFiles,
     journal: &Journal,
-    sessions_from: SystemTime,
+    let_sessions_in: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<changeover_protocol::ChangeoverSummary> {
     fault_point("committing");
     let mut journal = journal.clone();
@@ -201,6 +203,9 @@ pub async fn commit(
     tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
         .await
         .context("the cleanup task failed")??;
+    let_sessions_in.await;
+    let sessions_from = SystemTime::now();
+    info!("agent sessions let in again");
     let summary = committed_summary(&journal, Some(sessions_from));
     files.finish(&summary)?;
     info!(
@@ -212,8 +217,9 @@ pub async fn commit(
     Ok(summary)
 }
 
-/// The summary of a committed changeover; the downtime ends when sessions were taken again
-/// (unknown when a commit is finished by a later start).
+/// The summary of a committed changeover; the downtime runs from the logout (`stopped_at`)
+/// to `sessions_from`, when agent sessions were let in again (unknown when a commit is
+/// finished by a later start).
 pub fn committed_summary(
     journal: &Journal,
     sessions_from: Option<SystemTime>,
