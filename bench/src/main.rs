@@ -19,6 +19,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "changeover-loadgen", version)]
 struct Cli {
+    /// Worker threads of the load generator's own runtime; 1 is a current-thread runtime.
+    /// Raising it shows whether a figure is bounded by the load generator.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    loadgen_threads: u16,
     #[command(subcommand)]
     command: Command,
 }
@@ -162,8 +166,11 @@ enum Command {
         #[arg(long)]
         keep: bool,
         /// Only the restart storms and the changeovers: no broadcasts, no slow reader.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "only_broadcasts")]
         skip_broadcasts: bool,
+        /// Only the broadcasts: no slow reader, no restart storms, no changeovers.
+        #[arg(long)]
+        only_broadcasts: bool,
     },
     /// Many agents fetching the agent update from the server at once (503 + Retry-After
     /// honoured as the agent does), against a bare file server in the same run.
@@ -237,7 +244,11 @@ fn main() -> ExitCode {
         // The baseline runs like the changeover server: a worker thread per core.
         Command::RawServer { .. } | Command::RawFileServer { .. } => tokio::runtime::Runtime::new(),
         // One thread is plenty to hold idle connections and leaves a core to the server.
-        _ => tokio::runtime::Builder::new_current_thread()
+        _ if cli.loadgen_threads == 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(cli.loadgen_threads))
             .enable_all()
             .build(),
     };
@@ -356,6 +367,7 @@ fn main() -> ExitCode {
                 json,
                 keep,
                 skip_broadcasts,
+                only_broadcasts,
             } => {
                 let options = ScaleOptions {
                     server_bin,
@@ -375,6 +387,8 @@ fn main() -> ExitCode {
                     json,
                     keep,
                     skip_broadcasts,
+                    only_broadcasts,
+                    loadgen_threads: usize::from(cli.loadgen_threads),
                 };
                 changeover_bench::scale::run(&options).await.map(drop)
             }

@@ -97,6 +97,10 @@ pub struct ScaleOptions {
     pub keep: bool,
     /// Only the restart storms and the changeovers: no broadcasts, no slow reader.
     pub skip_broadcasts: bool,
+    /// Only the broadcasts: no slow reader, no restart storms, no changeovers.
+    pub only_broadcasts: bool,
+    /// Worker threads of this process's runtime (1: current-thread), for the report.
+    pub loadgen_threads: usize,
 }
 
 /// One broadcast's delivery: from the sender's log line to each agent's read.
@@ -196,7 +200,8 @@ pub struct SizeResult {
     pub server_fanouts: Vec<FanOut>,
     /// `None` with `--skip-broadcasts`.
     pub slow_reader: Option<SlowReader>,
-    pub raw_storm: Storm,
+    /// None with `--only-broadcasts`.
+    pub raw_storm: Option<Storm>,
     pub server_storms: Vec<Storm>,
     /// In fresh installs: agents back at once, and like the agent.
     pub changeovers: Vec<Changeover>,
@@ -320,6 +325,11 @@ pub async fn run(options: &ScaleOptions) -> anyhow::Result<Vec<SizeResult>> {
     // nginx started as root may switch to `nobody`; it must still read the feed.
     set_mode(work.path(), 0o755)?;
     println!("work folder {}", work.path().display());
+    println!(
+        "load generator: {} runtime thread(s), on a machine with {} CPUs",
+        options.loadgen_threads,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
     let result = run_in(options, work.path()).await;
     if options.keep {
         let kept = work.keep();
@@ -329,7 +339,10 @@ pub async fn run(options: &ScaleOptions) -> anyhow::Result<Vec<SizeResult>> {
     println!();
     print!("{}", summary(&results));
     if let Some(path) = &options.json {
-        let document = json!({ "sizes": results.iter().map(size_json).collect::<Vec<_>>() });
+        let document = json!({
+            "loadgen_threads": options.loadgen_threads,
+            "sizes": results.iter().map(size_json).collect::<Vec<_>>(),
+        });
         std::fs::write(path, serde_json::to_string_pretty(&document)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -403,11 +416,16 @@ async fn measure_size(
         println!("{label} [raw broadcast {index}] {}", show_fanout(&fanout));
         raw_fanouts.push(fanout);
     }
-    tokio::time::sleep(options.settle).await;
-    let (raw_storm, raw) = storm(options, raw, &fleet, Restart::Raw(loadgen_bin)).await?;
-    println!("{label} [raw restart storm] {}", show_storm(&raw_storm));
+    let raw_storm = if options.only_broadcasts {
+        None
+    } else {
+        tokio::time::sleep(options.settle).await;
+        let (raw_storm, restarted) = storm(options, raw, &fleet, Restart::Raw(loadgen_bin)).await?;
+        println!("{label} [raw restart storm] {}", show_storm(&raw_storm));
+        drop(restarted);
+        Some(raw_storm)
+    };
     fleet.close().await;
-    drop(raw);
 
     // 2. The changeover server: fan-out, the slow reader, restart storms.
     let site = Site::install(context, &folder.join("fanout"))?;
@@ -441,11 +459,26 @@ async fn measure_size(
         println!("{label} [server warning {index}] {}", show_fanout(&fanout));
         server_fanouts.push(fanout);
     }
-    let slow_reader = if options.skip_broadcasts {
+    let slow_reader = if options.skip_broadcasts || options.only_broadcasts {
         None
     } else {
         Some(slow_reader(options, context, &server, &fleet, agents, folder, &label).await?)
     };
+    if options.only_broadcasts {
+        fleet.close().await;
+        drop(server);
+        let _ = std::fs::remove_dir_all(&site.root);
+        return Ok(SizeResult {
+            agents,
+            raw_fanouts,
+            server_fanouts,
+            slow_reader,
+            raw_storm,
+            server_storms: Vec::new(),
+            changeovers: Vec::new(),
+            changeovers_after_storm: Vec::new(),
+        });
+    }
     tokio::time::sleep(options.settle).await;
     let mut server_storms = Vec::new();
     let mut server = server;
@@ -1145,6 +1178,16 @@ fn median_fanout(fanouts: &[FanOut]) -> (f64, f64, f64) {
     )
 }
 
+/// The load generator's median CPU per broadcast, in seconds.
+fn median_loadgen_cpu(fanouts: &[FanOut]) -> f64 {
+    let mut values: Vec<f64> = fanouts
+        .iter()
+        .map(|fanout| fanout.loadgen_cpu.total().as_secs_f64())
+        .collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn ratio(value: f64, baseline: f64) -> String {
     if baseline > 0.0 {
         format!("{:.2}", value / baseline)
@@ -1157,8 +1200,8 @@ fn ratio(value: f64, baseline: f64) -> String {
 pub fn summary(results: &[SizeResult]) -> String {
     let mut out = String::new();
     out.push_str("Broadcast fan-out (medians over the broadcasts; ratio = server / raw):\n\n");
-    out.push_str("| agents | raw p50 | raw p99 | raw max | server p50 | p99 | max | max / raw max | with slow reader p50 | p99 | max | max / raw max |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| agents | raw p50 | raw p99 | raw max | server p50 | p99 | max | max / raw max | with slow reader p50 | p99 | max | max / raw max | load generator CPU, raw / server |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for result in results {
         if result.raw_fanouts.is_empty() {
             continue;
@@ -1172,7 +1215,7 @@ pub fn summary(results: &[SizeResult]) -> String {
                 .map_or(&[][..], |slow| &slow.fanouts),
         );
         out.push_str(&format!(
-            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | **{}** | {:.1} ms | {:.1} ms | {:.1} ms | {} |\n",
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | **{}** | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.3} / {:.3} s |\n",
             result.agents,
             raw.0,
             raw.1,
@@ -1185,6 +1228,8 @@ pub fn summary(results: &[SizeResult]) -> String {
             slow.1,
             slow.2,
             ratio(slow.2, raw.2),
+            median_loadgen_cpu(&result.raw_fanouts),
+            median_loadgen_cpu(&result.server_fanouts),
         ));
     }
     out.push_str(
@@ -1215,7 +1260,7 @@ pub fn summary(results: &[SizeResult]) -> String {
     out.push_str("| agents | server | agents come back | SIGTERM→exit | start→listening | listening→first back | listening→all back | handshakes/s | measured by the server | failed attempts | server CPU | load generator CPU |\n");
     out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for result in results {
-        let storms = std::iter::once(("raw", &result.raw_storm)).chain(
+        let storms = result.raw_storm.iter().map(|storm| ("raw", storm)).chain(
             result
                 .server_storms
                 .iter()
@@ -1339,7 +1384,7 @@ fn size_json(result: &SizeResult) -> Value {
             "server_said": slow.server_said,
         })),
         "storm": {
-            "raw": result.raw_storm.to_json(),
+            "raw": result.raw_storm.as_ref().map(Storm::to_json),
             "server": result.server_storms.iter().map(Storm::to_json).collect::<Vec<_>>(),
         },
         "changeover": result.changeovers.iter().map(changeover_json).collect::<Vec<_>>(),

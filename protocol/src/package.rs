@@ -405,15 +405,7 @@ impl FinalCheck {
         sha256: ArchiveSha256,
         prehash: ArchivePrehash,
     ) -> Result<PackageEntry, PackageError> {
-        for bytes in [sha256.bytes, prehash.bytes] {
-            if bytes != self.entry.size {
-                return Err(PackageError::SizeMismatch {
-                    what: self.what,
-                    expected: self.entry.size,
-                    actual: bytes,
-                });
-            }
-        }
+        self.check_size(sha256.bytes)?;
         let actual = hex::encode(sha256.state.finalize());
         if !actual.eq_ignore_ascii_case(&self.entry.sha256) {
             return Err(PackageError::HashMismatch {
@@ -422,11 +414,34 @@ impl FinalCheck {
                 actual,
             });
         }
+        self.finish_signed(prehash)
+    }
+
+    /// Ends verification by the signature alone: the BLAKE2b-512 must have seen the signed
+    /// size, and the signature must hold for it and the entry.
+    ///
+    /// The signature binds every byte (Ed25519 over the BLAKE2b-512 of the archive) and the
+    /// entry, SHA-256 included, so a second hash of the same bytes adds no assurance; a
+    /// download that must keep pace with the wire hashes once ([`PackageVerifier`] checks
+    /// both).
+    pub fn finish_signed(self, prehash: ArchivePrehash) -> Result<PackageEntry, PackageError> {
+        self.check_size(prehash.bytes)?;
         let digest = prehash.state.finalize();
         self.key
             .verify(&digest, &self.over_digest, true)
             .map_err(|err| signature_error(err, &self.what))?;
         Ok(self.entry)
+    }
+
+    fn check_size(&self, bytes: u64) -> Result<(), PackageError> {
+        if bytes != self.entry.size {
+            return Err(PackageError::SizeMismatch {
+                what: self.what.clone(),
+                expected: self.entry.size,
+                actual: bytes,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -900,6 +915,38 @@ mod tests {
             let err = parts.check.finish(sha256, prehash).unwrap_err();
             assert!(
                 matches!(err, PackageError::SizeMismatch { actual: 99_999, .. }),
+                "{err:?}"
+            );
+        }
+
+        #[test]
+        fn the_signature_alone_refuses_a_flipped_byte_and_a_short_archive() {
+            let signer = signer();
+            let bytes = archive_bytes(60_000);
+            let entry = entry_for(&bytes);
+            let signature =
+                PackageSignature::decode(&sign(&signer, &bytes, &entry), "a package").unwrap();
+            let by_signature = |data: &[u8]| {
+                let parts = signature
+                    .verifier(&signer.public, "a package")
+                    .unwrap()
+                    .into_parts();
+                let mut prehash = parts.prehash;
+                for piece in data.chunks(4_096) {
+                    prehash.update(piece);
+                }
+                parts.check.finish_signed(prehash)
+            };
+            assert_eq!(by_signature(&bytes).unwrap(), entry);
+
+            let mut altered = bytes.clone();
+            altered[30_000] ^= 0x01;
+            let err = by_signature(&altered).unwrap_err();
+            assert!(matches!(err, PackageError::BadSignature { .. }), "{err:?}");
+
+            let err = by_signature(&bytes[..59_999]).unwrap_err();
+            assert!(
+                matches!(err, PackageError::SizeMismatch { actual: 59_999, .. }),
                 "{err:?}"
             );
         }

@@ -181,11 +181,12 @@ where
     serde_json::from_str(answer.as_str()).context("the server's answer is not a message")
 }
 
-/// Deletes the old release, lets agent sessions in again (`let_sessions_in`) and records
-/// the success; returns the summary. The journal says `committing` before anything is
-/// deleted, so a crash in the middle of the delete is finished by the next start instead of
-/// ever exchanging a half-deleted release back. The downtime ends when `let_sessions_in`
-/// has run: that is when users can work again, after the delete.
+/// Moves the old release out of its place, lets agent sessions in again
+/// (`let_sessions_in`), deletes the old release and records the success; returns the
+/// summary. The journal says `committing` before anything is moved, so a crash in the
+/// middle of the delete is finished by the next start instead of ever exchanging a
+/// half-deleted release back. The downtime ends when `let_sessions_in` has run: that is
+/// when users can work again; the delete of the old files does not keep them waiting.
 pub async fn commit(
     layout: &Layout,
     files: &JournalFiles,
@@ -199,13 +200,21 @@ pub async fn commit(
         .save(&journal)
         .context("cannot record the commit in the journal")?;
     fault_point("commit_recorded");
+    // The old release leaves its place in one rename before sessions are let in; the
+    // delete of its files, which takes as long as the release is large, comes after, while
+    // people work again. The journal says `committing` until it is done, so a crash in the
+    // delete is finished by the next start.
     let layout_for_delete = layout.clone();
-    tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
+    tokio::task::spawn_blocking(move || move_old_release_aside(&layout_for_delete))
         .await
         .context("the cleanup task failed")??;
     let_sessions_in.await;
     let sessions_from = SystemTime::now();
     info!("agent sessions let in again");
+    let layout_for_delete = layout.clone();
+    tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
+        .await
+        .context("the cleanup task failed")??;
     let summary = committed_summary(&journal, Some(sessions_from));
     files.finish(&summary)?;
     info!(
@@ -237,16 +246,8 @@ pub fn committed_summary(
 /// Deletes `<name>_old`: first renamed out of the way in one step (so it is either whole
 /// at its place or not there at all), then removed; safe to repeat.
 pub fn delete_old_release(layout: &Layout) -> anyhow::Result<()> {
-    let old = layout.old_install_dir();
+    move_old_release_aside(layout)?;
     let doomed = layout.doomed_install_dir();
-    if old.exists() {
-        if doomed.exists() {
-            std::fs::remove_dir_all(&doomed)
-                .with_context(|| format!("cannot delete {}", doomed.display()))?;
-        }
-        std::fs::rename(&old, &doomed)
-            .with_context(|| format!("cannot move {} out of the way", old.display()))?;
-    }
     if doomed.exists() {
         if fault_requested("commit_deleted_partly") {
             if let Some(Ok(entry)) = std::fs::read_dir(&doomed)?.next() {
@@ -256,6 +257,22 @@ pub fn delete_old_release(layout: &Layout) -> anyhow::Result<()> {
             fault_point("commit_deleted_partly");
         }
         std::fs::remove_dir_all(&doomed).context("cannot delete the old release")?;
+    }
+    Ok(())
+}
+
+/// Renames `<name>_old` to the folder [`delete_old_release`] deletes, in one step, deleting
+/// what an earlier, unfinished delete left there first; safe to repeat.
+fn move_old_release_aside(layout: &Layout) -> anyhow::Result<()> {
+    let old = layout.old_install_dir();
+    let doomed = layout.doomed_install_dir();
+    if old.exists() {
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed)
+                .with_context(|| format!("cannot delete {}", doomed.display()))?;
+        }
+        std::fs::rename(&old, &doomed)
+            .with_context(|| format!("cannot move {} out of the way", old.display()))?;
     }
     Ok(())
 }
