@@ -236,11 +236,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         Some(listen) => listen,
         None => config.console.listen()?,
     };
-    let console_socket = console_listen.address(bound).and_then(|address| {
-        console::bind(address)
-            .map_err(|err| console::report_bind_failure(address, &err))
-            .ok()
-    });
+    let console_socket = console::bind_for(console_listen, bound);
     let console_url = match console_socket
         .as_ref()
         .map(tokio::net::TcpListener::local_addr)

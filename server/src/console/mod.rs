@@ -623,8 +623,33 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     crate::listener::bind(address, 128)
 }
 
+/// Binds the console for a server listening on `server`, or logs why it cannot. With
+/// `auto`, a next port that another program holds gives way to any free port: the URL is
+/// printed either way, and a console somewhere beats none.
+pub fn bind_for(listen: ConsoleListen, server: SocketAddr) -> Option<TcpListener> {
+    let address = listen.address(server)?;
+    match bind(address) {
+        Ok(listener) => Some(listener),
+        Err(err)
+            if listen == ConsoleListen::Auto
+                && address.port() != 0
+                && err.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            let any_port = SocketAddr::new(address.ip(), 0);
+            warn!(%address, "the console's usual port is taken; it gets a free one");
+            bind(any_port)
+                .map_err(|err| report_bind_failure(any_port, &err))
+                .ok()
+        }
+        Err(err) => {
+            report_bind_failure(address, &err);
+            None
+        }
+    }
+}
+
 /// Logs that the console could not be bound, and why.
-pub fn report_bind_failure(address: SocketAddr, err: &std::io::Error) {
+fn report_bind_failure(address: SocketAddr, err: &std::io::Error) {
     warn!(%address, cause = %err, "cannot serve the web console; the server runs without it");
 }
 
@@ -656,6 +681,19 @@ mod tests {
             Ok(ConsoleListen::At("10.0.0.1:8080".parse().unwrap()))
         );
         assert!("elsewhere".parse::<ConsoleListen>().is_err());
+    }
+
+    #[tokio::test]
+    async fn auto_takes_a_free_port_when_the_next_one_is_held() {
+        let holder = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let held = holder.local_addr().unwrap();
+        let server = SocketAddr::new(held.ip(), held.port() - 1);
+        let console = bind_for(ConsoleListen::Auto, server).expect("a console on a free port");
+        let port = console.local_addr().unwrap().port();
+        assert_ne!(port, held.port());
+        assert_ne!(port, 0);
+        // An address the admin chose is not swapped for another.
+        assert!(bind_for(ConsoleListen::At(held), server).is_none());
     }
 
     #[test]
