@@ -293,7 +293,9 @@ where
                             close(ws, CloseCode::Replaced, "the agent connected again", context).await
                         }
                         Ok(Kick::Logout { logout, closed }) => {
-                            let _ = send_frame(ws, Message::Text(logout), context).await;
+                            // Queued, not flushed: the close frame's flush writes both in
+                            // one go, one write for the server and one read for the agent.
+                            let _ = timeout(context.write_timeout, ws.feed(Message::Text(logout))).await;
                             // Once the close frame is written the changeover may go on.
                             close_then(ws, CloseCode::ServerUpdating, "the server is updating", context, move || drop(closed)).await
                         }

@@ -280,10 +280,13 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         config.server.max_sessions_per_address,
     );
     let hub_for_health = hub.clone();
-    if matches!(resume, Resume::HealthCheck(_)) {
+    let checking_health = matches!(resume, Resume::HealthCheck(_));
+    if checking_health {
         // No user session before the new release proved healthy: a rollback would cut it.
         hub.close_door().await;
     }
+    // Returning agents wait before their handshake meanwhile, and are taken once it opens.
+    let door = listener::Door::new(!checking_health);
     let agent_updates = AgentUpdates::new(
         Arc::clone(&releases),
         AgentUpdateSettings {
@@ -345,6 +348,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         upgrade_timeout: config.server.upgrade_timeout(),
         context,
         tracker: tracker.clone(),
+        door: Arc::clone(&door),
     });
     let tcp = tokio::net::TcpListener::from_std(std_listener)
         .context("cannot use the listening socket")?;
@@ -377,6 +381,7 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
             tls: self_tls,
             agent_id: self_check_id,
             server_version: server_version.clone(),
+            door: Arc::clone(&door),
         };
         let check = async {
             changeover::health::check_files(&layout, &journal_files, &mut journal).await?;
@@ -397,22 +402,25 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
                     health_timeout.as_secs()
                 ))
             });
-        match outcome {
-            Ok(()) => {
-                // The old release goes first, then sessions are taken again: that ends the
-                // downtime users see.
-                let summary = changeover::health::commit(
-                    &layout,
-                    &journal_files,
-                    &journal,
-                    hub_for_health.reopen(),
-                )
-                .await?;
+        let committed = match outcome {
+            // The old release goes first, then sessions are taken again: that ends the
+            // downtime users see.
+            Ok(()) => changeover::health::commit(&layout, &journal_files, &journal, async {
+                hub_for_health.reopen().await;
+                door.open();
+            })
+            .await
+            .map_err(|err| {
+                format!("the new release passed its health check, but cannot be committed: {err:#}")
+            }),
+            Err(err) => Err(format!("the new release failed its health check: {err:#}")),
+        };
+        match committed {
+            Ok(summary) => {
                 driver.clear_view();
                 releases.publish(&changeover::health::finished(summary));
             }
-            Err(err) => {
-                let reason = format!("the new release failed its health check: {err:#}");
+            Err(reason) => {
                 // The new applications stop before their folders are exchanged back.
                 apps.stop_all().await;
                 let resume = changeover::recovery::roll_back(

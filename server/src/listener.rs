@@ -9,6 +9,12 @@
 //! connection gets its TLS handshake and upgrade request within `upgrade_timeout`, and its
 //! first message within `handshake_timeout`; it keeps both slots until that message is
 //! read, so the memory of messages being read is bounded too.
+//!
+//! After a changeover the new release keeps its [`Door`] shut until its health check has
+//! passed: connections accepted meanwhile wait, parked before their handshake, and go on
+//! once the door opens. The returning agents are taken the moment sessions are let in,
+//! instead of being refused and coming back later, and the check's own hello, let through
+//! by its address, is not queued behind thousands of refusals.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +24,7 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, TryAcquireError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -74,10 +80,66 @@ pub fn bind_std_with_patience(
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(2048)
-        .write_buffer_size(0)
+        // Small enough that a message passed on with `feed` waits only for the next flush
+        // (every `send` flushes at once).
+        .write_buffer_size(4096)
         .max_write_buffer_size(changeover_protocol::MAX_STATUS_MESSAGE_BYTES)
         .max_message_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(changeover_protocol::MAX_MESSAGE_BYTES))
+}
+
+/// Whether connections go on to their handshake, or wait (see the module's text).
+#[derive(Debug)]
+pub struct Door {
+    open: tokio::sync::watch::Sender<bool>,
+    /// Local addresses of this process's own connections, let through while it is shut.
+    through: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+impl Door {
+    pub fn new(open: bool) -> Arc<Door> {
+        Arc::new(Door {
+            open: tokio::sync::watch::Sender::new(open),
+            through: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.open.borrow()
+    }
+
+    /// Lets every waiting connection go on, and every later one straight through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Lets the connection from `local` (a socket of this process, bound but not yet
+    /// connected) through while the door is shut.
+    pub fn let_through(&self, local: SocketAddr) {
+        if let Ok(mut through) = self.through.lock() {
+            through.push(local);
+        }
+    }
+
+    /// Whether the connection from `peer` was let through; it is forgotten then.
+    fn takes_through(&self, peer: SocketAddr) -> bool {
+        let Ok(mut through) = self.through.lock() else {
+            return false;
+        };
+        match through.iter().position(|local| *local == peer) {
+            Some(index) => {
+                through.swap_remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends when the door is open.
+    async fn opened(&self) {
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
 }
 
 /// Everything the accept loop needs, apart from the socket itself, which it borrows while
@@ -93,6 +155,8 @@ pub struct Listener {
     pub context: Arc<ConnectionContext>,
     /// Every connection task, so shutdown can wait for their close frames.
     pub tracker: TaskTracker,
+    /// Shut while a new release proves itself; connections wait behind it.
+    pub door: Arc<Door>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -160,20 +224,53 @@ impl Listener {
             if let Err(err) = crate::platform::keep_from_children(&stream) {
                 debug!(%peer, cause = %err, "cannot make the connection non-inheritable");
             }
-            let admission = match self.gate.enter(peer.ip()) {
-                Entry::Admitted(ticket) => Admission::Admitted(HandshakeHold {
-                    _slot: permit,
-                    _address: ticket,
-                }),
-                // Waits without the global slot, so others get it meanwhile.
-                Entry::Wait(waiting) => Admission::Waiting(waiting),
-                Entry::Refused => {
-                    debug!(%peer, "too many connections from one address are waiting; closed");
-                    continue;
-                }
-            };
-            self.tracker
-                .spawn(Arc::clone(&self).connection(stream, peer, admission));
+            if !self.door.is_open() && !self.door.takes_through(peer) {
+                drop(permit);
+                self.tracker
+                    .spawn(Arc::clone(&self).wait_at_door(stream, peer));
+                continue;
+            }
+            if let Some(admission) = self.admit(peer, permit) {
+                self.tracker
+                    .spawn(Arc::clone(&self).connection(stream, peer, admission));
+            }
+        }
+    }
+
+    /// The connection's place at the door, or `None` when too many from its address wait.
+    fn admit(&self, peer: SocketAddr, permit: OwnedSemaphorePermit) -> Option<Admission> {
+        match self.gate.enter(peer.ip()) {
+            Entry::Admitted(ticket) => Some(Admission::Admitted(HandshakeHold {
+                _slot: permit,
+                _address: ticket,
+            })),
+            // Waits without the global slot, so others get it meanwhile.
+            Entry::Wait(waiting) => Some(Admission::Waiting(waiting)),
+            Entry::Refused => {
+                debug!(%peer, "too many connections from one address are waiting; closed");
+                None
+            }
+        }
+    }
+
+    /// Holds a connection accepted while the door is shut until it opens, for at most the
+    /// upgrade timeout (then it goes on and is told the server is updating), and then
+    /// admits it as the accept loop would have.
+    async fn wait_at_door(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let shutdown = self.context.shutdown.clone();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tokio::time::timeout(self.upgrade_timeout, self.door.opened()) => {}
+        }
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = Arc::clone(&self.handshake_slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        if let Some(admission) = self.admit(peer, permit) {
+            self.connection(stream, peer, admission).await;
         }
     }
 

@@ -206,6 +206,9 @@ pub struct Driver {
     view: watch::Sender<Option<ChangeoverView>>,
     /// After the logout: ends when every logged-out connection has written its close.
     closing: Option<mpsc::Receiver<()>>,
+    /// The listening socket, taken from the accept loop at the logout: agents returning
+    /// before the new release takes sessions wait in its backlog instead of being refused.
+    paused: Option<tokio::net::TcpListener>,
 }
 
 /// The longest the stop waits for logged-out connections to write their logout.
@@ -246,6 +249,7 @@ impl Driver {
             journal: None,
             view: inbox.view,
             closing: None,
+            paused: None,
         };
         (driver, inbox.commands)
     }
@@ -696,9 +700,10 @@ impl Driver {
             }
         }
         self.parts.hub.reopen().await;
-        let tcp = match tcp {
-            Some(tcp) => Some(tcp),
-            None => self
+        let tcp = match (tcp, self.paused.take()) {
+            (Some(tcp), _) => Some(tcp),
+            (None, Some(paused)) => paused.into_std().ok(),
+            (None, None) => self
                 .parts
                 .listener
                 .pause()
@@ -754,25 +759,30 @@ impl Driver {
             target_version: Some(journal.target_version.clone()),
             admin_message: journal.admin_message.clone(),
         };
+        // No one is let in any more: who comes back early waits in the backlog and is taken
+        // the moment the new release lets sessions in, instead of being refused now.
+        self.paused = self.parts.listener.pause().await;
         let logged_out = self.parts.hub.log_out_all(&logout).await;
         self.closing = Some(logged_out.closing);
         let logged_out = logged_out.count as u64;
         let journal = self.journal_mut()?;
         journal.sessions_logged_out = logged_out;
         journal.agents_to_update = agents_to_update;
-        journal.stopped_at = Some(SystemTime::now());
         info!(logged_out, "sessions logged out");
         Ok(())
     }
 
     async fn stop(&mut self) -> anyhow::Result<std::net::TcpListener> {
         fault_point("stopping");
-        let tcp = self
-            .parts
-            .listener
-            .pause()
-            .await
-            .context("the listening socket is gone")?;
+        let tcp = match self.paused.take() {
+            Some(paused) => paused,
+            None => self
+                .parts
+                .listener
+                .pause()
+                .await
+                .context("the listening socket is gone")?,
+        };
         // The logged-out sessions are out of the table already; their connections write the
         // logout and the close frame before the process image goes, or their agents would
         // come back at once instead of spread over the announced window. With thousands of
@@ -788,6 +798,9 @@ impl Driver {
                 flushed, "logged-out connections closed"
             );
         }
+        // The downtime runs from here: the last session's logout is written, and no one works
+        // on this server any more.
+        self.journal_mut()?.stopped_at = Some(SystemTime::now());
         // The applications stop before anything is carried, so their data is at rest.
         if !self.parts.apps.is_empty() {
             let started = std::time::Instant::now();

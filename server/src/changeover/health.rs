@@ -64,6 +64,8 @@ pub struct SelfHello {
     pub agent_id: String,
     /// The version the welcome must report.
     pub server_version: String,
+    /// The listener's door, shut while the check runs: the hello is let through it.
+    pub door: std::sync::Arc<crate::listener::Door>,
 }
 
 impl std::fmt::Debug for SelfHello {
@@ -104,7 +106,21 @@ pub async fn say_hello(hello: &SelfHello) -> anyhow::Result<()> {
     } else {
         hello.address
     };
-    let tcp = tokio::net::TcpStream::connect(connect_to)
+    // Bound first, so the door knows the connection before the accept loop can see it.
+    let socket = if connect_to.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()
+    } else {
+        tokio::net::TcpSocket::new_v4()
+    }
+    .context("cannot make a socket")?;
+    socket
+        .bind(SocketAddr::new(connect_to.ip(), 0))
+        .context("cannot bind a socket on loopback")?;
+    hello
+        .door
+        .let_through(socket.local_addr().context("the socket has no address")?);
+    let tcp = socket
+        .connect(connect_to)
         .await
         .with_context(|| format!("cannot connect to {connect_to}"))?;
     let greeting = changeover_protocol::ClientMessage::Hello(AgentHello {
@@ -183,7 +199,8 @@ where
 
 /// Moves the old release out of its place, lets agent sessions in again
 /// (`let_sessions_in`), deletes the old release and records the success; returns the
-/// summary. The journal says `committing` before anything is moved, so a crash in the
+/// summary. An error means sessions were not let in (the caller rolls back); what fails
+/// after that is logged and left to the next start. The journal says `committing` before anything is moved, so a crash in the
 /// middle of the delete is finished by the next start instead of ever exchanging a
 /// half-deleted release back. The downtime ends when `let_sessions_in` has run: that is
 /// when users can work again; the delete of the old files does not keep them waiting.
@@ -211,24 +228,33 @@ pub async fn commit(
     let_sessions_in.await;
     let sessions_from = SystemTime::now();
     info!("agent sessions let in again");
+    // From here on the new release serves: what fails is logged, and the journal, still
+    // saying `committing`, has the next start finish it. A leftover folder must not stop
+    // a healthy server.
     let layout_for_delete = layout.clone();
-    tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
+    let deleted = tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
         .await
-        .context("the cleanup task failed")??;
+        .context("the cleanup task failed")
+        .and_then(|deleted| deleted);
     let summary = committed_summary(&journal, Some(sessions_from));
-    files.finish(&summary)?;
-    info!(
-        from = %summary.from_version,
-        to = %summary.target_version,
-        downtime_ms = ?summary.downtime_ms,
-        "changeover committed"
-    );
+    match deleted.and_then(|()| files.finish(&summary)) {
+        Ok(()) => info!(
+            from = %summary.from_version,
+            to = %summary.target_version,
+            downtime_ms = ?summary.downtime_ms,
+            "changeover committed"
+        ),
+        Err(err) => tracing::error!(
+            cause = %format!("{err:#}"),
+            "the new release serves, but the commit is not finished; the next start finishes it"
+        ),
+    }
     Ok(summary)
 }
 
-/// The summary of a committed changeover; the downtime runs from the logout (`stopped_at`)
-/// to `sessions_from`, when agent sessions were let in again (unknown when a commit is
-/// finished by a later start).
+/// The summary of a committed changeover; the downtime runs from the last logout written
+/// (`stopped_at`) to `sessions_from`, when agent sessions were let in again (unknown when a
+/// commit is finished by a later start).
 pub fn committed_summary(
     journal: &Journal,
     sessions_from: Option<SystemTime>,

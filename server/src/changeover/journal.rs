@@ -42,7 +42,7 @@ pub struct Journal {
     pub scheduled_at: Option<SystemTime>,
     #[serde(default, with = "changeover_protocol::messages::optional_rfc3339")]
     pub deadline: Option<SystemTime>,
-    /// When the last session was logged out: the start of the downtime.
+    /// When the last session's logout was written: the start of the downtime.
     #[serde(
         default,
         with = "changeover_protocol::messages::optional_rfc3339_millis"
