@@ -408,3 +408,32 @@ impl ListenerControl {
         *self.running.lock().await = Some((pause, handle));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shut_door_lets_through_only_what_it_was_told_once_and_opens_for_all() {
+        let door = Door::new(false);
+        let own: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+        door.let_through(own);
+        assert!(!door.takes_through(other));
+        assert!(door.takes_through(own));
+        assert!(!door.takes_through(own), "let through once only");
+
+        let waiting = tokio::spawn({
+            let door = Arc::clone(&door);
+            async move { door.opened().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        door.open();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends when the door opens")
+            .unwrap();
+        assert!(door.is_open());
+    }
+}
