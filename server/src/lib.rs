@@ -286,7 +286,11 @@ pub async fn run(options: RunOptions, std_listener: std::net::TcpListener) -> an
         hub.close_door().await;
     }
     // Returning agents wait before their handshake meanwhile, and are taken once it opens.
-    let door = listener::Door::new(!checking_health);
+    // At most as many held as the kernel's backlog would hold.
+    let door = listener::Door::new(
+        !checking_health,
+        usize::try_from(config.server.listen_backlog).unwrap_or(usize::MAX),
+    );
     let agent_updates = AgentUpdates::new(
         Arc::clone(&releases),
         AgentUpdateSettings {

@@ -12,7 +12,8 @@
 //!
 //! After a changeover the new release keeps its [`Door`] shut until its health check has
 //! passed: connections accepted meanwhile wait, parked before their handshake, and go on
-//! once the door opens. The returning agents are taken the moment sessions are let in,
+//! once the door opens (at most `listen_backlog` of them; beyond that they go on at once,
+//! as without a door). The returning agents are taken the moment sessions are let in,
 //! instead of being refused and coming back later, and the check's own hello, let through
 //! by its address, is not queued behind thousands of refusals.
 
@@ -94,13 +95,18 @@ pub struct Door {
     open: tokio::sync::watch::Sender<bool>,
     /// Local addresses of this process's own connections, let through while it is shut.
     through: std::sync::Mutex<Vec<SocketAddr>>,
+    /// One permit per connection held; beyond them connections go on at once (and agents
+    /// are refused `updating`), so a flood cannot hold every file descriptor meanwhile.
+    places: Arc<Semaphore>,
 }
 
 impl Door {
-    pub fn new(open: bool) -> Arc<Door> {
+    /// A door holding at most `places` connections while it is shut.
+    pub fn new(open: bool, places: usize) -> Arc<Door> {
         Arc::new(Door {
             open: tokio::sync::watch::Sender::new(open),
             through: std::sync::Mutex::new(Vec::new()),
+            places: Arc::new(Semaphore::new(places)),
         })
     }
 
@@ -224,10 +230,13 @@ impl Listener {
             if let Err(err) = crate::platform::keep_from_children(&stream) {
                 debug!(%peer, cause = %err, "cannot make the connection non-inheritable");
             }
-            if !self.door.is_open() && !self.door.takes_through(peer) {
+            if !self.door.is_open()
+                && !self.door.takes_through(peer)
+                && let Ok(place) = Arc::clone(&self.door.places).try_acquire_owned()
+            {
                 drop(permit);
                 self.tracker
-                    .spawn(Arc::clone(&self).wait_at_door(stream, peer));
+                    .spawn(Arc::clone(&self).wait_at_door(stream, peer, place));
                 continue;
             }
             if let Some(admission) = self.admit(peer, permit) {
@@ -256,12 +265,18 @@ impl Listener {
     /// Holds a connection accepted while the door is shut until it opens, for at most the
     /// upgrade timeout (then it goes on and is told the server is updating), and then
     /// admits it as the accept loop would have.
-    async fn wait_at_door(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn wait_at_door(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        place: OwnedSemaphorePermit,
+    ) {
         let shutdown = self.context.shutdown.clone();
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tokio::time::timeout(self.upgrade_timeout, self.door.opened()) => {}
         }
+        drop(place);
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
             permit = Arc::clone(&self.handshake_slots).acquire_owned() => match permit {
@@ -415,7 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_shut_door_lets_through_only_what_it_was_told_once_and_opens_for_all() {
-        let door = Door::new(false);
+        let door = Door::new(false, 2);
         let own: SocketAddr = "127.0.0.1:40001".parse().unwrap();
         let other: SocketAddr = "127.0.0.1:40002".parse().unwrap();
         door.let_through(own);
@@ -435,5 +450,11 @@ mod tests {
             .expect("the wait ends when the door opens")
             .unwrap();
         assert!(door.is_open());
+        // Its places are counted: beyond them nothing is held.
+        let first = Arc::clone(&door.places).try_acquire_owned().unwrap();
+        let _second = Arc::clone(&door.places).try_acquire_owned().unwrap();
+        assert!(Arc::clone(&door.places).try_acquire_owned().is_err());
+        drop(first);
+        assert!(Arc::clone(&door.places).try_acquire_owned().is_ok());
     }
 }

@@ -197,13 +197,14 @@ where
     serde_json::from_str(answer.as_str()).context("the server's answer is not a message")
 }
 
-/// Moves the old release out of its place, lets agent sessions in again
-/// (`let_sessions_in`), deletes the old release and records the success; returns the
-/// summary. An error means sessions were not let in (the caller rolls back); what fails
-/// after that is logged and left to the next start. The journal says `committing` before anything is moved, so a crash in the
-/// middle of the delete is finished by the next start instead of ever exchanging a
-/// half-deleted release back. The downtime ends when `let_sessions_in` has run: that is
-/// when users can work again; the delete of the old files does not keep them waiting.
+/// Records the commit, moves the old release out of its place, lets agent sessions in
+/// again (`let_sessions_in`), deletes the old release and records the success; returns
+/// the summary. An error means the commit could not be recorded: nothing was moved and
+/// no session let in, so the caller rolls back. Once it is recorded the commit only goes
+/// forward: what fails after that is logged, and the journal, saying `committing`, has
+/// the next start finish it instead of ever exchanging a half-deleted release back. The
+/// downtime ends when `let_sessions_in` has run: that is when users can work again; the
+/// delete of the old files does not keep them waiting.
 pub async fn commit(
     layout: &Layout,
     files: &JournalFiles,
@@ -222,9 +223,14 @@ pub async fn commit(
     // people work again. The journal says `committing` until it is done, so a crash in the
     // delete is finished by the next start.
     let layout_for_delete = layout.clone();
-    tokio::task::spawn_blocking(move || move_old_release_aside(&layout_for_delete))
+    let moved = tokio::task::spawn_blocking(move || move_old_release_aside(&layout_for_delete))
         .await
-        .context("the cleanup task failed")??;
+        .context("the cleanup task failed")
+        .and_then(|moved| moved);
+    if let Err(err) = &moved {
+        // Recorded already: the next start moves and deletes it; users need not wait.
+        tracing::error!(cause = %format!("{err:#}"), "the old release stays in place for now");
+    }
     let_sessions_in.await;
     let sessions_from = SystemTime::now();
     info!("agent sessions let in again");
@@ -232,10 +238,13 @@ pub async fn commit(
     // saying `committing`, has the next start finish it. A leftover folder must not stop
     // a healthy server.
     let layout_for_delete = layout.clone();
-    let deleted = tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
-        .await
-        .context("the cleanup task failed")
-        .and_then(|deleted| deleted);
+    let deleted = match moved {
+        Ok(()) => tokio::task::spawn_blocking(move || delete_old_release(&layout_for_delete))
+            .await
+            .context("the cleanup task failed")
+            .and_then(|deleted| deleted),
+        Err(err) => Err(err),
+    };
     let summary = committed_summary(&journal, Some(sessions_from));
     match deleted.and_then(|()| files.finish(&summary)) {
         Ok(()) => info!(
