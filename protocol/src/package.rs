@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-use blake2::Blake2b512;
 use sha2::{Digest as _, Sha256};
 
 use crate::release::{FeedManifest, MANIFEST_FORMAT, PRODUCT, PackageEntry, ReleaseKind};
@@ -369,7 +368,7 @@ impl ArchiveSha256 {
 /// mode).
 #[derive(Debug, Clone, Default)]
 pub struct ArchivePrehash {
-    state: Blake2b512,
+    state: blake2b_simd::State,
     bytes: u64,
 }
 
@@ -428,7 +427,7 @@ impl FinalCheck {
         self.check_size(prehash.bytes)?;
         let digest = prehash.state.finalize();
         self.key
-            .verify(&digest, &self.over_digest, true)
+            .verify(digest.as_bytes(), &self.over_digest, true)
             .map_err(|err| signature_error(err, &self.what))?;
         Ok(self.entry)
     }
@@ -851,7 +850,7 @@ mod tests {
             let mut prehash = ArchivePrehash::default();
             prehash.update(b"abc");
             assert_eq!(
-                hex::encode(prehash.state.finalize()),
+                hex::encode(prehash.state.finalize().as_bytes()),
                 "ba80a53f981c4d0d6a2797b69f12f6e94c212f14685ac4b74b12bb6fdbffa2d1\
                  7d87c5392aab792dc252d5de4533cc9518d38aa8dbf1925ab92386edd4009923"
             );
