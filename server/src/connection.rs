@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use changeover_protocol::version::ProtocolRange;
@@ -89,7 +90,7 @@ enum Ending {
 /// first message must have arrived; `hold` is its place at the door, given up once that
 /// message is read.
 pub async fn serve<S>(
-    mut ws: WebSocketStream<S>,
+    ws: &mut WebSocketStream<S>,
     peer: SocketAddr,
     hello_deadline: Instant,
     hold: HandshakeHold,
@@ -97,65 +98,21 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // Control frames before the first message do not extend the hello deadline.
-    let first = loop {
-        tokio::select! {
-            () = context.shutdown.cancelled() => {
-                break Err(close(&mut ws, CloseCode::GoingAway, "server shutting down", &context).await);
-            }
-            next = tokio::time::timeout_at(hello_deadline, next_data(&mut ws)) => match next {
-                Ok(Incoming::Alive) => continue,
-                Ok(Incoming::Message(message)) => break Ok(message),
-                Ok(Incoming::Gone(reason)) => break Err(Ending::PeerGone(reason)),
-                Ok(Incoming::Refused(refusal)) => break Err(refuse(&mut ws, refusal, &context).await),
-                Err(_elapsed) => {
-                    let reason = format!(
-                        "no hello within {} s of connecting",
-                        context.hello_timeout.as_secs()
-                    );
-                    break Err(close(&mut ws, CloseCode::HelloTimeout, &reason, &context).await);
-                }
-            },
-        }
-    };
-    // The first message is in: the handshake slots go to the next connection.
-    drop(hold);
-    if matches!(first, Ok(ClientMessage::Hello(_))) {
-        context.handshake_rate.handshake();
-    }
-    let ending = match first {
-        Err(ending) => ending,
-        Ok(ClientMessage::Hello(hello)) => agent_session(&mut ws, peer, hello, &context).await,
-        Ok(ClientMessage::AdminLogin {
-            protocol_version,
-            password,
-        }) => {
-            // Boxed: an admin session's state (a status report may read the feed over
-            // HTTP) would otherwise be reserved in every agent connection's task as well.
-            Box::pin(admin_session(
-                &mut ws,
-                peer,
-                protocol_version,
-                password,
-                &context,
-            ))
-            .await
-        }
-        Ok(
-            request @ (ClientMessage::StatusRequest
-            | ClientMessage::DownloadRequest { .. }
-            | ClientMessage::UpdateRequest { .. }
-            | ClientMessage::CancelRequest),
-        ) => {
-            let refusal = Refusal::unauthorized(&format!(
-                "{} needs an admin login first",
-                request.type_name()
-            ));
-            refuse(&mut ws, refusal, &context).await
-        }
-        Ok(ClientMessage::AgentUpdateReport { .. }) => {
-            let refusal = Refusal::unexpected("agent_update_report", "before hello");
-            refuse(&mut ws, refusal, &context).await
+    // Boxed: everything before an agent's session runs once (the first message, an admin
+    // session, the agent's registration and greeting), and a task is as large as its
+    // largest state: unboxed, that state would stay reserved in every agent's task for as
+    // long as its session lives.
+    let ending = match Box::pin(start(ws, peer, hello_deadline, hold, &context)).await {
+        Started::Done(ending) => ending,
+        Started::Agent(mut session, greeted) => {
+            let ending = match greeted {
+                Ok(()) => hold_agent_session(ws, peer, &mut session, &context).await,
+                Err(ending) => ending,
+            };
+            // Boxed for the same reason.
+            Box::pin(context.hub.unregister(session.session_id)).await;
+            info!(%peer, session_id = session.session_id, user = %session.user, "agent disconnected");
+            ending
         }
     };
     match ending {
@@ -169,6 +126,86 @@ pub async fn serve<S>(
     }
 }
 
+/// How a connection's start ended: in a registered agent session, with its greeting's
+/// outcome, or in an ending of its own (a refusal, a timeout, a whole admin session).
+enum Started {
+    Agent(AgentSession, Result<(), Ending>),
+    Done(Ending),
+}
+
+// The first message and what it starts.
+async fn start<S>(
+    ws: &mut WebSocketStream<S>,
+    peer: SocketAddr,
+    hello_deadline: Instant,
+    hold: HandshakeHold,
+    context: &ConnectionContext,
+) -> Started
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Control frames before the first message do not extend the hello deadline.
+    let first = loop {
+        tokio::select! {
+            () = context.shutdown.cancelled() => {
+                break Err(close(ws, CloseCode::GoingAway, "server shutting down", context).await);
+            }
+            next = tokio::time::timeout_at(hello_deadline, next_data(ws)) => match next {
+                Ok(Incoming::Alive) => continue,
+                Ok(Incoming::Message(message)) => break Ok(message),
+                Ok(Incoming::Gone(reason)) => break Err(Ending::PeerGone(reason)),
+                Ok(Incoming::Refused(refusal)) => break Err(refuse(ws, refusal, context).await),
+                Err(_elapsed) => {
+                    let reason = format!(
+                        "no hello within {} s of connecting",
+                        context.hello_timeout.as_secs()
+                    );
+                    break Err(close(ws, CloseCode::HelloTimeout, &reason, context).await);
+                }
+            },
+        }
+    };
+    // The first message is in: the handshake slots go to the next connection.
+    drop(hold);
+    if matches!(first, Ok(ClientMessage::Hello(_))) {
+        context.handshake_rate.handshake();
+    }
+    let ending = match first {
+        Err(ending) => ending,
+        Ok(ClientMessage::Hello(hello)) => {
+            return match open_agent_session(ws, peer, hello, context).await {
+                Ok((session, greeted)) => Started::Agent(session, greeted),
+                Err(ending) => Started::Done(ending),
+            };
+        }
+        Ok(ClientMessage::AdminLogin {
+            protocol_version,
+            password,
+        }) => {
+            // Boxed: an admin session's state (a status report may read the feed over
+            // HTTP) would otherwise be reserved in every connection's start as well.
+            Box::pin(admin_session(ws, peer, protocol_version, password, context)).await
+        }
+        Ok(
+            request @ (ClientMessage::StatusRequest
+            | ClientMessage::DownloadRequest { .. }
+            | ClientMessage::UpdateRequest { .. }
+            | ClientMessage::CancelRequest),
+        ) => {
+            let refusal = Refusal::unauthorized(&format!(
+                "{} needs an admin login first",
+                request.type_name()
+            ));
+            refuse(ws, refusal, context).await
+        }
+        Ok(ClientMessage::AgentUpdateReport { .. }) => {
+            let refusal = Refusal::unexpected("agent_update_report", "before hello");
+            refuse(ws, refusal, context).await
+        }
+    };
+    Started::Done(ending)
+}
+
 fn is_peer_fault(code: CloseCode) -> bool {
     !matches!(
         code,
@@ -176,22 +213,35 @@ fn is_peer_fault(code: CloseCode) -> bool {
     )
 }
 
-async fn agent_session<S>(
+/// A registered agent session: what its loop needs for as long as it lives.
+struct AgentSession {
+    session_id: u64,
+    user: String,
+    /// Subscribed before registering, so nothing broadcast after registration is missed.
+    broadcasts: tokio::sync::broadcast::Receiver<tungstenite::Utf8Bytes>,
+    kick: tokio::sync::oneshot::Receiver<Kick>,
+}
+
+// Checks the hello, registers the session and greets it: the welcome, the warning of a
+// countdown under way, the offer of a newer agent. An `Err` ends a connection that was
+// never registered; a failed greeting comes back beside the session, which is registered
+// and has to be unregistered.
+async fn open_agent_session<S>(
     ws: &mut WebSocketStream<S>,
     peer: SocketAddr,
     mut hello: AgentHello,
     context: &ConnectionContext,
-) -> Ending
+) -> Result<(AgentSession, Result<(), Ending>), Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(protocol_version) = ProtocolRange::SUPPORTED.negotiate(hello.protocol_version) else {
-        return refuse(
+        return Err(refuse(
             ws,
             Refusal::unsupported_protocol(hello.protocol_version),
             context,
         )
-        .await;
+        .await);
     };
     // The session table shows the version actually spoken.
     hello.protocol_version = protocol_version;
@@ -203,7 +253,7 @@ where
                 CloseCode::PolicyViolation,
                 format!("hello refused: {reason}"),
             );
-            return refuse(ws, refusal, context).await;
+            return Err(refuse(ws, refusal, context).await);
         }
     };
     if !context.self_check_id.is_empty() && hello.agent_id == context.self_check_id {
@@ -216,19 +266,16 @@ where
             heartbeat_secs: context.heartbeat.as_secs(),
             assigned_agent_id: None,
         };
-        if let Err(ending) = Box::pin(send(ws, &welcome, context)).await {
-            return ending;
-        }
-        return close(ws, CloseCode::Normal, "self-check done", context).await;
+        send(ws, &welcome, context).await?;
+        return Err(close(ws, CloseCode::Normal, "self-check done", context).await);
     }
-    // Subscribe before registering so nothing broadcast after registration is missed.
-    let mut broadcasts = context.hub.subscribe();
+    let broadcasts = context.hub.subscribe();
     let user = hello.user.clone();
     let agent_version = hello.agent_version.clone();
     let update_offer = context
         .agent_updates
         .offer_for(&hello.platform, &hello.agent_version);
-    let registration = match Box::pin(context.hub.register(hello, peer)).await {
+    let registration = match context.hub.register(hello, peer).await {
         Ok(registration) => registration,
         Err(err @ (RegisterError::ServerFull { .. } | RegisterError::AddressFull { .. })) => {
             let refusal = Refusal::new(
@@ -236,10 +283,10 @@ where
                 CloseCode::ServerFull,
                 err.to_string(),
             );
-            return refuse(ws, refusal, context).await;
+            return Err(refuse(ws, refusal, context).await);
         }
         Err(RegisterError::HubStopped) => {
-            return close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+            return Err(close(ws, CloseCode::GoingAway, "server shutting down", context).await);
         }
         Err(err @ RegisterError::Updating) => {
             let refusal = Refusal::new(
@@ -247,117 +294,131 @@ where
                 CloseCode::ServerUpdating,
                 err.to_string(),
             );
-            return refuse(ws, refusal, context).await;
+            return Err(refuse(ws, refusal, context).await);
         }
     };
     let session_id = registration.session_id;
-    let mut kick = registration.kick;
-    let notice = registration.notice;
-    let assigned_agent_id = registration.assigned_agent_id;
     info!(%peer, session_id, %user, %agent_version, "agent connected");
-
-    let mut heartbeat = Heartbeat::start(context.heartbeat);
-    // In a block of its own, so the welcome is not kept for the life of the session.
-    let mut greeted = {
-        let welcome = ServerMessage::Welcome {
-            protocol_version,
-            server_version: context.server_version.clone(),
-            session_id,
-            heartbeat_secs: context.heartbeat.as_secs(),
-            assigned_agent_id,
-        };
-        Box::pin(send(ws, &welcome, context)).await
+    let welcome = ServerMessage::Welcome {
+        protocol_version,
+        server_version: context.server_version.clone(),
+        session_id,
+        heartbeat_secs: context.heartbeat.as_secs(),
+        assigned_agent_id: registration.assigned_agent_id,
     };
+    let mut greeted = send(ws, &welcome, context).await;
     // Joining during a countdown: the warning comes at once.
-    if let (Ok(()), Some(notice)) = (&greeted, notice) {
+    if let (Ok(()), Some(notice)) = (&greeted, registration.notice) {
         greeted = send_frame(ws, Message::Text(notice), context).await;
     }
     // An agent older than the server's agent release is offered it at once.
     if let (Ok(()), Some(offer)) = (&greeted, update_offer) {
         greeted = send_frame(ws, Message::Text(offer), context).await;
     }
+    let session = AgentSession {
+        session_id,
+        user,
+        broadcasts,
+        kick: registration.kick,
+    };
+    Ok((session, greeted))
+}
+
+// A session's life after its greeting: broadcasts out, the agent's reports in, pings,
+// until the agent leaves, the hub kicks it or the server shuts down.
+async fn hold_agent_session<S>(
+    ws: &mut WebSocketStream<S>,
+    peer: SocketAddr,
+    session: &mut AgentSession,
+    context: &ConnectionContext,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let AgentSession {
+        session_id,
+        user,
+        broadcasts,
+        kick,
+    } = session;
+    let session_id = *session_id;
+    let mut heartbeat = Heartbeat::start(context.heartbeat);
     // Registered with the shutdown token once, not on every wake-up: the token is shared
     // by every connection, and registering takes its lock.
     let shutdown = context.shutdown.cancelled();
     tokio::pin!(shutdown);
-    let ending = match greeted {
-        Err(ending) => ending,
-        Ok(()) => loop {
-            tokio::select! {
-                () = &mut shutdown => {
-                    break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
-                }
-                kicked = &mut kick => {
-                    break match kicked {
-                        Ok(Kick::Replaced) => {
-                            close(ws, CloseCode::Replaced, "the agent connected again", context).await
-                        }
-                        Ok(Kick::Logout { logout, closed }) => {
-                            // Queued, not flushed: the close frame's flush writes both in
-                            // one go, one write for the server and one read for the agent.
-                            let _ = timeout(context.write_timeout, ws.feed(Message::Text(logout))).await;
-                            // Once the close frame is written the changeover may go on.
-                            close_then(ws, CloseCode::ServerUpdating, "the server is updating", context, move || drop(closed)).await
-                        }
-                        Err(_) => close(ws, CloseCode::GoingAway, "server shutting down", context).await,
-                    };
-                }
-                broadcast = broadcasts.recv() => match broadcast {
-                    Ok(bytes) => {
-                        if let Err(ending) = send_frame(ws, Message::Text(bytes), context).await {
-                            break ending;
-                        }
-                    }
-                    Err(RecvError::Lagged(missed)) => {
-                        let reason = format!("fell {missed} messages behind");
-                        break close(ws, CloseCode::SlowConsumer, &reason, context).await;
-                    }
-                    Err(RecvError::Closed) => {
-                        break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
-                    }
-                },
-                () = heartbeat.tick() => {
-                    if let Err(ending) = Box::pin(heartbeat.ping_or_give_up(ws, context)).await {
+    loop {
+        tokio::select! {
+            broadcast = broadcasts.recv() => match broadcast {
+                Ok(bytes) => {
+                    if let Err(ending) = send_frame(ws, Message::Text(bytes), context).await {
                         break ending;
                     }
                 }
-                incoming = next_data(ws) => {
-                    heartbeat.heard();
-                    match incoming {
-                        Incoming::Alive => {}
-                        Incoming::Gone(reason) => break Ending::PeerGone(reason),
-                        Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
-                        Incoming::Message(ClientMessage::AgentUpdateReport { version, state, detail }) => {
-                            match state {
-                                AgentUpdateState::Failed => warn!(%peer, session_id, %user, %version, detail = detail.as_deref().unwrap_or(""), "agent update failed"),
-                                _ => info!(%peer, session_id, %user, %version, %state, detail = detail.as_deref().unwrap_or(""), "agent update"),
-                            }
-                            let update = AgentUpdateView::from_report(&version, state, detail.as_deref());
-                            context.hub.set_update(session_id, update).await;
+                Err(RecvError::Lagged(missed)) => {
+                    let reason = format!("fell {missed} messages behind");
+                    break close(ws, CloseCode::SlowConsumer, &reason, context).await;
+                }
+                Err(RecvError::Closed) => {
+                    break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+                }
+            },
+            () = &mut shutdown => {
+                break close(ws, CloseCode::GoingAway, "server shutting down", context).await;
+            }
+            kicked = &mut *kick => {
+                break match kicked {
+                    Ok(Kick::Replaced) => {
+                        close(ws, CloseCode::Replaced, "the agent connected again", context).await
+                    }
+                    Ok(Kick::Logout { logout, closed }) => {
+                        // Queued, not flushed: the close frame's flush writes both in
+                        // one go, one write for the server and one read for the agent.
+                        let _ = Box::pin(timeout(context.write_timeout, ws.feed(Message::Text(logout)))).await;
+                        // Once the close frame is written the changeover may go on.
+                        close_then(ws, CloseCode::ServerUpdating, "the server is updating", context, move || drop(closed)).await
+                    }
+                    Err(_) => close(ws, CloseCode::GoingAway, "server shutting down", context).await,
+                };
+            }
+            incoming = next_data(ws) => {
+                heartbeat.heard();
+                match incoming {
+                    Incoming::Alive => {}
+                    Incoming::Gone(reason) => break Ending::PeerGone(reason),
+                    Incoming::Refused(refusal) => break refuse(ws, refusal, context).await,
+                    Incoming::Message(ClientMessage::AgentUpdateReport { version, state, detail }) => {
+                        match state {
+                            AgentUpdateState::Failed => warn!(%peer, session_id, %user, %version, detail = detail.as_deref().unwrap_or(""), "agent update failed"),
+                            _ => info!(%peer, session_id, %user, %version, %state, detail = detail.as_deref().unwrap_or(""), "agent update"),
                         }
-                        Incoming::Message(
-                            request @ (ClientMessage::StatusRequest
-                            | ClientMessage::DownloadRequest { .. }
-                            | ClientMessage::UpdateRequest { .. }
-                            | ClientMessage::CancelRequest),
-                        ) => {
-                            let refusal = Refusal::unauthorized(&format!(
-                                "{} is for admin logins, not agent sessions",
-                                request.type_name()
-                            ));
-                            break refuse(ws, refusal, context).await;
-                        }
-                        Incoming::Message(other) => {
-                            break refuse(ws, Refusal::unexpected(other.type_name(), "after hello"), context).await;
-                        }
+                        let update = AgentUpdateView::from_report(&version, state, detail.as_deref());
+                        Box::pin(context.hub.set_update(session_id, update)).await;
+                    }
+                    Incoming::Message(
+                        request @ (ClientMessage::StatusRequest
+                        | ClientMessage::DownloadRequest { .. }
+                        | ClientMessage::UpdateRequest { .. }
+                        | ClientMessage::CancelRequest),
+                    ) => {
+                        let refusal = Refusal::unauthorized(&format!(
+                            "{} is for admin logins, not agent sessions",
+                            request.type_name()
+                        ));
+                        break refuse(ws, refusal, context).await;
+                    }
+                    Incoming::Message(other) => {
+                        break refuse(ws, Refusal::unexpected(other.type_name(), "after hello"), context).await;
                     }
                 }
             }
-        },
-    };
-    context.hub.unregister(session_id).await;
-    info!(%peer, session_id, %user, "agent disconnected");
-    ending
+            () = heartbeat.tick() => {
+                if let Err(ending) = Box::pin(heartbeat.ping_or_give_up(ws, context)).await {
+                    break ending;
+                }
+            }
+        }
+    }
 }
 
 async fn admin_session<S>(
@@ -882,7 +943,15 @@ async fn send_frame<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match timeout(context.write_timeout, ws.send(frame)).await {
+    // The timer is armed only if the write has to wait: at a broadcast to thousands of
+    // sessions nearly every write completes at once, and a timer each costs more than the
+    // write's own bookkeeping. Boxed, that rare wait takes no room in every session's task.
+    let mut sending = std::pin::pin!(ws.send(frame));
+    let written = match std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await {
+        Poll::Ready(written) => Ok(written),
+        Poll::Pending => Box::pin(timeout(context.write_timeout, sending)).await,
+    };
+    match written {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(Ending::PeerGone(format!("write failed: {err}"))),
         Err(_elapsed) => Err(Ending::Closed(

@@ -107,6 +107,9 @@ enum HubCommand {
         limit: usize,
         reply: oneshot::Sender<SessionSnapshot>,
     },
+    Count {
+        reply: oneshot::Sender<usize>,
+    },
     SetNotice(Option<Utf8Bytes>),
     SetUpdate {
         session_id: u64,
@@ -266,9 +269,18 @@ impl HubHandle {
         let _ = self.commands.send(HubCommand::Reopen).await;
     }
 
-    /// How many sessions are connected.
+    /// How many sessions are connected (without a snapshot's walk over every session).
     pub async fn session_count(&self) -> usize {
-        self.snapshot(0).await.total
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(HubCommand::Count { reply })
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
     }
 
     /// A receiver of every broadcast from now on; connections take one before registering.
@@ -312,6 +324,9 @@ impl Hub {
                 HubCommand::Unregister { session_id } => self.unregister(session_id),
                 HubCommand::Snapshot { limit, reply } => {
                     let _ = reply.send(self.snapshot(limit));
+                }
+                HubCommand::Count { reply } => {
+                    let _ = reply.send(self.sessions.len());
                 }
                 HubCommand::SetNotice(notice) => self.notice = notice,
                 HubCommand::SetUpdate { session_id, update } => {
@@ -616,6 +631,7 @@ mod tests {
         let users: Vec<_> = snapshot.sessions.iter().map(|s| s.user.as_str()).collect();
         assert_eq!(users, ["user0", "user1", "user2"]);
         assert_eq!(snapshot.total, 5);
+        assert_eq!(hub.session_count().await, 5);
         let mut versions = snapshot.versions;
         versions.sort();
         assert_eq!(

@@ -327,7 +327,7 @@ impl Listener {
             upgrade_deadline,
             upgrade(stream, self.tls.clone()),
         ));
-        let opened = match handshake.await {
+        let mut opened = match handshake.await {
             Ok(Ok(opened)) => opened,
             Ok(Err(err)) => {
                 warn!(%peer, cause = %err, "handshake failed");
@@ -338,20 +338,21 @@ impl Listener {
                 return;
             }
         };
-        match opened {
-            Opened::WebSocket(ws) => {
-                connection::serve(ws, peer, hello_deadline, hold, context).await;
-            }
-            Opened::AgentDownload { stream, request } => {
-                drop(hold);
-                // Boxed: a transfer's state is not reserved in every agent's task.
-                Box::pin(
-                    context
-                        .agent_updates
-                        .serve(stream, request, peer, &context.shutdown),
-                )
-                .await;
-            }
+        // Served in place: moved out of `opened`, the stream would take its room in the
+        // task a second time.
+        if let Opened::WebSocket(ws) = &mut opened {
+            connection::serve(ws, peer, hello_deadline, hold, context).await;
+            return;
+        }
+        if let Opened::AgentDownload { stream, request } = opened {
+            drop(hold);
+            // Boxed: a transfer's state is not reserved in every agent's task.
+            Box::pin(
+                context
+                    .agent_updates
+                    .serve(stream, request, peer, &context.shutdown),
+            )
+            .await;
         }
     }
 }
